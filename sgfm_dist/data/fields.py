@@ -1,0 +1,131 @@
+"""Frame stacks as model fields: video clips and Navier-Stokes trajectories, and their batch sources.
+
+Both are stored as one ``.npy`` per sample (plus ``.json`` metadata) and become the model's
+field ``[C, T, *S]`` with t the first field axis (DESIGN.md section 1):
+
+* video (``tools/convert_video.py``): uint8 ``[F, H, W, 3]`` -> float32 ``[3, T, H, W]``
+  scaled to [-1, 1]; batches ``{"field" [B, 3, T, H, W], "fps" [B], "sample_ids"}``.
+* physics (``tools/simulate_ns.py``): float32 ``[T, k, *S]`` velocity (k = 2 or 3
+  components along the spatial axes, in axis order) -> ``[k, T, *S]``; batches
+  ``{"field" [B, k, T, *S], "nu" [B], "dt" [B], "sample_ids"}`` (``dt`` is the time
+  between frames, what ``FlowSpec.dt`` should be).
+
+``frames`` cuts a stored stack into windows of that many consecutive frames, ``frame_stride``
+apart (default: non-overlapping); ``frames=None`` keeps the whole stack. A sample id is
+``"<key>@<first frame>"``.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from .stream import LoaderConfig, StreamingSource
+from .urls import TarReader, resolve_shards
+
+
+def npy_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an ``.npy`` header without reading the array."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0(f))
+    return tuple(shape), dtype
+
+
+@dataclass
+class FrameStackCodec:
+    """A stored frame stack -> windows of ``frames`` frames -> ``[C, T, *S]`` float32 fields."""
+
+    kind: Literal["video", "physics"]
+    """'video': uint8 [F, H, W, C] scaled to [-1, 1]; 'physics': float [T, C, *S] as stored."""
+    frames: int | None = None
+    """T: frames per window (None: the whole stack)."""
+    frame_stride: int | None = None
+    """Frames between window starts (None: ``frames``, non-overlapping)."""
+
+    def __post_init__(self):
+        if self.kind not in ("video", "physics"):
+            raise ValueError(f"kind: must be 'video' or 'physics', got {self.kind!r}")
+        if self.frames is not None and (not isinstance(self.frames, int) or self.frames < 1):
+            raise ValueError(f"frames: must be None or an integer >= 1, got {self.frames!r}")
+        if self.frame_stride is not None and (not isinstance(self.frame_stride, int) or self.frame_stride < 1):
+            raise ValueError(f"frame_stride: must be None or an integer >= 1, got {self.frame_stride!r}")
+
+    def expand(self, raw: dict) -> Iterator[dict]:
+        key = raw["__key__"]
+        if "npy" not in raw:
+            raise ValueError(f"sample {key!r}: no .npy member (keys {sorted(raw)})")
+        shape, _ = npy_shape(raw["npy"])
+        want = 4 if self.kind == "video" else None
+        if (want is not None and len(shape) != want) or len(shape) < 3:
+            raise ValueError(f"sample {key!r}: stored array has shape {shape}; expected "
+                             f"{'[F, H, W, C]' if self.kind == 'video' else '[T, C, *S]'}")
+        n = shape[0]
+        size = n if self.frames is None else self.frames
+        stride = self.frame_stride or size
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        for start in range(0, n - size + 1, stride):  # a stack shorter than T gives no window
+            yield {"__key__": f"{key}@{start}", "__url__": raw.get("__url__"), "npy": raw["npy"],
+                   "start": start, "size": size, "meta": meta}
+
+    def decode(self, sample: dict) -> dict:
+        arr = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        arr = arr[sample["start"]:sample["start"] + sample["size"]]
+        meta = sample["meta"]
+        if self.kind == "video":
+            field = np.ascontiguousarray(arr.transpose(3, 0, 1, 2)).astype(np.float32)  # [C, T, H, W]
+            field = field / 127.5 - 1.0
+            return {"field": field, "fps": float(meta.get("fps", 0.0)), "sample_id": sample["__key__"]}
+        field = np.ascontiguousarray(np.swapaxes(arr, 0, 1)).astype(np.float32)  # [C, T, *S]
+        return {"field": field, "nu": float(meta.get("nu", float("nan"))), "dt": float(meta.get("dt", float("nan"))),
+                "sample_id": sample["__key__"]}
+
+    def collate(self, samples: list[dict]) -> dict:
+        shapes = {s["field"].shape for s in samples}
+        if len(shapes) != 1:
+            raise ValueError(f"batch: samples have different field shapes {sorted(shapes)}; convert with one "
+                             f"--size / grid, or set frames")
+        out = {"field": torch.from_numpy(np.stack([s["field"] for s in samples])),  # [B, C, T, *S]
+               "sample_ids": [s["sample_id"] for s in samples]}
+        for name in ("fps", "nu", "dt"):
+            if name in samples[0]:
+                out[name] = torch.tensor([s[name] for s in samples], dtype=torch.float32)  # [B]
+        return out
+
+
+def _build(kind: str, source: str, split: str, batch_size: int, frames: int | None, frame_stride: int | None,
+           seed: int, dp_rank: int, dp_size: int, num_workers: int, shuffle_buffer: int, units_per_block: int,
+           corrupt: str, shuffle: bool, prefetch_factor: int, pin_memory: bool) -> StreamingSource:
+    codec = FrameStackCodec(kind, frames, frame_stride)
+    reader = TarReader(resolve_shards(source, split, kind=kind), corrupt=corrupt)
+    cfg = LoaderConfig(batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers,
+                       shuffle_buffer=shuffle_buffer, units_per_block=units_per_block, shuffle_units=shuffle,
+                       prefetch_factor=prefetch_factor, pin_memory=pin_memory, corrupt=corrupt)
+    return StreamingSource(reader, codec, cfg, describe=dict(kind=kind, frames=frames if frames else -1))
+
+
+def build_video_source(source: str, split: Literal["train", "val", "all"], batch_size: int,
+                       frames: int | None = None, frame_stride: int | None = None, seed: int = 0, dp_rank: int = 0,
+                       dp_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 64, units_per_block: int = 1,
+                       corrupt: Literal["skip", "fail"] = "fail", shuffle: bool = True, prefetch_factor: int = 2,
+                       pin_memory: bool = True) -> StreamingSource:
+    """Video batches ``{"field" [B, 3, T, H, W] in [-1, 1], "fps" [B], "sample_ids"}`` from
+    ``tools/convert_video.py`` shards (manifest, directory, .tar URL, brace pattern or glob)."""
+    return _build("video", source, split, batch_size, frames, frame_stride, seed, dp_rank, dp_size, num_workers,
+                  shuffle_buffer, units_per_block, corrupt, shuffle, prefetch_factor, pin_memory)
+
+
+def build_physics_source(source: str, split: Literal["train", "val", "all"], batch_size: int,
+                         frames: int | None = None, frame_stride: int | None = None, seed: int = 0,
+                         dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 64,
+                         units_per_block: int = 1, corrupt: Literal["skip", "fail"] = "fail", shuffle: bool = True,
+                         prefetch_factor: int = 2, pin_memory: bool = True) -> StreamingSource:
+    """Navier-Stokes batches ``{"field" [B, k, T, *S], "nu" [B], "dt" [B], "sample_ids"}`` from
+    ``tools/simulate_ns.py`` shards."""
+    return _build("physics", source, split, batch_size, frames, frame_stride, seed, dp_rank, dp_size, num_workers,
+                  shuffle_buffer, units_per_block, corrupt, shuffle, prefetch_factor, pin_memory)

@@ -1,0 +1,233 @@
+"""Building blocks of the score and forcing networks: periodic local convolution, truncated
+spectral mixing, per-cell channel norm, FiLM conditioning and Fourier features.
+
+Every layer is O(N) (local convolution, pointwise maps) or O(N log N) (spectral mixing);
+there is no attention. Anything that depends on the field's spatial layout goes through
+``self.domain`` (a :class:`~sgfm_dist.ops.domain.LocalDomain` by default), so a split
+field works by swapping the domain (``set_domain``), never by branching:
+
+* :class:`PeriodicConv` pads with ``domain.pad`` (local wrap, or halo exchange when split)
+  and then runs an ordinary unpadded convolution;
+* :class:`SpectralConv` goes through ``domain.rfft / irfft`` and selects its modes by the
+  integer frequencies that ``domain.wavenumbers`` reports, so it works on any field size and
+  on any spectral layout (the distributed FFT's transposed one included);
+* :class:`ChannelRMSNorm` normalises over channels of each cell only, never over space, so
+  it needs no global reduction.
+
+Notes
+-----
+SpectralConv keeps the modes with ``|n_i| < modes[i]`` on every transformed axis (``n_i``
+the integer frequency, ``0 <= n < modes`` on the rfft-halved last axis) and, in addition,
+``|n_i| < N_i / 2``: Nyquist modes are never kept. Together with weights made Hermitian on
+the ``n_last = 0`` plane (``W(-n', 0) = conj W(n', 0)``, enforced by symmetrising the small
+weight tensor) this makes the layer an exactly real linear operator whose output spectrum
+is Hermitian, so every correct inverse real FFT (local or distributed, whatever order it
+transforms the axes in) gives the same field.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.domain import LOCAL
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+    """An int or a per-axis tuple of ints, as a tuple of length ``ndim``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected an int or a tuple of {ndim} ints, got {value!r}")
+    if isinstance(value, int):
+        return (value,) * ndim
+    value = tuple(value)
+    if len(value) != ndim or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ValueError(f"{name}: expected an int or a tuple of {ndim} ints (one per field axis), got {value!r}")
+    return value
+
+
+def _check_ndim(ndim: int) -> None:
+    if ndim not in (1, 2, 3):
+        raise ValueError(f"ndim: fields have 1, 2 or 3 field axes, got {ndim}")
+
+
+def _check_field(x: Tensor, channels: int, ndim: int, name: str) -> None:
+    if x.ndim != ndim + 2 or x.shape[1] != channels:
+        raise ValueError(f"{name}: expected a field [B, {channels}, *S] with {ndim} field axes, "
+                         f"got shape {tuple(x.shape)}")
+
+
+class PeriodicConv(nn.Module):
+    """Convolution on a periodic grid: ``domain.pad`` ghost cells, then an unpadded conv.
+
+    Equal to ``nn.ConvNd(in_ch, out_ch, kernel_size, padding=kernel_size // 2,
+    padding_mode="circular")`` on a whole field. Kernel sizes must be odd (a centred
+    stencil, so the output stays on the input grid).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int | Sequence[int], ndim: int,
+                 domain=LOCAL, groups: int = 1, bias: bool = True):
+        super().__init__()
+        _check_ndim(ndim)
+        ks = _per_axis(kernel_size, ndim, "kernel_size")
+        if any(k < 1 or k % 2 == 0 for k in ks):
+            raise ValueError(f"kernel_size: must be odd and positive on every axis (centred stencil), got {ks}")
+        if in_ch < 1 or out_ch < 1 or groups < 1 or in_ch % groups or out_ch % groups:
+            raise ValueError(f"in_ch/out_ch/groups: need positive channels divisible by groups, "
+                             f"got in_ch={in_ch}, out_ch={out_ch}, groups={groups}")
+        self.in_ch, self.out_ch, self.ndim, self.kernel_size, self.groups = in_ch, out_ch, ndim, ks, groups
+        self.domain = domain
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch // groups, *ks))  # [O, I/g, *K]
+        self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
+        # the same fan-in scaled init nn.ConvNd uses
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt((in_ch // groups) * math.prod(ks))
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_field(x, self.in_ch, self.ndim, "x")
+        widths = [(k // 2, k // 2) for k in self.kernel_size]
+        if any(w != (0, 0) for w in widths):
+            x = self.domain.pad(x, widths)  # [B, I, *(S + K - 1)]
+        return _CONV[self.ndim](x, self.weight, self.bias, groups=self.groups)  # [B, O, *S]
+
+    def extra_repr(self) -> str:
+        return f"{self.in_ch}, {self.out_ch}, kernel_size={self.kernel_size}, ndim={self.ndim}, groups={self.groups}"
+
+
+class SpectralConv(nn.Module):
+    """Fourier-layer mixing (FNO): ``irfft(W(n) . rfft(x))`` with complex weights on the
+    low modes ``|n_i| < modes[i]`` and zero elsewhere.
+
+    Weights are indexed by integer frequency, not by position in the FFT output, so the
+    same weights act on any field size (modes beyond a small field's Nyquist are simply
+    not used) and on any spectral layout the domain's FFT returns. The mode box and the
+    Hermitian rules are in the module Notes.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, modes: int | Sequence[int], ndim: int, domain=LOCAL):
+        super().__init__()
+        _check_ndim(ndim)
+        modes = _per_axis(modes, ndim, "modes")
+        if any(m < 1 for m in modes):
+            raise ValueError(f"modes: need at least one mode per axis, got {modes}")
+        if in_ch < 1 or out_ch < 1:
+            raise ValueError(f"in_ch/out_ch: must be positive, got {in_ch}, {out_ch}")
+        self.in_ch, self.out_ch, self.ndim, self.modes = in_ch, out_ch, ndim, modes
+        self.domain = domain
+        # frequency n on a non-halved axis i lives at index n + modes[i] - 1; on the halved
+        # (last) axis at index n
+        box = [2 * m - 1 for m in modes[:-1]] + [modes[-1]]
+        scale = 1.0 / math.sqrt(in_ch * out_ch)
+        self.weight = nn.Parameter(scale * torch.randn(in_ch, out_ch, *box, 2))  # [I, O, *box, re/im]
+
+    def hermitian_weight(self) -> Tensor:
+        """Complex weights ``[I, O, *box]`` with ``W(-n', 0) = conj W(n', 0)`` on the plane
+        ``n_last = 0`` (so real fields map to real fields, see the module Notes)."""
+        w = torch.view_as_complex(self.weight)  # [I, O, *box]
+        if self.ndim == 1:
+            # the only n_last = 0 mode is n = 0 itself: its weight must be real
+            return torch.cat([w[..., :1].real.to(w.dtype), w[..., 1:]], dim=-1)
+        plane = w[..., 0]  # [I, O, *box'] at n_last = 0
+        flipped = plane.flip(dims=tuple(range(2, plane.ndim))).conj()  # W(-n', 0)^*
+        sym = 0.5 * (plane + flipped)
+        return torch.cat([sym.unsqueeze(-1), w[..., 1:]], dim=-1)
+
+    def _selection(self, x: Tensor, dims: Sequence[int]) -> tuple[list[tuple[int, Tensor]], list[Tensor]]:
+        """Per transformed axis: (spectral tensor dim, positions of the kept modes) and the
+        matching weight-box indices, from the domain's integer wavenumbers."""
+        ks = self.domain.wavenumbers(x, dims)  # per axis, broadcastable against rfft(x)
+        picks, w_index = [], []
+        for i, (a, k) in enumerate(zip(dims, ks)):
+            sdim = max(range(k.ndim), key=lambda j: k.shape[j]) if k.numel() > 1 else a
+            n = k.reshape(-1).round().long()  # integer frequencies held locally along this dim
+            extent = self.domain.global_extent(x, a)
+            m = self.modes[i]
+            keep = (n.abs() < m) & (2 * n.abs() < extent)  # low modes, never the Nyquist
+            pos = keep.nonzero().flatten()
+            picks.append((sdim, pos))
+            w_index.append(n[pos] + (m - 1 if i < len(dims) - 1 else 0))
+        return picks, w_index
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_field(x, self.in_ch, self.ndim, "x")
+        dims = tuple(range(2, x.ndim))
+        x_hat = self.domain.rfft(x, dims)  # [B, I, *spec]
+        picks, w_index = self._selection(x, dims)
+        low = x_hat
+        for sdim, pos in picks:
+            low = low.index_select(sdim, pos)  # [B, I, *box_local]
+        w = self.hermitian_weight()
+        for j, idx in enumerate(w_index):
+            w = w.index_select(2 + j, idx)  # [I, O, *box_local]
+        if self.ndim == 1:
+            y_low = torch.einsum("bix,iox->box", low, w)
+        elif self.ndim == 2:
+            y_low = torch.einsum("bixy,ioxy->boxy", low, w)
+        else:
+            y_low = torch.einsum("bixyz,ioxyz->boxyz", low, w)  # [B, O, *box_local]
+        out_shape = (x.shape[0], self.out_ch, *x_hat.shape[2:])
+        y_hat = y_low
+        # scatter the kept modes back into a zero spectrum, one axis at a time
+        for sdim, pos in reversed(picks):
+            full = list(y_hat.shape)
+            full[sdim] = out_shape[sdim]
+            y_hat = torch.zeros(full, dtype=y_hat.dtype, device=y_hat.device).index_copy(sdim, pos, y_hat)
+        return self.domain.irfft(y_hat, dims, (x.shape[0], self.out_ch, *x.shape[2:]))  # [B, O, *S]
+
+    def extra_repr(self) -> str:
+        return f"{self.in_ch}, {self.out_ch}, modes={self.modes}, ndim={self.ndim}"
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMS norm over the channels of each cell (no reduction over space: split-safe)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.gain = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        rms = x.pow(2).mean(1, keepdim=True).add(self.eps).rsqrt()  # [B, 1, *S]
+        gain = self.gain.reshape(1, -1, *([1] * (x.ndim - 2)))
+        return x * rms * gain  # [B, C, *S]
+
+
+class FourierFeatures(nn.Module):
+    """Random Fourier features ``[sin, cos](2 pi f x)`` of scalar inputs (tau, log-SNR, nu ...).
+
+    Fixed (a buffer), as in score-SDE's Gaussian Fourier projection.
+    """
+
+    def __init__(self, n_inputs: int, n_features: int, scale: float = 4.0, seed: int = 0):
+        super().__init__()
+        if n_features < 1 or n_features % 2:
+            raise ValueError(f"n_features: must be a positive even number (sin and cos pairs), got {n_features}")
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", scale * torch.randn(n_inputs, n_features // 2, generator=g))
+        self.out_dim = n_inputs * n_features
+
+    def forward(self, v: Tensor) -> Tensor:
+        """``[B, n_inputs] -> [B, n_inputs * n_features]``."""
+        arg = 2 * math.pi * v.unsqueeze(-1) * self.freqs  # [B, n_inputs, F/2]
+        return torch.cat([arg.sin(), arg.cos()], dim=-1).flatten(1)  # [B, n_inputs*F]
+
+
+class FiLM(nn.Module):
+    """Per-channel scale and shift from a conditioning vector (zero-initialised: identity at init)."""
+
+    def __init__(self, cond_dim: int, channels: int):
+        super().__init__()
+        self.proj = nn.Linear(cond_dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        scale, shift = self.proj(cond).chunk(2, dim=-1)  # [B, C] each
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        return x * (1 + scale.reshape(shape)) + shift.reshape(shape)  # [B, C, *S]

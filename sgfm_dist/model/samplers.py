@@ -1,0 +1,202 @@
+"""Reverse-time samplers for the wavelet-space VP diffusion (paper section 6.4-6.5), as free
+functions in the k-diffusion style.
+
+Every sampler has the signature::
+
+    sample_*(model, x, taus, alpha_fn, extra_args=None, callback=None, disable=None, *,
+             noise_fn=None, generator=None, energy=None, eta=0.0, constraint=None, domain=LOCAL)
+
+* ``model(x, tau, **extra_args) -> eps_hat`` (same shape as ``x``): the eps-predictor;
+* ``x``: the state at ``taus[0]`` (coefficients ``[B, C, N]``, or any ``[B, ...]``);
+* ``taus``: decreasing diffusion times ending at 0 (``get_taus``);
+* ``alpha_fn(tau) -> alpha_bar`` broadcastable to ``x`` (per coefficient, so a per-level
+  shifted schedule needs nothing special here); ``alpha_fn(0)`` must be 1;
+* ``noise_fn(like) -> N(0, I) tensor shaped like like``: fresh noise (default: ``torch.randn``
+  from ``generator``); the model passes one that draws a global field and shards it, so a
+  sample does not depend on how the field is split;
+* ``energy(x) -> [B]`` and ``eta``: the physics-guided correction of Eq. 24,
+  ``x <- x - eta grad_x energy(x)``, applied after each step (the model passes
+  ``E(W^-1 c)``, optionally plus the boundary energy L_BC of Eq. 44 as guidance);
+* ``constraint(x, tau) -> x``: re-imposes known data at noise level ``tau`` after each step
+  (inpainting of the prompt rows);
+* ``callback({"i", "tau", "x", "denoised"})`` after each step; ``disable`` turns tqdm off.
+
+Notes
+-----
+All samplers work in the variance-exploding variable ``y = x / sqrt(a)``, with
+``sigma^2 = (1 - a) / a`` per coefficient; there the VP process is ``y = c0 + sigma eps`` and
+the score is ``grad_y log p = -eps / sigma``. The last step (to ``tau = 0``, ``sigma = 0``)
+is the deterministic denoising step ``c0_hat = y - sigma eps_hat`` in every sampler.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from ..ops.domain import LOCAL
+
+Model = Callable[..., Tensor]
+
+
+def get_taus(steps: int, rho: float = 1.0, tau_max: float = 1.0, device=None) -> Tensor:
+    """``steps + 1`` diffusion times from ``tau_max`` down to 0: ``tau_max * (1 - i/steps)^rho``
+    (rho > 1 spends more steps near the data)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: must be a positive int, got {steps!r}")
+    if not rho > 0:
+        raise ValueError(f"rho: must be > 0, got {rho}")
+    if not 0 < tau_max <= 1:
+        raise ValueError(f"tau_max: must lie in (0, 1], got {tau_max}")
+    i = torch.arange(steps + 1, dtype=torch.float64, device=device)
+    return tau_max * (1 - i / steps) ** rho
+
+
+def ensemble_stats(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-cell ensemble mean and spread (unbiased std; 0 for one member) of ``[E, ...]``."""
+    if samples.ndim < 1 or samples.shape[0] < 1:
+        raise ValueError(f"samples: expected [E, ...] with E >= 1 members, got shape {tuple(samples.shape)}")
+    mean = samples.mean(0)
+    if samples.shape[0] == 1:
+        return mean, torch.zeros_like(mean)
+    return mean, samples.std(0, unbiased=True)
+
+
+def physics_correction(x: Tensor, energy: Callable[[Tensor], Tensor], eta: float) -> Tensor:
+    """One physics-guided correction step ``x - eta * grad_x energy(x)`` (paper Eq. 24)."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(energy(xg).sum(), xg)
+    return x - eta * grad
+
+
+def _sigma(alpha: Tensor) -> Tensor:
+    """VE noise level ``sqrt((1 - a) / a)`` (0 where a = 1)."""
+    return ((1 - alpha) / alpha).clamp(min=0).sqrt()
+
+
+def _noise(like: Tensor, noise_fn, generator) -> Tensor:
+    if noise_fn is not None:
+        return noise_fn(like)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype,
+                       device=generator.device if generator is not None else like.device).to(like.device)
+
+
+def _finish_step(x: Tensor, tau: float, energy, eta: float, constraint) -> Tensor:
+    """The per-step corrections shared by all samplers: Eq. 24 guidance, then the constraint."""
+    if energy is not None and eta > 0:
+        x = physics_correction(x, energy, eta)
+    if constraint is not None:
+        x = constraint(x, tau)
+    return x
+
+
+def _check(x: Tensor, taus: Tensor, alpha_fn) -> None:
+    if not isinstance(taus, Tensor) or taus.ndim != 1 or taus.numel() < 2:
+        raise ValueError("taus: expected a 1-D tensor of at least 2 decreasing times (get_taus)")
+    if bool((taus[1:] >= taus[:-1]).any()) or float(taus[-1]) != 0.0:
+        raise ValueError(f"taus: must decrease strictly and end at 0, got {taus.tolist()}")
+    a0 = alpha_fn(0.0)
+    if not bool((torch.as_tensor(a0) == 1).all()):
+        raise ValueError("alpha_fn: alpha_fn(0) must be exactly 1 (the data), so the last step denoises fully")
+
+
+@torch.no_grad()
+def sample_euler_maruyama(model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_args=None, callback=None,
+                          disable=None, *, noise_fn=None, generator=None, energy=None, eta: float = 0.0,
+                          constraint=None, domain=LOCAL) -> Tensor:
+    """Euler-Maruyama discretisation of the reverse-time SDE (paper Eq. 21-22; Song et al. 2021, VP form)."""
+    _check(x, taus, alpha_fn)
+    extra_args = extra_args or {}
+    for i in trange(len(taus) - 1, disable=disable):
+        tau, tau_next = float(taus[i]), float(taus[i + 1])
+        a, a_next = alpha_fn(tau), alpha_fn(tau_next)
+        s, s_next = _sigma(a), _sigma(a_next)
+        eps = model(x, tau, **extra_args)
+        y = x / a.sqrt()
+        denoised = y - s * eps
+        if tau_next == 0.0:
+            y = denoised
+        else:
+            # VE reverse SDE step: drift (s^2 - s'^2) grad log p, diffusion sqrt(s^2 - s'^2)
+            ds2 = (s ** 2 - s_next ** 2).clamp(min=0)
+            y = y - ds2 / s * eps + ds2.sqrt() * _noise(x, noise_fn, generator)
+        x = _finish_step(y * a_next.sqrt(), tau_next, energy, eta, constraint)
+        if callback is not None:
+            callback({"i": i, "tau": tau_next, "x": x, "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_args=None, callback=None,
+                disable=None, *, noise_fn=None, generator=None, energy=None, eta: float = 0.0,
+                constraint=None, domain=LOCAL) -> Tensor:
+    """Heun's method on the probability-flow ODE dy/dsigma = eps (Algorithm 1 of Karras et al. 2022; paper section 6.4)."""
+    _check(x, taus, alpha_fn)
+    extra_args = extra_args or {}
+    for i in trange(len(taus) - 1, disable=disable):
+        tau, tau_next = float(taus[i]), float(taus[i + 1])
+        a, a_next = alpha_fn(tau), alpha_fn(tau_next)
+        s, s_next = _sigma(a), _sigma(a_next)
+        eps = model(x, tau, **extra_args)
+        y = x / a.sqrt()
+        denoised = y - s * eps
+        y_next = y + (s_next - s) * eps
+        if tau_next != 0.0:
+            # trapezoid correction with the slope at the Euler end point
+            eps_next = model(y_next * a_next.sqrt(), tau_next, **extra_args)
+            y_next = y + (s_next - s) * 0.5 * (eps + eps_next)
+        x = _finish_step(y_next * a_next.sqrt(), tau_next, energy, eta, constraint)
+        if callback is not None:
+            callback({"i": i, "tau": tau_next, "x": x, "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_pc(model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_args=None, callback=None,
+              disable=None, *, noise_fn=None, generator=None, energy=None, eta: float = 0.0,
+              constraint=None, domain=LOCAL, snr: float = 0.16, corrector_steps: int = 1) -> Tensor:
+    """Predictor-corrector: reverse-SDE predictor plus preconditioned Langevin corrector (Algorithms 2 and 5 of Song et al. 2021; paper section 6.4).
+
+    The corrector runs Langevin dynamics on p_tau in the VP variable, preconditioned by the
+    per-coefficient noise variance ``1 - a``; its step ``2 (snr ||z|| / ||eps_hat||)^2`` uses
+    per-sample norms over the whole (possibly split) state, reduced with ``domain.sum``.
+    """
+    _check(x, taus, alpha_fn)
+    if corrector_steps < 0:
+        raise ValueError(f"corrector_steps: must be >= 0, got {corrector_steps}")
+    extra_args = extra_args or {}
+    for i in trange(len(taus) - 1, disable=disable):
+        tau, tau_next = float(taus[i]), float(taus[i + 1])
+        a, a_next = alpha_fn(tau), alpha_fn(tau_next)
+        s, s_next = _sigma(a), _sigma(a_next)
+        eps = model(x, tau, **extra_args)
+        y = x / a.sqrt()
+        denoised = y - s * eps
+        if tau_next == 0.0:
+            x = denoised
+        else:
+            ds2 = (s ** 2 - s_next ** 2).clamp(min=0)
+            y = y - ds2 / s * eps + ds2.sqrt() * _noise(x, noise_fn, generator)
+            x = y * a_next.sqrt()
+            for _ in range(corrector_steps):
+                eps_c = model(x, tau_next, **extra_args)
+                z = _noise(x, noise_fn, generator)
+                bshape = (-1,) + (1,) * (x.ndim - 1)
+                z_norm = domain.sum(z.flatten(1).pow(2).sum(1)).sqrt().reshape(bshape)
+                e_norm = domain.sum(eps_c.flatten(1).pow(2).sum(1)).sqrt().reshape(bshape)
+                step = 2 * (snr * z_norm / e_norm.clamp(min=1e-12)) ** 2
+                var = 1 - a_next
+                # preconditioned Langevin: x += step * M * score + sqrt(2 step M) z, M = 1 - a,
+                # score = -eps / sqrt(1 - a)
+                x = x - step * var.sqrt() * eps_c + (2 * step * var).sqrt() * z
+        x = _finish_step(x, tau_next, energy, eta, constraint)
+        if callback is not None:
+            callback({"i": i, "tau": tau_next, "x": x, "denoised": denoised})
+    return x
+
+
+SAMPLERS = {"euler_maruyama": sample_euler_maruyama, "heun": sample_heun, "pc": sample_pc}
+"""Sampler name -> function (the names ``SGFM.generate`` accepts)."""

@@ -1,0 +1,188 @@
+"""Checkpoints: DeepSpeed's own files plus a completion marker, the latest complete one for
+``--resume``, model-config compatibility, and inference loading without DeepSpeed.
+
+Layout of ``<ckpt_dir>``::
+
+    step00000200/                      one checkpoint (tag = step number)
+        mp_rank_00_model_states.pt     DeepSpeed: module, optimizer (ZeRO 0), scheduler + our client state
+        zero_pp_rank_*_optim_states.pt DeepSpeed ZeRO >= 1 optimizer shards
+        complete.json                  written LAST, atomically: {"step", "tag", "config"}
+    latest                             tag of the newest complete checkpoint (atomic rename)
+
+A checkpoint counts only once ``complete.json`` exists: it is written after
+``engine.save_checkpoint`` returned on every rank (a barrier), by temp-file + ``os.replace``,
+so a run killed mid-save leaves a directory without a marker that ``--resume`` never picks.
+
+Client state (in ``mp_rank_00_model_states.pt``): ``config`` (the whole run config as a
+dict), ``step``, ``ema`` (fp32 averaged weights, the model's own names), ``rng`` and ``data``
+(one entry per rank: torch / numpy / python / noise-generator states and the batch source's
+``state_dict()``). Everything is tensors and plain Python, so ``torch.load(...,
+weights_only=True)`` reads it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+MARKER = "complete.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+_TAG_RE = re.compile(r"^step(\d{8})$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def mark_complete(ckpt_dir: str, tag: str, step: int, config: dict) -> None:
+    """Rank 0, after every rank's save returned: the marker, then ``latest``."""
+    _atomic_write(os.path.join(ckpt_dir, tag, MARKER), json.dumps({"step": step, "tag": tag, "config": config}))
+    _atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+
+
+def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
+    """(step, tag directory) of every complete checkpoint in ``ckpt_dir``, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = []
+    for name in os.listdir(ckpt_dir):
+        m = _TAG_RE.match(name)
+        path = os.path.join(ckpt_dir, name)
+        if m and os.path.isfile(os.path.join(path, MARKER)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_complete(ckpt_dir: str) -> str | None:
+    """Tag directory of the newest complete checkpoint, or None."""
+    found = complete_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def prune(ckpt_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (0 keeps all), and incomplete
+    leftovers older than the newest complete one (a crashed save)."""
+    found = complete_checkpoints(ckpt_dir)
+    if not found:
+        return
+    newest = found[-1][0]
+    if keep > 0:
+        for _, path in found[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(ckpt_dir):
+        m = _TAG_RE.match(name)
+        path = os.path.join(ckpt_dir, name)
+        if m and int(m.group(1)) < newest and not os.path.isfile(os.path.join(path, MARKER)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A tag directory from a tag directory, a checkpoint directory or a run directory
+    (``<run>/checkpoints``): the newest complete one. ValueError naming ``path`` otherwise."""
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return path
+    for cand in (path, os.path.join(path, "checkpoints")):
+        tag_dir = latest_complete(cand)
+        if tag_dir is not None:
+            return tag_dir
+    if not os.path.exists(path):
+        raise ValueError(f"--ckpt: {path} does not exist")
+    raise ValueError(f"--ckpt: no complete checkpoint in {path} (a checkpoint is a stepNNNNNNNN directory "
+                     f"with {MARKER}; a run directory holds them under checkpoints/)")
+
+
+def read_marker(tag_dir: str) -> dict:
+    with open(os.path.join(tag_dir, MARKER)) as f:
+        return json.load(f)
+
+
+def load_client_state(tag_dir: str) -> dict:
+    """The DeepSpeed model-states file (module weights + our client state), read with
+    ``weights_only=True``; a file that needs arbitrary unpickling is reported, not executed."""
+    path = os.path.join(tag_dir, MODEL_STATES)
+    if not os.path.isfile(path):
+        raise ValueError(f"{tag_dir}: missing {MODEL_STATES} (not a DeepSpeed checkpoint?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError with the offending global
+        raise ValueError(f"{path}: cannot be loaded with weights_only=True ({e}); refusing to unpickle "
+                         f"arbitrary objects from a checkpoint") from None
+
+
+MODEL_SECTIONS = ("model", "diffusion")
+"""Config sections that define the network's parameters and meaning: a resumed or loaded
+checkpoint must agree on all of them."""
+
+
+def config_mismatches(saved: dict, current: dict, sections=MODEL_SECTIONS) -> list[str]:
+    """``"section.key: checkpoint=X, config=Y"`` for every differing model field."""
+    out = []
+    for sec in sections:
+        a, b = saved.get(sec, {}) or {}, current.get(sec, {}) or {}
+        for key in sorted(set(a) | set(b)):
+            va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+            if _norm(va) != _norm(vb):
+                out.append(f"{sec}.{key}: checkpoint={va!r}, config={vb!r}")
+    return out
+
+
+def check_model_config(saved: dict, current: dict, where: str) -> None:
+    """ValueError listing every mismatched model/diffusion field between a checkpoint and a run."""
+    bad = config_mismatches(saved, current)
+    if bad:
+        raise ValueError(f"{where}: the checkpoint was trained with a different model config; "
+                         f"mismatched fields:\n  " + "\n  ".join(bad))
+
+
+def _norm(v: Any):
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    return v
+
+
+# ----------------------------------------------------------------------------- RNG
+def rng_state(generator: torch.Generator | None) -> dict:
+    """torch (CPU and CUDA), numpy, python and the noise generator's states as plain data."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])

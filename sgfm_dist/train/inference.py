@@ -1,0 +1,63 @@
+"""Load a trained model for sampling/evaluation without DeepSpeed or a process group.
+
+The run config and the EMA weights both live in the checkpoint's client state, so a
+checkpoint directory is self-contained: ``load_trained(path)`` rebuilds the exact model
+(``config_from_dict`` re-validates it) and loads the fp32 EMA weights, reading the file with
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sgfm_dist.train import checkpoint as ckpt
+from sgfm_dist.train.config import Config, config_from_dict
+
+
+@dataclass
+class TrainedModel:
+    """A model with its checkpoint's EMA weights, in eval mode."""
+
+    model: nn.Module
+    """The SGFM (EMA weights)."""
+    config: Config
+    """The run's config as saved in the checkpoint."""
+    step: int
+    """Optimizer steps the weights were trained for."""
+    path: str
+    """The checkpoint (tag) directory read."""
+
+
+def load_trained(path: str, device: str = "cpu", weights: str = "ema") -> TrainedModel:
+    """``path``: a tag directory, a checkpoint directory or a run directory (newest complete
+    checkpoint). ``weights``: "ema" (default, what sampling should use) or "live"."""
+    from sgfm_dist.model.sgfm import build_model
+
+    if weights not in ("ema", "live"):
+        raise ValueError(f"weights: must be 'ema' or 'live', got {weights!r}")
+    tag_dir = ckpt.resolve_checkpoint(path)
+    state = ckpt.load_client_state(tag_dir)
+    for key in ("config", "step", "ema"):
+        if key not in state:
+            raise ValueError(f"{tag_dir}: the checkpoint's client state has no {key!r} (not written by "
+                             f"sgfm_dist.train?)")
+    cfg = config_from_dict(state["config"], default_source=f"{tag_dir} (saved config)")
+    model = build_model(cfg.model, cfg.diffusion)
+    if weights == "ema":
+        sd = state["ema"]["shadow"]
+    else:
+        # DeepSpeed saves the wrapped module (TrainingLoss): strip its "model." prefix.
+        sd = {k[len("model."):]: v for k, v in state["module"].items() if k.startswith("model.")}
+        if not sd:
+            raise ValueError(f"{tag_dir}: no live module weights in the checkpoint (ZeRO-3 partitions them); "
+                             f"use the EMA weights")
+    own = model.state_dict()
+    missing, unexpected = set(own) - set(sd), set(sd) - set(own)
+    if missing or unexpected:
+        raise ValueError(f"{tag_dir}: checkpoint weights do not fit the model built from its config "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    model.to(device).eval()
+    return TrainedModel(model=model, config=cfg, step=int(state["step"]), path=tag_dir)

@@ -1,0 +1,261 @@
+"""The training loop: data -> DeepSpeed engine step -> EMA -> logging -> checkpoints -> evaluation.
+
+``Trainer(cfg, rank, world, device)`` builds the model, the engine, the EMA, the batch
+source and the monitor; ``fit()`` runs from the current step (0, or the resumed one) to
+``cfg.train.last_step`` and always ends with a complete checkpoint. ``launch/train.py`` is
+the command line around it (process group, per-rank seed offset, final evaluation).
+
+Exact resume: a checkpoint holds the model, optimizer and LR-scheduler state (DeepSpeed),
+the EMA, every rank's RNG states (torch, numpy, python, the noise generator) and every data-
+parallel rank's batch-source position, gathered to rank 0 with ``all_gather_object``. A
+resumed run therefore draws the same batches and the same diffusion noise as an
+uninterrupted one, and logs the same losses.
+
+Counts: ``step`` is the number of optimizer steps taken; one step is ``grad_accum``
+micro-batches per rank. Throughput counts field cells (B * T * L) and real tokens over all
+data-parallel ranks.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from sgfm_dist.train import checkpoint as ckpt
+from sgfm_dist.train.config import Config, config_to_dict, effective_precision
+from sgfm_dist.train.ema import EMA
+from sgfm_dist.train.engine import (apply_activation_checkpointing, build_engine, full_parameters,
+                                    grad_norm_before_step)
+from sgfm_dist.train.monitor import RunMonitor, peak_memory_bytes
+
+
+def batch_to_device(batch: dict, device: str) -> dict:
+    """Tensors to ``device``; lists / metadata as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "train"):
+    """The batch source of ``cfg.data`` (text fields; a different modality is a ValueError
+    until its source exists in ``sgfm_dist.data``)."""
+    from sgfm_dist.data import build_text_source
+
+    if cfg.model.modality != "text":
+        raise ValueError(f"model.modality: {cfg.model.modality!r} training needs its batch source in "
+                         f"sgfm_dist.data; the trainer currently wires the text source only")
+    source = cfg.data.source if split == "train" else (cfg.data.val_source or cfg.data.source)
+    return build_text_source(source, split, batch_size=cfg.train.micro_batch, rows=cfg.data.rows,
+                             row_len=cfg.data.row_len, pad_id=cfg.model.pad_id, seed=cfg.data.seed,
+                             dp_rank=dp_rank, dp_size=dp_size)
+
+
+class Trainer:
+    """One run on this rank (see the module docstring)."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: str, resume: bool = False,
+                 log=print):
+        from sgfm_dist.model.sgfm import build_model
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.is_main = rank == 0
+        self.log = log if self.is_main else (lambda *a, **k: None)
+        dp, sp = cfg.parallel.mesh(world)
+        if sp != 1:
+            raise ValueError(f"parallel.sp={sp}: domain-parallel training is wired in by issue 7; "
+                             f"this trainer runs sp=1 (pure data parallelism) only")
+        self.dp, self.dp_rank = dp, rank // sp
+        if cfg.train.threads and device == "cpu":
+            torch.set_num_threads(cfg.train.threads)
+        precision = effective_precision(cfg, device)
+        if precision != cfg.train.precision:
+            self.log(f"train.precision={cfg.train.precision} runs as {precision} on {device}")
+
+        # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's); different
+        # noise per rank through the generator below.
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed((cfg.train.seed + rank) % 2**32)
+        random.seed(cfg.train.seed + rank)
+        self.model = build_model(cfg.model, cfg.diffusion)
+        if cfg.parallel.activation_checkpointing:
+            n = apply_activation_checkpointing(self.model)
+            self.log(f"activation checkpointing: {n} blocks recomputed in backward")
+        self.engine = build_engine(self.model, cfg, device, world)
+        self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
+        self.source = build_train_source(cfg, self.dp_rank, dp)
+        self.out_dir = cfg.train.out_dir
+        self.ckpt_dir = (cfg.train.ckpt_dir if os.path.isabs(cfg.train.ckpt_dir)
+                         else os.path.join(self.out_dir, cfg.train.ckpt_dir))
+        self.step = 0
+        self.resumed_from: str | None = None
+        if resume:
+            self._resume()
+        self.monitor: RunMonitor | None = None  # opened by fit()
+        self._eval_model = None
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        tag_dir = ckpt.latest_complete(self.ckpt_dir)
+        if tag_dir is None:
+            self.log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from step 0")
+            return
+        marker = ckpt.read_marker(tag_dir)
+        ckpt.check_model_config(marker["config"], config_to_dict(self.cfg), where=tag_dir)
+        load_path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=marker["tag"])
+        if load_path is None:
+            raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+        self.step = int(client["step"])
+        self.ema.load_state_dict(client["ema"])
+        rngs, datas = client.get("rng", []), client.get("data", [])
+        if len(rngs) == self.world:
+            ckpt.set_rng_state(rngs[self.rank], self.generator)
+        else:
+            self.log(f"--resume: checkpoint has RNG states of {len(rngs)} ranks, this run {self.world}; "
+                     f"noise is re-seeded (the data position is kept when dp matches)")
+        if len(datas) == self.dp:
+            self.source.load_state_dict(datas[self.dp_rank])
+        else:
+            self.log(f"--resume: checkpoint has data positions of {len(datas)} dp ranks, this run {self.dp}; "
+                     f"the data order restarts")
+        self.resumed_from = tag_dir
+        self.log(f"resumed from {tag_dir} at step {self.step}")
+
+    def save_checkpoint(self) -> str:
+        """Collective: every rank calls it. Returns the tag directory (complete on return)."""
+        rng_all = _gather_objects(ckpt.rng_state(self.generator), self.world)
+        data_all = _gather_objects(self.source.state_dict(), self.world)
+        sp = self.world // self.dp
+        client = {"config": config_to_dict(self.cfg), "step": self.step, "ema": self.ema.state_dict(),
+                  "rng": rng_all, "data": data_all[::sp]}
+        tag = ckpt.tag_for_step(self.step)
+        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client, save_latest=False)
+        torch.distributed.barrier()
+        if self.is_main:
+            ckpt.mark_complete(self.ckpt_dir, tag, self.step, client["config"])
+            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        torch.distributed.barrier()
+        return os.path.join(self.ckpt_dir, tag)
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_model(self):
+        """A separate model instance holding the EMA weights (rank 0; built once)."""
+        from sgfm_dist.model.sgfm import build_model
+
+        if self._eval_model is None:
+            self._eval_model = build_model(self.cfg.model, self.cfg.diffusion).to(self.device)
+        self.ema.copy_to(self._eval_model)
+        self._eval_model.eval()
+        return self._eval_model
+
+    def periodic_eval(self) -> None:
+        """Rank 0: sample texts and log the wavelet energy per level at fixed taus."""
+        from sgfm_dist.eval.text_metrics import generate_texts, wavelet_energy_table
+
+        e = self.cfg.eval
+        model = self.eval_model()
+        texts = generate_texts(model, e.n_samples, self.cfg.data.field_shape, e.sample_steps, e.sampler,
+                               physics_eta=e.physics_eta, seed=e.seed, device=self.device)
+        for i, t in enumerate(texts):
+            self.monitor.text(self.step, f"samples/{i}", t)
+        batch = batch_to_device(self._fixed_batch(), self.device)
+        self.monitor.scalars(self.step, wavelet_energy_table(model, batch, e.energy_taus, seed=e.seed))
+
+    def _fixed_batch(self) -> dict:
+        if not hasattr(self, "_eval_batch"):
+            val = build_train_source(self.cfg, 0, 1, split="val")
+            self._eval_batch = next(iter(val))
+        return self._eval_batch
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg, engine = self.cfg, self.engine
+        last = cfg.train.last_step
+        accum = cfg.train.grad_accum
+        it = iter(self.source)
+        window = {"time": 0.0, "cells": 0.0, "tokens": 0.0}
+        history: list[dict] = []
+        start = self.step
+        self.log(f"training {self.n_params / 1e6:.3f} M parameters, steps {self.step} -> {last} "
+                 f"(of {cfg.train.steps}), world {self.world} (dp {self.dp}), ZeRO {cfg.parallel.zero_stage}, "
+                 f"{effective_precision(cfg, self.device)} on {self.device}")
+        self.monitor = RunMonitor(self.out_dir, cfg.logging.tensorboard_dir, cfg.logging.progress,
+                                  total_steps=last, initial_step=self.step, enabled=self.is_main)
+        while self.step < last:
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            cells = tokens = 0.0
+            grad_norm = None
+            lr = float(engine.get_lr()[0])  # the rate this step's update uses
+            engine.train()
+            for _ in range(accum):
+                batch = batch_to_device(next(it), self.device)
+                loss, terms = engine(batch, generator=self.generator)
+                engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary():
+                    grad_norm = grad_norm_before_step(engine)
+                engine.step()
+                sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / accum
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+                cells += float(batch["tokens"].numel()) if "tokens" in batch else 0.0
+                tokens += float(batch["pad_mask"].sum()) if "pad_mask" in batch else 0.0
+            if grad_norm is None:
+                g = engine.get_global_grad_norm()
+                grad_norm = float(g) if g is not None else float("nan")
+            self.step += 1
+            with full_parameters(engine) as module:
+                self.ema.update(module.state_dict().items())
+            window["time"] += time.perf_counter() - t0
+            window["cells"] += cells
+            window["tokens"] += tokens
+            self.monitor.advance(1, {"loss": f"{sums['total']:.4f}"})
+
+            if self.step % cfg.logging.log_interval == 0 or self.step == last:
+                record = self._log_step(sums, grad_norm, lr, window)
+                history.append(record)
+                window = {"time": 0.0, "cells": 0.0, "tokens": 0.0}
+            if cfg.train.ckpt_interval and self.step % cfg.train.ckpt_interval == 0 and self.step != last:
+                self.save_checkpoint()
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.step != last:
+                if self.is_main:
+                    self.periodic_eval()
+                torch.distributed.barrier()
+        if self.step > start or self.resumed_from is None:
+            final = self.save_checkpoint()
+            if self.is_main:
+                self.periodic_eval()
+        else:  # resumed at the last step: nothing trained, the checkpoint is already there
+            final = self.resumed_from
+        self.monitor.close()
+        self.log(f"checkpoint: {final}")
+        return {"step": self.step, "checkpoint": final, "history": history}
+
+    def _log_step(self, sums: dict[str, float], grad_norm: float, lr: float, window: dict) -> dict:
+        """All-reduce the step's loss terms (mean over ranks) and the window's counts (sum), log on rank 0."""
+        keys = sorted(sums)
+        vals = torch.tensor([sums[k] for k in keys] + [window["cells"], window["tokens"]], dtype=torch.float64)
+        torch.distributed.all_reduce(vals)
+        n = len(keys)
+        means = {k: float(vals[i]) / self.world for i, k in enumerate(keys)}
+        # sp ranks of one group see the same sample: count cells once per dp group.
+        sp = self.world // self.dp
+        cells, tokens = float(vals[n]) / sp, float(vals[n + 1]) / sp
+        dt = max(window["time"], 1e-9)
+        record = {f"loss/{k}": v for k, v in means.items()}
+        record.update({"optim/grad_norm": grad_norm, "optim/lr": lr, "perf/cells_per_s": cells / dt,
+                       "perf/tokens_per_s": tokens / dt, "perf/peak_memory_bytes": peak_memory_bytes(self.device)})
+        self.monitor.scalars(self.step, record)
+        return {"step": self.step, **record}
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def _gather_objects(obj, world: int) -> list:
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,182 @@
+"""Config system: base: inheritance, --set overrides, key/type/validation errors, DeepSpeed dict."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from sgfm_dist.train.config import (Config, config_from_dict, config_to_dict, load_config, parse_override,
+                                    to_deepspeed_config)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write(path, data) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """grand (in a sub-folder) <- parent <- child, relative paths at each level."""
+    write(tmp_path / "common" / "grand.yaml", {"optim": {"lr": 0.5, "warmup_steps": 3},
+                                               "train": {"steps": 100, "seed": 7}, "data": {"rows": 16}})
+    write(tmp_path / "common" / "parent.yaml", {"base": "grand.yaml", "optim": {"lr": 0.25},
+                                                "model": {"width": 32}})
+    child = write(tmp_path / "child.yaml", {"base": "common/parent.yaml", "train": {"steps": 50},
+                                            "model": {"n_blocks": 2}})
+    return child
+
+
+def test_inheritance_deep_merges_child_wins(chain):
+    cfg = load_config(chain)
+    assert cfg.optim.lr == 0.25 and cfg.optim.warmup_steps == 3          # parent over grand, grand kept
+    assert cfg.train.steps == 50 and cfg.train.seed == 7                  # child over grand
+    assert cfg.model.width == 32 and cfg.model.n_blocks == 2              # parent and child merged
+    assert cfg.optim.betas == Config().optim.betas                        # untouched default
+
+
+@pytest.mark.parametrize("override, path, expected", [
+    ("optim.lr=3e-4", ("optim", "lr"), 3e-4),                 # YAML 1.1 string "3e-4" accepted for floats
+    ("train.steps=7", ("train", "steps"), 7),
+    ("optim.betas=[0.8, 0.95]", ("optim", "betas"), (0.8, 0.95)),  # list -> typed tuple
+    ("model.kernel_size=[3, 5]", ("model", "kernel_size"), (3, 5)),
+    ("logging.progress=false", ("logging", "progress"), False),
+    ("train.precision=fp16", ("train", "precision"), "fp16"),
+    ("data.val_source=", ("data", "val_source"), ""),
+])
+def test_overrides_are_yaml_typed(chain, override, path, expected):
+    cfg = load_config(chain, [override])
+    assert getattr(getattr(cfg, path[0]), path[1]) == expected
+
+
+def test_override_wins_over_files_and_later_overrides_win(chain):
+    cfg = load_config(chain, ["optim.lr=0.1", "optim.lr=0.2"])
+    assert cfg.optim.lr == 0.2
+
+
+@pytest.mark.parametrize("where", ["child", "grand", "override"])
+def test_unknown_key_names_file_key_and_closest(tmp_path, where):
+    grand = {"optim": {"lr": 0.1}}
+    child = {"base": "grand.yaml", "train": {"steps": 5}}
+    overrides = []
+    if where == "grand":
+        grand["optim"]["learning_rte"] = 1
+    elif where == "child":
+        child["train"]["stepz"] = 5
+    else:
+        overrides = ["model.widht=64"]
+    write(tmp_path / "grand.yaml", grand)
+    path = write(tmp_path / "child.yaml", child)
+    with pytest.raises(ValueError) as e:
+        load_config(path, overrides)
+    msg = str(e.value)
+    expect = {"child": ("child.yaml", "train.stepz", "train.steps"),
+              "grand": ("grand.yaml", "optim.learning_rte", "optim.lr"),
+              "override": ("--set model.widht=64", "model.widht", "model.width")}[where]
+    for part in expect:
+        assert part in msg, msg
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path / "c.yaml", {"trian": {"steps": 3}})
+    with pytest.raises(ValueError, match=r"c\.yaml.*'trian'.*did you mean 'train'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("train.steps", "'ten'", "must be an integer"),
+    ("train.steps", "2.5", "must be an integer"),
+    ("optim.lr", "fast", "must be a number"),
+    ("logging.progress", "1", "true or false"),
+    ("train.precision", "fp8", "one of"),
+    ("optim.betas", "[0.9]", "2 items"),
+    ("eval.energy_taus", "0.5", "a list"),
+    ("data.source", "3", "a string"),
+])
+def test_type_errors_name_key_and_source(chain, key, value, rule):
+    with pytest.raises(ValueError) as e:
+        load_config(chain, [f"{key}={value}"])
+    msg = str(e.value)
+    assert key in msg and rule in msg and "--set" in msg, msg
+
+
+def test_type_error_names_the_file(tmp_path):
+    path = write(tmp_path / "bad.yaml", "train:\n  micro_batch: eight\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml.*train\.micro_batch.*integer"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, rule", [
+    ("train.steps=0", "train.steps: must be > 0"),
+    ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio: must be in \[0, 1\]"),
+    ("parallel.zero_stage=4", "zero_stage: must be 0, 1, 2 or 3"),
+    ("train.ema_decay=1.0", "ema_decay"),
+    ("train.stop_at=1000", "beyond train.steps"),
+    ("data.rows=18", r"data.rows: 18 is not divisible by 2\*\*model.levels"),
+    ("model.width=0", "model.width"),                           # the model's own __post_init__
+    ("diffusion.mode=sideways", "diffusion.mode"),
+])
+def test_validation_errors(chain, override, rule):
+    with pytest.raises(ValueError, match=rule):
+        load_config(chain, [override])
+
+
+def test_base_cycle_and_missing_base(tmp_path):
+    write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", {"base": "nope.yaml"})
+    with pytest.raises(ValueError, match=r"nope\.yaml does not exist.*c\.yaml"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "=3", "a..b=1", "optim.lr=[1,"])
+def test_malformed_override(bad):
+    with pytest.raises(ValueError, match="--set"):
+        parse_override(bad)
+
+
+def test_dict_round_trip(chain):
+    cfg = load_config(chain, ["model.kernel_size=[3, 5]"])
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_deepspeed_dict(chain, device, zero, precision):
+    cfg = load_config(chain, [f"parallel.zero_stage={zero}", f"train.precision={precision}",
+                              "train.micro_batch=4", "train.grad_accum=3", "optim.grad_clip=0.5"])
+    ds = to_deepspeed_config(cfg, world=2, device=device)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert ds["zero_optimization"]["stage"] == zero and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg.optim.lr
+    if device == "cpu":
+        assert ds["optimizer"]["params"]["torch_adam"] is True
+        assert "torch_autocast" not in ds and "bf16" not in ds and "fp16" not in ds   # fp32 forced on CPU
+    elif precision == "fp32":
+        assert "torch_autocast" not in ds
+    else:
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[precision]}
+
+
+def test_mesh_checks():
+    cfg = Config()
+    assert cfg.parallel.mesh(4) == (4, 1)
+    with pytest.raises(ValueError, match="does not divide"):
+        config_from_dict({"parallel": {"sp": 3}}).parallel.mesh(4)
+    with pytest.raises(ValueError, match="dp x sp"):
+        config_from_dict({"parallel": {"dp": 3}}).parallel.mesh(4)
