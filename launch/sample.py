@@ -53,6 +53,9 @@ def main(argv=None) -> int:
         raise SystemExit("--ensemble: must be >= 1")
     if args.length < 0:
         raise SystemExit("--length: must be >= 0")
+    prompt_bytes = len(args.prompt.encode("utf-8"))
+    if args.length and prompt_bytes > args.length:  # checked before anything is loaded
+        raise SystemExit(f"--prompt: {prompt_bytes} bytes is longer than the field of --length {args.length} bytes")
 
     import torch
 

@@ -16,7 +16,8 @@ apart (default: non-overlapping); ``frames=None`` keeps the whole stack. A sampl
 """
 from __future__ import annotations
 
-import io
+import ast
+import functools
 import json
 from dataclasses import dataclass
 from typing import Iterator, Literal
@@ -28,13 +29,43 @@ from .stream import LoaderConfig, StreamingSource
 from .urls import TarReader, resolve_shards
 
 
-def npy_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from an ``.npy`` header without reading the array."""
-    f = io.BytesIO(data)
-    version = np.lib.format.read_magic(f)
-    shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0(f))
-    return tuple(shape), dtype
+@functools.lru_cache(maxsize=1024)
+def _parse_npy_dict(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    d = ast.literal_eval(header.decode("latin1"))
+    if not isinstance(d, dict) or not {"descr", "fortran_order", "shape"} <= set(d):
+        raise ValueError(f"npy: malformed header {header[:80]!r}")
+    return tuple(int(v) for v in d["shape"]), bool(d["fortran_order"]), np.dtype(np.lib.format.descr_to_dtype(d["descr"]))
+
+
+def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, offset of the array data) of ``.npy`` bytes, without reading the array.
+
+    The header dict is parsed once per distinct header (numpy parses it with ``ast`` every
+    time, which costs more than the rest of decoding a sample; a corpus has few distinct headers).
+    """
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("npy: not .npy data (bad magic)")
+    major = data[6]
+    if major == 1:
+        length, start = int.from_bytes(data[8:10], "little"), 10
+    elif major in (2, 3):
+        length, start = int.from_bytes(data[8:12], "little"), 12
+    else:
+        raise ValueError(f"npy: unsupported format version {major}")
+    shape, fortran, dtype = _parse_npy_dict(bytes(data[start:start + length]))
+    return shape, fortran, dtype, start + length
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """The array of ``.npy`` bytes as a read-only view of them (no copy, unlike ``np.load``)."""
+    shape, fortran, dtype, offset = npy_header(data)
+    if dtype.hasobject:
+        raise ValueError("npy: object arrays are not accepted (they would need pickle)")
+    count = int(np.prod(shape)) if shape else 1
+    if len(data) < offset + count * dtype.itemsize:
+        raise ValueError(f"npy: truncated array data ({len(data) - offset} bytes for shape {shape} {dtype})")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 @dataclass
@@ -60,7 +91,7 @@ class FrameStackCodec:
         key = raw["__key__"]
         if "npy" not in raw:
             raise ValueError(f"sample {key!r}: no .npy member (keys {sorted(raw)})")
-        shape, _ = npy_shape(raw["npy"])
+        shape = npy_header(raw["npy"])[0]
         want = 4 if self.kind == "video" else None
         if (want is not None and len(shape) != want) or len(shape) < 3:
             raise ValueError(f"sample {key!r}: stored array has shape {shape}; expected "
@@ -74,23 +105,34 @@ class FrameStackCodec:
                    "start": start, "size": size, "meta": meta}
 
     def decode(self, sample: dict) -> dict:
-        arr = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-        arr = arr[sample["start"]:sample["start"] + sample["size"]]
+        # views only: the one copy of the array data happens when collate stacks the batch
+        arr = npy_view(sample["npy"])[sample["start"]:sample["start"] + sample["size"]]
         meta = sample["meta"]
         if self.kind == "video":
-            field = np.ascontiguousarray(arr.transpose(3, 0, 1, 2)).astype(np.float32)  # [C, T, H, W]
-            field = field / 127.5 - 1.0
-            return {"field": field, "fps": float(meta.get("fps", 0.0)), "sample_id": sample["__key__"]}
-        field = np.ascontiguousarray(np.swapaxes(arr, 0, 1)).astype(np.float32)  # [C, T, *S]
-        return {"field": field, "nu": float(meta.get("nu", float("nan"))), "dt": float(meta.get("dt", float("nan"))),
-                "sample_id": sample["__key__"]}
+            if arr.dtype != np.uint8:
+                raise ValueError(f"sample {sample['__key__']!r}: video frames must be uint8, got {arr.dtype}")
+            return {"field": arr.transpose(3, 0, 1, 2), "fps": float(meta.get("fps", 0.0)),  # [C, T, H, W] view
+                    "sample_id": sample["__key__"]}
+        if arr.dtype.kind != "f":
+            raise ValueError(f"sample {sample['__key__']!r}: physics fields must be floating point, got {arr.dtype}")
+        return {"field": np.swapaxes(arr, 0, 1), "nu": float(meta.get("nu", float("nan"))),  # [C, T, *S] view
+                "dt": float(meta.get("dt", float("nan"))), "sample_id": sample["__key__"]}
+
+    def finalize(self, batch: dict) -> dict:
+        if self.kind == "video":
+            batch["field"] = batch["field"].to(torch.float32).div_(127.5).sub_(1.0)  # [B, 3, T, H, W] in [-1, 1]
+        return batch
 
     def collate(self, samples: list[dict]) -> dict:
         shapes = {s["field"].shape for s in samples}
         if len(shapes) != 1:
             raise ValueError(f"batch: samples have different field shapes {sorted(shapes)}; convert with one "
                              f"--size / grid, or set frames")
-        out = {"field": torch.from_numpy(np.stack([s["field"] for s in samples])),  # [B, C, T, *S]
+        if self.kind == "video":
+            field = torch.from_numpy(np.stack([s["field"] for s in samples]))  # [B, C, T, H, W] uint8 until finalize
+        else:
+            field = torch.from_numpy(np.stack([s["field"] for s in samples]).astype(np.float32, copy=False))
+        out = {"field": field,  # [B, C, T, *S]
                "sample_ids": [s["sample_id"] for s in samples]}
         for name in ("fps", "nu", "dt"):
             if name in samples[0]:

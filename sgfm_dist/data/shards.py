@@ -238,7 +238,8 @@ class AtomicShardWriter:
         self.fs, self.path = fs, path
         self.tmp = f"{path}.tmp-r{rank}"
         self.file = fs.open(self.tmp, "wb")
-        self.tar = wds.TarWriter(self.file, encoder=False, mtime=0.0, user="sgfm", group="sgfm", mode=0o644)
+        # an integer mtime: a float one makes tarfile add a PAX header member to every file
+        self.tar = wds.TarWriter(self.file, encoder=False, mtime=0, user="sgfm", group="sgfm", mode=0o644)
         self.count = 0
         self.data_bytes = 0
 

@@ -85,13 +85,20 @@ class Reader(Protocol):
 
 
 class Codec(Protocol):
-    """What a sample means: expansion into training samples, decoding, collation."""
+    """What a sample means: expansion into training samples, decoding, collation.
+
+    ``collate`` runs where the samples are read (a DataLoader worker) and may return compact
+    dtypes (uint8 pixels, int16 token ids) so less crosses the worker queue; ``finalize``
+    runs in the consuming process and turns that into the model's batch.
+    """
 
     def expand(self, raw: dict) -> Iterator[dict]: ...
 
     def decode(self, sample: dict) -> dict: ...
 
     def collate(self, samples: list[dict]) -> dict: ...
+
+    def finalize(self, batch: dict) -> dict: ...
 
 
 @dataclass
@@ -352,5 +359,5 @@ class StreamingSource:
             for name in meta["new_corrupt"]:
                 self.corrupt_shards.append(name)
             self._batches += 1
-            yield batch
+            yield self.codec.finalize(batch)
 

@@ -206,8 +206,12 @@ def wavelet_energy_table(model, batch: dict, taus: Iterable[float], seed: int = 
     level at fixed diffusion times; its keys name the levels)."""
     from sgfm_dist.model.sgfm import wavelet_energy_per_level
 
-    torch.manual_seed(seed)
-    out = wavelet_energy_per_level(model, batch, list(taus))
+    # The model draws this noise from the global RNG: fork it so training's RNG stream (and
+    # with it exact resume) is untouched by evaluation.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = wavelet_energy_per_level(model, batch, list(taus))
     return _flatten_scalars(out, "wavelet_energy")
 
 

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from sgfm_dist.ops import finite_diff, spectral
-from sgfm_dist.ops.domain import LOCAL, check_real_field, field_axes
+from sgfm_dist.ops.domain import LOCAL, check_real_field, field_axes, normalize_axes
 
 DerivativeKind = Literal["spectral", "fd2", "fd4"]
 TimeDerivativeKind = Literal["periodic2", "periodic4", "one_sided2", "one_sided4"]
@@ -185,7 +185,7 @@ def _forcing_value(forcing: Forcing, u: Tensor) -> Tensor | None:
     """The forcing tensor at state u: a fixed tensor, or a callable f(u) (the learned network)."""
     if forcing is None:
         return None
-    f = forcing(u) if callable(forcing) and not isinstance(forcing, Tensor) else forcing
+    f = forcing if isinstance(forcing, Tensor) else forcing(u) if callable(forcing) else forcing
     if not isinstance(f, Tensor):
         raise ValueError(f"forcing: expected None, a Tensor or a callable returning a Tensor, "
                          f"got {type(f).__name__}")
@@ -202,14 +202,6 @@ def _forcing_value(forcing: Forcing, u: Tensor) -> Tensor | None:
 
 
 # ---- spatial and time derivatives ------------------------------------------------------------
-
-def _gradient(u: Tensor, spec: FlowSpec, domain) -> Tensor:
-    """[B, C, *S] -> [B, C*k, *S], channel c*k + j = d u_c / d flow_axes[j]."""
-    if spec.derivative == "spectral":
-        return spectral.gradient(u, spec.flow_axes, spec.lengths, domain=domain)
-    return finite_diff.fd_gradient(u, spec.flow_axes, spec.lengths,
-                                   accuracy=_FD_ACCURACY[spec.derivative], domain=domain)
-
 
 def _laplacian(u: Tensor, spec: FlowSpec, domain) -> Tensor:
     """Laplacian over the flow axes, same shape."""
@@ -240,9 +232,10 @@ def dealias_mask(u: Tensor, axes, domain=LOCAL) -> Tensor:
     |n| > N/3, exactly the band the mask removes again (Orszag 1971). The strict inequality
     matters when 3 divides N.
     """
+    axes = normalize_axes(axes, u.ndim)
     ks = domain.wavenumbers(u, axes)  # lengths 2*pi: integer frequencies n
     mask = None
-    for a, n in zip(sorted(axes), ks):
+    for a, n in zip(axes, ks):
         extent = domain.global_extent(u, a)
         keep = (3.0 * n.abs().round()) < extent
         mask = keep if mask is None else mask & keep
@@ -256,6 +249,32 @@ def _filter(x: Tensor, mask: Tensor, axes, domain) -> Tensor:
 
 # ---- Navier-Stokes terms -------------------------------------------------------------------
 
+def _advection_unfiltered(u: Tensor, spec: FlowSpec, domain, mask: Tensor | None = None,
+                          u_hat: Tensor | None = None, ks_odd: list[Tensor] | None = None) -> Tensor:
+    """sum_j u_j d_j u_i in physical space. With a dealias ``mask`` the velocity is truncated
+    first; the product is returned untruncated. ``u_hat``/``ks_odd`` (spectral derivatives only)
+    reuse a forward FFT of u and its Nyquist-zeroed wavenumbers the caller already has."""
+    b, c, *s = u.shape
+    k, axes = spec.k, spec.flow_axes
+    if spec.derivative == "spectral":
+        if u_hat is None:
+            u_hat = domain.rfft(u, axes)                                  # [B, C, *spectral]
+        if ks_odd is None:
+            ks_odd = domain.wavenumbers(u, axes, spec.lengths, zero_nyquist=True)
+        if mask is not None:
+            u_hat = u_hat * mask
+            u = domain.irfft(u_hat, axes, u.shape)                        # [B, G*k, *S]
+        grad = domain.irfft(spectral.gradient_hat(u_hat, ks_odd), axes, (b, c * k, *s))  # [B, C*k, *S]
+    else:
+        if mask is not None:
+            u = _filter(u, mask, axes, domain)                            # [B, G*k, *S]
+        grad = finite_diff.fd_gradient(u, axes, spec.lengths, accuracy=_FD_ACCURACY[spec.derivative],
+                                       domain=domain)                     # [B, C*k, *S]
+    grad = grad.reshape(b, c // k, k, k, *s)                              # [B, G, i, j, *S] = d_j u_i
+    vel = u.reshape(b, c // k, 1, k, *s)                                  # [B, G, 1, j, *S]
+    return (vel * grad).sum(dim=3).reshape(b, c, *s)                      # [B, G*k, *S]
+
+
 def advection(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
     """(u . grad) u per channel group: component i = sum_j u_j d_j u_i.  [B, G*k, *S] -> same.
 
@@ -263,18 +282,9 @@ def advection(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
     product is truncated after it.
     """
     _check_field(u, spec)
-    b, c, *s = u.shape
-    k = spec.k
-    g = c // k
     mask = dealias_mask(u, spec.flow_axes, domain) if spec.dealias else None
-    if mask is not None:
-        u = _filter(u, mask, spec.flow_axes, domain)                     # [B, G*k, *S]
-    grad = _gradient(u, spec, domain).reshape(b, g, k, k, *s)            # [B, G, i, j, *S] = d_j u_i
-    vel = u.reshape(b, g, 1, k, *s)                                      # [B, G, 1, j, *S]
-    adv = (vel * grad).sum(dim=3).reshape(b, c, *s)                      # [B, G*k, *S]
-    if mask is not None:
-        adv = _filter(adv, mask, spec.flow_axes, domain)
-    return adv
+    adv = _advection_unfiltered(u, spec, domain, mask)                    # [B, G*k, *S]
+    return adv if mask is None else _filter(adv, mask, spec.flow_axes, domain)
 
 
 def viscous_term(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
@@ -288,6 +298,41 @@ def project(v: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
     return spectral.leray_project(v, spec.flow_axes, spec.lengths, domain=domain)
 
 
+def _rhs_hat(u: Tensor, spec: FlowSpec, forcing: Forcing, domain, viscous: bool = True
+             ) -> tuple[Tensor, list[Tensor]]:
+    """Spectrum over the flow axes of -(u.grad)u [+ nu Lap u] + f(u), unprojected, and the
+    Nyquist-zeroed wavenumbers that project it.
+
+    Why fused: with spectral derivatives one forward FFT of u serves both the velocity gradient
+    and the Laplacian, and the caller projects in Fourier space: a drift costs two forward and two
+    inverse transforms (one of them k-fold) instead of three and three term by term (with
+    dealiasing two and three instead of five and five).
+    """
+    axes = spec.flow_axes
+    ks_odd = domain.wavenumbers(u, axes, spec.lengths, zero_nyquist=True)
+    mask = dealias_mask(u, axes, domain) if spec.dealias else None
+    f = _forcing_value(forcing, u)
+    if spec.derivative != "spectral":
+        rhs = -advection(u, spec, domain)                                 # [B, G*k, *S]
+        if viscous and spec.nu != 0:
+            rhs = rhs + viscous_term(u, spec, domain)
+        if f is not None:
+            rhs = rhs + f
+        return domain.rfft(rhs, axes), ks_odd
+    u_hat = domain.rfft(u, axes)                                          # [B, C, *spectral]
+    adv = _advection_unfiltered(u, spec, domain, mask, u_hat, ks_odd)    # [B, G*k, *S]
+    if mask is None:
+        rhs_hat = domain.rfft(-adv if f is None else f - adv, axes)
+    else:  # only the product is truncated, not the forcing
+        rhs_hat = domain.rfft(adv, axes) * -mask
+        if f is not None:
+            rhs_hat = rhs_hat + domain.rfft(f.expand(u.shape), axes)
+    if viscous and spec.nu != 0:
+        ks = domain.wavenumbers(u, axes, spec.lengths)                    # Nyquist kept: -k^2 is real
+        rhs_hat = rhs_hat + spec.nu * spectral.laplacian_hat(u_hat, ks)
+    return rhs_hat, ks_odd
+
+
 def projected_drift(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
     """P[-(u.grad)u + nu Lap u + f(u)] (Eq. 11), the deterministic drift.  [B, G*k, *S] -> same.
 
@@ -295,13 +340,8 @@ def projected_drift(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=L
     learned forcing network), evaluated at u.
     """
     _check_field(u, spec)
-    rhs = -advection(u, spec, domain)
-    if spec.nu != 0:
-        rhs = rhs + viscous_term(u, spec, domain)
-    f = _forcing_value(forcing, u)
-    if f is not None:
-        rhs = rhs + f
-    return project(rhs, spec, domain)
+    rhs_hat, ks_odd = _rhs_hat(u, spec, forcing, domain)
+    return domain.irfft(spectral.leray_project_hat(rhs_hat, ks_odd), spec.flow_axes, u.shape)
 
 
 def residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
@@ -324,8 +364,15 @@ def residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -
 
 
 def projected_residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
-    """P R(u) (Eq. 42 before the norm).  [B, G*k, *S] -> same."""
-    return project(residual(u, spec, forcing, domain), spec, domain)
+    """P R(u) (Eq. 42 before the norm), computed as P[d_t u - (-(u.grad)u + nu Lap u + f)] with
+    the fused spectral right-hand side.  [B, G*k, *S] -> same."""
+    _check_field(u, spec)
+    if spec.time_axis is None:
+        raise ValueError("spec.time_axis: the residual R(u) = d_t u + ... (Eq. 41) needs a time axis "
+                         "in the field; got time_axis=None")
+    rhs_hat, ks_odd = _rhs_hat(u, spec, forcing, domain)
+    r_hat = domain.rfft(time_derivative(u, spec, domain), spec.flow_axes) - rhs_hat
+    return domain.irfft(spectral.leray_project_hat(r_hat, ks_odd), spec.flow_axes, u.shape)
 
 
 def physics_energy(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
@@ -373,11 +420,17 @@ class ETDRK4Coefficients:
     shape: tuple[int, ...]
     """Local shape of the field they were built for (checked on use)."""
     e: Tensor
+    """exp(z): the exact viscous decay over one step."""
     e_half: Tensor
+    """exp(z/2): the decay over half a step (the stage predictions)."""
     q: Tensor
+    """dt/2 phi1(z/2): weight of the nonlinear term in the half-step stages."""
     f1: Tensor
+    """Weight of N(v_n) in the final combination."""
     f2: Tensor
+    """Weight of N(a) + N(b), the two half-step stages, in the final combination (times 2)."""
     f3: Tensor
+    """Weight of N(c), the full-step stage, in the final combination."""
 
 
 def _laplacian_symbol(u: Tensor, spec: FlowSpec, domain) -> Tensor:
@@ -458,23 +511,16 @@ def etdrk4_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing = None, d
         raise ValueError(f"coefficients: built for dt={c.dt}, shape {c.shape}; got dt={dt}, "
                          f"shape {tuple(u.shape)}")
     axes, shape = spec.flow_axes, u.shape
-    w = project(u, spec, domain)                                          # [B, G*k, *S] solenoidal
-    grad_part = u - w                                                     # [B, G*k, *S], constant
-
-    # P in Fourier space directly (Nyquist-zeroed k, as spectral.leray_project uses): the stages
-    # live in the spectral layout, so this saves one FFT round trip per stage
-    ks = domain.wavenumbers(u, axes, spec.lengths, zero_nyquist=True)
+    u_hat = domain.rfft(u, axes)                                          # [B, G*k, *spectral]
+    v_hat = spectral.leray_project_hat(u_hat, domain.wavenumbers(u, axes, spec.lengths, zero_nyquist=True))
+    grad_part = domain.irfft(u_hat - v_hat, axes, shape)                  # [B, G*k, *S], constant
 
     def nonlinear_hat(v_hat: Tensor) -> Tensor:
         """Spectrum of P[-(v.grad)v + f(v)], the drift without its viscous part."""
         v = domain.irfft(v_hat, axes, shape) + grad_part                 # [B, G*k, *S]
-        rhs = -advection(v, spec, domain)
-        f = _forcing_value(forcing, v)
-        if f is not None:
-            rhs = rhs + f
-        return spectral.leray_project_hat(domain.rfft(rhs, axes), ks)    # spectral layout
+        rhs_hat, ks_odd = _rhs_hat(v, spec, forcing, domain, viscous=False)
+        return spectral.leray_project_hat(rhs_hat, ks_odd)               # spectral layout
 
-    v_hat = domain.rfft(w, axes)                                          # spectral layout
     n_v = nonlinear_hat(v_hat)
     a_hat = c.e_half * v_hat + c.q * n_v
     n_a = nonlinear_hat(a_hat)

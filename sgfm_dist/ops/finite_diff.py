@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from fractions import Fraction
 from functools import lru_cache
+from numbers import Real
 from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from .domain import LOCAL, TWO_PI, _lengths, check_real_field, normalize_axes
-from .spectral import flow_axes, vector_components
+from .domain import LOCAL, TWO_PI, _lengths, check_real_field
+from .spectral import axis_dim, flow_axes, vector_components
 
 Boundary = Literal["periodic", "one_sided"]
 
@@ -113,13 +114,11 @@ def fd_derivative(u: Tensor, axis: int, order: int = 1, accuracy: int = 2, spaci
     """
     check_real_field(u, "u")
     _check_order_accuracy(order, accuracy)
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise ValueError(f"axis: expected an int tensor dim, got {axis!r}")
-    dim = normalize_axes((axis,), u.ndim)[0]
+    dim = axis_dim(axis, u.ndim)
     n_global = domain.global_extent(u, dim)
     if spacing is None:
         spacing = TWO_PI / n_global
-    if not (isinstance(spacing, (int, float)) and spacing > 0):
+    if isinstance(spacing, bool) or not isinstance(spacing, Real) or not spacing > 0:
         raise ValueError(f"spacing: expected a positive grid spacing, got {spacing!r}")
     offsets, coeffs = central_stencil(order, accuracy)
     p = stencil_halo(order, accuracy)

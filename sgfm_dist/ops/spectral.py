@@ -31,6 +31,7 @@ passed through unchanged (the mean flow, and pure-Nyquist modes).
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import Callable, Sequence
 
 import torch
@@ -47,8 +48,9 @@ def flow_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
     """``axes`` as positive tensor dims *in the order given* (checked: field axes, no repeats)."""
     if isinstance(axes, int) or not isinstance(axes, Sequence) or len(axes) == 0:
         raise ValueError(f"axes: expected a non-empty sequence of field-axis dims, got {axes!r}")
-    if any(isinstance(a, bool) or not isinstance(a, int) for a in axes):
+    if any(isinstance(a, bool) or not isinstance(a, Integral) for a in axes):
         raise ValueError(f"axes: expected ints (tensor dims), got {tuple(axes)!r}")
+    axes = tuple(int(a) for a in axes)
     normalize_axes(axes, ndim)  # range and repeat checks, with their messages
     return tuple(a + ndim if a < 0 else a for a in axes)
 
@@ -62,10 +64,11 @@ def vector_components(v: Tensor, k: int, axes: Sequence[int], name: str = "v") -
     return v.unflatten(1, (C // k, k))  # [B, G, k, ...]
 
 
-def _axis_dim(axis: int, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
+def axis_dim(axis: int, ndim: int) -> int:
+    """One field axis (negatives allowed) as a positive tensor dim, checked."""
+    if isinstance(axis, bool) or not isinstance(axis, Integral):
         raise ValueError(f"axis: expected an int tensor dim, got {axis!r}")
-    return normalize_axes((axis,), ndim)[0]
+    return normalize_axes((int(axis),), ndim)[0]
 
 
 def _check_order(order: int) -> None:
@@ -174,7 +177,9 @@ def derivative(u: Tensor, axis: int, order: int = 1, length: float = TWO_PI, dom
     """
     check_real_field(u, "u")
     _check_order(order)
-    dim = _axis_dim(axis, u.ndim)
+    dim = axis_dim(axis, u.ndim)
+    if isinstance(length, bool) or not isinstance(length, Real) or not length > 0:
+        raise ValueError(f"length: expected a positive box length, got {length!r}")
     return spectral_apply(u, (dim,), lambda uh, ks: derivative_hat(uh, ks[0], order), (length,),
                           zero_nyquist=order % 2 == 1, domain=domain)
 

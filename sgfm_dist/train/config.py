@@ -47,7 +47,7 @@ class DataConfig:
     URL/pattern on any fsspec filesystem."""
     val_source: str = ""
     """Held-out data for evaluation; ``""`` means the ``val`` split of ``source``."""
-    rows: int = 16
+    rows: int = 32
     """Text field extent T along the t axis (rows of one document window)."""
     row_len: int = 64
     """Text field extent L along the x axis (bytes per row)."""
@@ -271,14 +271,22 @@ class Config:
     """Evaluation."""
 
     def __post_init__(self):
-        # Cross-section rules: the wavelet transform halves every field axis `levels` times.
-        levels = getattr(self.model, "levels", None)
-        if isinstance(levels, int) and levels > 0:
+        # Cross-section rule: the wavelet transform halves every field axis `levels` times and
+        # each level's input must hold the filter (ops.wavelets.max_levels).
+        from sgfm_dist.ops.wavelets import max_levels
+
+        levels, wavelet = self.model.levels, self.model.wavelet
+        if self.model.modality == "text":
             step = 2 ** levels
             for name, n in (("data.rows", self.data.rows), ("data.row_len", self.data.row_len)):
                 if n % step:
                     raise ValueError(f"{name}: {n} is not divisible by 2**model.levels = {step} "
                                      f"(the wavelet transform halves every field axis model.levels={levels} times)")
+                if max_levels(n, wavelet) < levels:
+                    raise ValueError(f"{name}: {n} cells admit only {max_levels(n, wavelet)} levels of "
+                                     f"{wavelet!r}, model.levels={levels} (each level's input needs at least "
+                                     f"2 x (filter length - 1) cells); use more cells, fewer levels or a "
+                                     f"shorter wavelet")
         if self.optim.warmup_steps > self.train.steps:
             raise ValueError(f"optim.warmup_steps: {self.optim.warmup_steps} exceeds train.steps={self.train.steps}")
 

@@ -112,6 +112,12 @@ def build_engine(model: nn.Module, cfg: Config, device: str, world: int):
     precision, clipping, AdamW and warmup+cosine LambdaLR. Returns the engine."""
     import deepspeed
 
+    scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        # DeepSpeed 0.19.8 broadcasts every parameter as `p.data.view(torch.uint8)` at
+        # initialize, which fails on 0-dim tensors ("self.dim() cannot be 0 to view Float as Byte").
+        raise ValueError(f"model: 0-dim parameters {scalars} cannot be trained under DeepSpeed (its parameter "
+                         f"broadcast views each parameter as bytes); give them shape [1]")
     ds_config = to_deepspeed_config(cfg, world, device)
     wrapper = TrainingLoss(model).to(device)
     engine, _, _, _ = deepspeed.initialize(

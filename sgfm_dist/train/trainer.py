@@ -77,6 +77,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         np.random.seed((cfg.train.seed + rank) % 2**32)
         random.seed(cfg.train.seed + rank)
+        self.out_dir = cfg.train.out_dir
+        self.ckpt_dir = (cfg.train.ckpt_dir if os.path.isabs(cfg.train.ckpt_dir)
+                         else os.path.join(self.out_dir, cfg.train.ckpt_dir))
+        resume_from = ckpt.latest_complete(self.ckpt_dir) if resume else None
+        if resume_from is not None:  # before anything is built: a mismatch fails fast
+            ckpt.check_model_config(ckpt.read_marker(resume_from)["config"], config_to_dict(cfg), where=resume_from)
+        elif resume:
+            self.log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from step 0")
         self.model = build_model(cfg.model, cfg.diffusion)
         if cfg.parallel.activation_checkpointing:
             n = apply_activation_checkpointing(self.model)
@@ -85,25 +93,17 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
         self.source = build_train_source(cfg, self.dp_rank, dp)
-        self.out_dir = cfg.train.out_dir
-        self.ckpt_dir = (cfg.train.ckpt_dir if os.path.isabs(cfg.train.ckpt_dir)
-                         else os.path.join(self.out_dir, cfg.train.ckpt_dir))
         self.step = 0
         self.resumed_from: str | None = None
-        if resume:
-            self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
         self.monitor: RunMonitor | None = None  # opened by fit()
         self._eval_model = None
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
     # ------------------------------------------------------------------ checkpoints
-    def _resume(self) -> None:
-        tag_dir = ckpt.latest_complete(self.ckpt_dir)
-        if tag_dir is None:
-            self.log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from step 0")
-            return
+    def _resume(self, tag_dir: str) -> None:
         marker = ckpt.read_marker(tag_dir)
-        ckpt.check_model_config(marker["config"], config_to_dict(self.cfg), where=tag_dir)
         load_path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=marker["tag"])
         if load_path is None:
             raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")

@@ -286,7 +286,7 @@ def test_energy_spectrum_of_spatial_axes_averages_time():
 
 
 # ---- autograd ------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,axes", [((6,), (2,)), ((5, 4), (2, 3)), ((4, 3, 4), (3, 4)), ((4, 3, 4), (2, 3, 4))])
+@pytest.mark.parametrize("shape,axes", [((6,), (2,)), ((5, 4), (2, 3)), ((2, 3, 4), (3, 4)), ((3, 2, 4), (2, 3, 4))])
 def test_gradcheck(shape, axes):
     gen = torch.Generator().manual_seed(1)
     u = torch.randn(1, 1, *shape, dtype=torch.float64, generator=gen, requires_grad=True)

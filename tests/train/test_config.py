@@ -24,7 +24,7 @@ def write(path, data) -> str:
 def chain(tmp_path):
     """grand (in a sub-folder) <- parent <- child, relative paths at each level."""
     write(tmp_path / "common" / "grand.yaml", {"optim": {"lr": 0.5, "warmup_steps": 3},
-                                               "train": {"steps": 100, "seed": 7}, "data": {"rows": 16}})
+                                               "train": {"steps": 100, "seed": 7}, "data": {"rows": 64}})
     write(tmp_path / "common" / "parent.yaml", {"base": "grand.yaml", "optim": {"lr": 0.25},
                                                 "model": {"width": 32}})
     child = write(tmp_path / "child.yaml", {"base": "common/parent.yaml", "train": {"steps": 50},
@@ -118,6 +118,7 @@ def test_type_error_names_the_file(tmp_path):
     ("train.ema_decay=1.0", "ema_decay"),
     ("train.stop_at=1000", "beyond train.steps"),
     ("data.rows=18", r"data.rows: 18 is not divisible by 2\*\*model.levels"),
+    ("data.rows=16", r"data.rows: 16 cells admit only 1 levels of 'db4', model.levels=2"),
     ("model.width=0", "model.width"),                           # the model's own __post_init__
     ("diffusion.mode=sideways", "diffusion.mode"),
 ])

@@ -14,13 +14,18 @@ Scanner = Callable[[int, dict], list[PlanItem]]
 def run_conversion(kind: str, comm, inputs: Sequence[str], scan: Scanner, produce: Producer, out: str,
                    options: dict, max_samples: int | None, max_bytes: int | None, dedup: bool = False,
                    overwrite: bool = False, progress: bool = True, meta: dict | None = None,
-                   splits: Sequence[str] = ("train", "val")) -> dict:
-    """Convert ``inputs`` to shards under ``out`` on every rank of ``comm``; returns a summary (same on all ranks)."""
+                   splits: Sequence[str] = ("train", "val"), after_scan: Callable[[], None] | None = None) -> dict:
+    """Convert ``inputs`` to shards under ``out`` on every rank of ``comm``; returns a summary (same on all ranks).
+
+    ``after_scan`` runs on every rank after the local scans (it may use collectives).
+    """
     t0 = time.perf_counter()
     stats: dict = {}
     mine: list[PlanItem] = []
     for i in range(comm.rank, len(inputs), comm.size):
         mine.extend(scan(i, stats))
+    if after_scan is not None:  # a collective check over every rank's scan (runs on all ranks)
+        after_scan()
     items, dropped = merge_items(comm.allgather(mine), dedup)
     stats = gather_stats(comm, stats)
     stats["duplicates"] = dropped

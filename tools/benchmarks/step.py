@@ -1,0 +1,198 @@
+"""SGFM training step vs a same-width SDPA transformer, from 1k to 64k text positions.
+
+    python tools/benchmark.py step [--quick] [--device cuda] [--json out.jsonl]
+
+Each case is one full training step at batch 1 (forward, backward, AdamW update):
+
+* ``sgfm``: ``SGFM.training_loss`` on a byte-text field of T rows x L=``--row-len`` positions
+  (the whole composite loss: wavelet transform, score network, forcing network, physics
+  residual, readout CE), model = the ``model:`` section of ``--config`` with ``--width``;
+* ``attention``: ``--attn-blocks`` pre-norm transformer blocks (``F.scaled_dot_product_attention``,
+  bidirectional, ``--heads`` heads, MLP ratio 4) at the same width on the same N tokens,
+  with the same tied byte embedding / readout CE. Default depth = the SGFM's ``n_blocks``.
+
+Printed per size: seconds per step and peak memory of each, the ratio sgfm / attention (the
+baseline measured in the same run), and at the end the fitted cost exponent (least-squares
+slope of log time vs log N) of each. Peak memory is ``torch.cuda.max_memory_allocated`` on
+GPU; on CPU it is the rise of the process's peak resident set (VmHWM, reset per case through
+``/proc/self/clear_refs``) over the resident set before the case.
+
+Attention cases whose time, extrapolated quadratically from the previous size, would exceed
+``--max-step-s`` are skipped and reported as skipped (on 2 CPU cores that is 64k, often 16k).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tools.benchmarks.common import sync, time_call
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="sizes 1k, 4k, 16k only")
+    p.add_argument("--sizes", default=None, help="comma-separated positions N (default 1024,4096,16384,65536)")
+    p.add_argument("--config", default=os.path.join(REPO, "configs", "text_tiny.yaml"),
+                   help="run config whose model/diffusion sections define the SGFM")
+    p.add_argument("--width", type=int, default=64, help="hidden width of both models")
+    p.add_argument("--row-len", type=int, default=64, help="text field row length L (T = N / L rows)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--attn-blocks", type=int, default=0, help="transformer blocks (0 = the SGFM's n_blocks)")
+    p.add_argument("--max-step-s", type=float, default=20.0, help="skip attention sizes predicted slower than this")
+    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch default)")
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)); x + MLP(LN(x)) (SDPA, no mask)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"--heads: {heads} does not divide --width {width}")
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        B, N, W = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # [B, h, N, hs]
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, hs]
+        x = x + self.proj(y.transpose(1, 2).reshape(B, N, W))
+        return x + self.mlp(self.ln2(x))  # [B, N, W]
+
+
+class AttentionLM(nn.Module):
+    """Byte embedding -> blocks -> tied readout; the loss is the readout CE of the tokens."""
+
+    def __init__(self, vocab: int, width: int, heads: int, blocks: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(AttentionBlock(width, heads) for _ in range(blocks))
+        self.ln = nn.LayerNorm(width)
+
+    def training_loss(self, batch: dict, generator=None):
+        tokens = batch["tokens"].reshape(batch["tokens"].shape[0], -1)  # [B, N]
+        h = self.emb(tokens)  # [B, N, W]
+        for b in self.blocks:
+            h = b(h)
+        logits = self.ln(h) @ self.emb.weight.T  # [B, N, V]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        return loss, {}
+
+
+def _peak_reset(device: str) -> int:
+    """Reset the peak counter; returns the baseline to subtract."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return -1
+    return _status("VmRSS")
+
+
+def _peak_read(device: str, base: int) -> float | None:
+    if device == "cuda":
+        return float(torch.cuda.max_memory_allocated() - base)
+    if base < 0:
+        return None
+    return float(_status("VmHWM") - base)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _step_fn(model, batch, device):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = model.training_loss(batch, generator=gen)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _measure(model, batch, device, repeat: int):
+    step = _step_fn(model, batch, device)
+    base = _peak_reset(device)
+    step()  # first step: allocations, optimizer state (counted in the peak)
+    sync(device)
+    seconds = time_call(step, device=device, warmup=0, repeat=repeat, min_time=0.0)
+    return seconds, _peak_read(device, base)
+
+
+def _slope(ns, ts) -> float:
+    xs, ys = [math.log(n) for n in ns], [math.log(t) for t in ts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def run(args, rec) -> None:
+    from sgfm_dist.model.sgfm import build_model
+    from sgfm_dist.train.config import load_config
+
+    device = args.device
+    if args.threads and device == "cpu":
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, [f"model.width={args.width}"])
+    sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
+             else [1024, 4096, 16384] if args.quick else [1024, 4096, 16384, 65536])
+    L = args.row_len
+    step_rows = 2 ** cfg.model.levels
+    blocks = args.attn_blocks or cfg.model.n_blocks
+    print(f"SGFM: {cfg.model.n_blocks} blocks, width {args.width}, {cfg.model.wavelet} J={cfg.model.levels}; "
+          f"attention: {blocks} blocks, width {args.width}, {args.heads} heads; batch 1, rows of L={L}")
+    done = {"sgfm": ([], []), "attention": ([], [])}
+    last_attn = None
+    for n in sizes:
+        if n % L or (n // L) % step_rows:
+            raise ValueError(f"--sizes: {n} positions is not T x L with L={L} and T divisible by {step_rows}")
+        T = n // L
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 256, (1, T, L), generator=g).to(device)  # [1, T, L]
+        batch = {"tokens": tokens, "pad_mask": torch.ones_like(tokens, dtype=torch.bool)}
+        repeat = 3 if n <= 16384 else 2
+        torch.manual_seed(0)
+        sgfm = build_model(cfg.model, cfg.diffusion).to(device)
+        t_s, m_s = _measure(sgfm, batch, device, repeat)
+        del sgfm
+        done["sgfm"][0].append(n), done["sgfm"][1].append(t_s)
+        case = f"text N={n} ({T}x{L}) w={args.width}"
+        if last_attn is not None and last_attn[1] * (n / last_attn[0]) ** 2 > args.max_step_s:
+            predicted = last_attn[1] * (n / last_attn[0]) ** 2
+            rec.add(case + " sgfm", "s_per_step", t_s)
+            if m_s is not None:
+                rec.add(case + " sgfm", "peak_bytes", m_s)
+            print(f"  attention at N={n} skipped: predicted {predicted:.0f} s/step > --max-step-s {args.max_step_s}")
+            continue
+        attn = AttentionLM(257, args.width, args.heads, blocks).to(device)
+        t_a, m_a = _measure(attn, batch, device, repeat)
+        del attn
+        last_attn = (n, t_a)
+        done["attention"][0].append(n), done["attention"][1].append(t_a)
+        rec.add(case + " attention", "s_per_step", t_a)
+        rec.add(case + " sgfm", "s_per_step", t_s, baseline="attention", baseline_value=t_a)
+        if m_a is not None and m_s is not None:
+            rec.add(case + " attention", "peak_bytes", m_a)
+            rec.add(case + " sgfm", "peak_bytes", m_s, baseline="attention", baseline_value=m_a)
+    for name, (ns, ts) in done.items():
+        if len(ns) >= 2:
+            rec.add(f"{name} cost exponent N={ns[0]}..{ns[-1]}", "loglog_slope", _slope(ns, ts))
