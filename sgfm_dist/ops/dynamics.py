@@ -73,8 +73,10 @@ class FlowSpec:
 
     time_axis: int | None = None
     """Tensor dim of physical time t inside the field, or None for a velocity state without time
-    (what the integrators step). Must not be a flow axis. ``residual`` and ``physics_energy``
-    need it (the d_t u term of Eq. 41)."""
+    (what the integrators step). ``residual`` and ``physics_energy`` need it (the d_t u term of
+    Eq. 41). It may also be a flow axis: the paper's text field u = (u_x, u_t) has grad =
+    (d_x, d_t) over both of its axes (Eq. 25-29), so d_t then appears both alone and inside the
+    advection; a physics trajectory keeps t out of the flow axes."""
 
     lengths: tuple[float, ...] | None = None
     """Periodic box length per flow axis, same order as ``flow_axes``; None means 2*pi each
@@ -117,9 +119,6 @@ class FlowSpec:
         if self.time_axis is not None:
             if not _is_int(self.time_axis) or self.time_axis < 2:
                 raise ValueError(f"time_axis: expected None or a tensor dim >= 2, got {self.time_axis!r}")
-            if self.time_axis in axes:
-                raise ValueError(f"time_axis: {self.time_axis} is also a flow axis {axes}; the time "
-                                 f"axis of a space-time field must not carry a velocity component")
         if self.lengths is not None:
             lengths = tuple(float(v) for v in self.lengths)
             if len(lengths) != len(axes):

@@ -128,16 +128,16 @@ def leray_project_hat(v_hat: Tensor, ks: Sequence[Tensor]) -> Tensor:
 def vorticity_hat(v_hat: Tensor, ks: Sequence[Tensor]) -> Tensor:
     """Curl in Fourier space, same sign convention as ``vorticity`` (ks with Nyquist zeroed).
 
-    k=2: ``[B, 2G, ...] -> [B, G, ...]``, ``i (ks[0] v_1 - ks[1] v_0)``;
-    k=3: ``[B, 3G, ...] -> [B, 3G, ...]``, component i = ``i (ks[i+1] v_{i+2} - ks[i+2] v_{i+1})``.
+    k=2: ``[B, 2G, ...] -> [B, G, ...]``, ``i (ks[1] v_0 - ks[0] v_1)``;
+    k=3: ``[B, 3G, ...] -> [B, 3G, ...]``, component i = ``i (ks[i+2] v_{i+1} - ks[i+1] v_{i+2})``.
     """
     k = len(ks)
     if k not in (2, 3):
         raise ValueError(f"ks: vorticity needs 2 or 3 flow axes, got {k}")
     v = vector_components(v_hat, k, range(k), "v_hat").unbind(2)  # k x [B, G, ...]
     if k == 2:
-        return (ks[0] * v[1] - ks[1] * v[0]) * 1j  # [B, G, ...]
-    w = [ks[(i + 1) % 3] * v[(i + 2) % 3] - ks[(i + 2) % 3] * v[(i + 1) % 3] for i in range(3)]
+        return (ks[1] * v[0] - ks[0] * v[1]) * 1j  # [B, G, ...]
+    w = [ks[(i + 2) % 3] * v[(i + 1) % 3] - ks[(i + 1) % 3] * v[(i + 2) % 3] for i in range(3)]
     return torch.stack(w, dim=2).flatten(1, 2) * 1j  # [B, 3G, ...]
 
 
@@ -213,16 +213,14 @@ def leray_project(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | Non
 
 
 def vorticity(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain=LOCAL) -> Tensor:
-    """Curl of a vector field, treating ``(axes[0], axes[1][, axes[2]])`` as a right-handed frame.
+    """Curl of a vector field in tensor (numpy) axis order: ``(axes[0], .., axes[-1])`` read as
+    ``(.., y, x)``, so the right-handed frame is the *reversed* axis order ``(x, y[, z])``.
 
-    k=2: ``[B, 2G, *S] -> [B, G, *S]``, ``w = d v_1/d a_0 - d v_0/d a_1``.
-    k=3: ``[B, 3G, *S] -> [B, 3G, *S]``, component i = ``d v_{i+2}/d a_{i+1} - d v_{i+1}/d a_{i+2}``
-    (indices mod 3).
-
-    Sign: for axes ordered ``(y, x)`` (tensor order ``[.., y, x]``, components ``(v_y, v_x)``)
-    this is ``d v_x/d y - d v_y/d x``, the *negative* of the usual ``w_z = d_x v_y - d_y v_x``;
-    likewise for text axes ``(t, x)`` it is the negative of the paper's Eq. 29
-    (``w = d_x u_t - d_t u_x``). Those are ``-vorticity(v, (y, x))``.
+    k=2: ``[B, 2G, *S] -> [B, G, *S]``, ``w = d v_0/d a_1 - d v_1/d a_0``: for axes ``(y, x)``
+    with components ``(v_y, v_x)`` this is the usual ``w_z = d_x v_y - d_y v_x``, and for the
+    text axes ``(t, x)`` it is the paper's Eq. 29, ``w = d_x u_t - d_t u_x``.
+    k=3: ``[B, 3G, *S] -> [B, 3G, *S]``, component i = ``d v_{i+1}/d a_{i+2} - d v_{i+2}/d a_{i+1}``
+    (indices mod 3): on axes ``(z, y, x)`` this is the usual curl, component i along ``a_i``.
     """
     check_real_field(v, "v")
     k = len(flow_axes(axes, v.ndim))

@@ -5,9 +5,19 @@ import uuid
 
 import fsspec
 import pytest
+import torch
 
 from sgfm_dist.data.converters.text import TextConvertConfig, convert_text
 from sgfm_dist.data.shards import SerialComm
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Data tests run tiny FFTs and decodes: one intra-op thread (two thrash on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_corpus(root, n_docs: int = 24, seed: int = 0) -> list[bytes]:

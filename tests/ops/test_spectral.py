@@ -114,23 +114,23 @@ def test_vorticity_of_plane_waves(d, axes, dtype, box, parity):
     v = torch.cat([ci * torch.cos(theta) for ci in c], dim=1).to(dtype)  # [1, k, *S]
     # d_j v_i = -c_i k_j sin(theta)
     if k_flow == 2:
-        want = -(c[1] * k[0] - c[0] * k[1]) * torch.sin(theta)  # d v_1/d a_0 - d v_0/d a_1
+        want = (c[1] * k[0] - c[0] * k[1]) * torch.sin(theta)  # d v_0/d a_1 - d v_1/d a_0
     else:
-        want = torch.cat([-(k[(i + 1) % 3] * c[(i + 2) % 3] - k[(i + 2) % 3] * c[(i + 1) % 3]) * torch.sin(theta)
-                          for i in range(3)], dim=1)  # -(k x c) sin(theta)
+        want = torch.cat([(k[(i + 1) % 3] * c[(i + 2) % 3] - k[(i + 2) % 3] * c[(i + 1) % 3]) * torch.sin(theta)
+                          for i in range(3)], dim=1)  # (k x c) sin(theta), left-handed index order
     got = vorticity(v, axes, lengths)
     torch.testing.assert_close(got, want.to(dtype), atol=_tol(dtype, 4 * max(map(abs, k))), rtol=0)
 
 
 def test_vorticity_sign_for_y_x_axes():
     """Documents the convention: on (y, x) axes with components (v_y, v_x), vorticity returns
-    d v_x/d y - d v_y/d x, the negative of the usual w_z = d_x v_y - d_y v_x."""
+    the usual w_z = d_x v_y - d_y v_x (tensor axis order is (.., y, x))."""
     n = 16
     x = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
     v_y = torch.sin(x).expand(n, n)  # varies along x only: w_z = d_x v_y = cos x
     v = torch.stack([v_y, torch.zeros_like(v_y)])[None]  # [1, 2, y, x]
     w = vorticity(v, (-2, -1))
-    torch.testing.assert_close(w[0, 0], -torch.cos(x).expand(n, n), atol=1e-12, rtol=0)
+    torch.testing.assert_close(w[0, 0], torch.cos(x).expand(n, n), atol=1e-12, rtol=0)
 
 
 # ---- dense DFT reference --------------------------------------------------------------------
@@ -183,9 +183,9 @@ def test_vector_operators_compose_single_axis_derivatives(d, axes, dtype, parity
     torch.testing.assert_close(laplacian(v, axes, lengths), sum(D(v, i, 2) for i in range(k)), atol=tol, rtol=0)
     c = [comps[:, :, i] for i in range(k)]
     if k == 2:
-        w_want = D(c[1], 0) - D(c[0], 1)
+        w_want = D(c[0], 1) - D(c[1], 0)
     else:
-        w_want = torch.stack([D(c[(i + 2) % 3], (i + 1) % 3) - D(c[(i + 1) % 3], (i + 2) % 3) for i in range(3)],
+        w_want = torch.stack([D(c[(i + 1) % 3], (i + 2) % 3) - D(c[(i + 2) % 3], (i + 1) % 3) for i in range(3)],
                              dim=2).flatten(1, 2)
     torch.testing.assert_close(vorticity(v, axes, lengths), w_want, atol=tol, rtol=0)
 

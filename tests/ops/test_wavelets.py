@@ -212,7 +212,7 @@ GRADCHECK_SHAPES = {  # tiny fields that still satisfy max_levels (n >= (F - 1) 
 @pytest.mark.parametrize("d", [1, 2, 3])
 def test_gradcheck_dwt_and_idwt(d, wavelet, levels):
     shape = GRADCHECK_SHAPES[wavelet, levels][d]
-    fast = math.prod(shape) > 200  # fast_mode: one random directional derivative instead of full Jacobians
+    fast = d > 1  # fast_mode: random directional derivatives instead of full Jacobians
     u = random_field(shape, torch.float64, seed=6, batch=1, chan=1).requires_grad_(True)
     torch.autograd.gradcheck(lambda x: flatten_coeffs(dwt(x, wavelet, levels)), (u,), fast_mode=fast)
     layout = coeff_layout(shape, levels, wavelet)

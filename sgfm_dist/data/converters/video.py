@@ -234,13 +234,13 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int] | None, mode: str) -> 
     H, W = size
     img = Image.fromarray(frame)
     if mode == "stretch":
-        return np.asarray(img.resize((W, H), Image.BILINEAR))
+        return np.array(img.resize((W, H), Image.BILINEAR))
     h, w = frame.shape[:2]
     scale = max(H / h, W / w)
     nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
     img = img.resize((nw, nh), Image.BILINEAR)
     top, left = (nh - H) // 2, (nw - W) // 2
-    return np.asarray(img.crop((left, top, left + W, top + H)))
+    return np.array(img.crop((left, top, left + W, top + H)))
 
 
 # ---- conversion ----------------------------------------------------------------------

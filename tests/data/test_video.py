@@ -1,0 +1,101 @@
+"""tools/convert_video.py: frame directories and arrays to clips, resizing, bad input, the video source."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sgfm_dist.data.converters.video import VideoConvertConfig, convert_video, resize_frame
+from sgfm_dist.data.fields import build_video_source
+from sgfm_dist.data.shards import SerialComm
+from sgfm_dist.data.urls import iter_shard_samples, resolve_shards
+
+
+def _frames(n, h=6, w=10, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def _inputs(root):
+    """A frame directory (7 PNGs), an .npy (9 frames) and a grayscale .npz (5 frames), all 6x10."""
+    vids = {"a": _frames(7, seed=1), "b": _frames(9, seed=2), "c": _frames(5, seed=3)[..., 0]}
+    (root / "a").mkdir(parents=True)
+    for i, f in enumerate(vids["a"]):
+        Image.fromarray(f).save(root / "a" / f"{i:04d}.png")
+    np.save(root / "b.npy", vids["b"])
+    np.savez(root / "c.npz", frames=vids["c"])
+    vids["c"] = np.repeat(vids["c"][..., None], 3, axis=-1)
+    return vids
+
+
+def _convert(inputs, out, **kw):
+    kw.setdefault("val_fraction", 0.0)
+    return convert_video([str(i) for i in inputs], str(out), VideoConvertConfig(**kw), SerialComm(), progress=False)
+
+
+@pytest.mark.parametrize("frames, stride", [(3, None), (2, 3), (5, 1)])
+def test_clips_are_the_input_frames(tmp_path, frames, stride):
+    vids = _inputs(tmp_path / "in")
+    _convert([tmp_path / "in"], tmp_path / "out", frames=frames, stride=stride, shard_samples=4)
+    by_source = {"a": "v000000", "b": "v000001", "c": "v000002"}  # sorted inputs: a/, b.npy, c.npz
+    samples = [s for url in resolve_shards(str(tmp_path / "out"), "train") for s in iter_shard_samples(url)]
+    step = stride or frames
+    expect = sum((len(v) - frames) // step + 1 for v in vids.values() if len(v) >= frames)
+    assert len(samples) == expect
+    for s in samples:
+        meta = __import__("json").loads(s["json"])
+        name = [k for k, p in by_source.items() if s["__key__"].startswith(p)][0]
+        clip = np.load(io.BytesIO(s["npy"]))
+        start = meta["start_frame"]
+        np.testing.assert_array_equal(clip, vids[name][start:start + frames])
+        assert meta["fps"] == 30.0
+
+
+def test_resize_modes():
+    frame = np.zeros((20, 40, 3), np.uint8)
+    frame[:, 10:30] = 200  # a centred block: 'crop' to a square keeps only it
+    crop = resize_frame(frame, (8, 8), "crop")
+    assert crop.shape == (8, 8, 3) and (crop[:, 1:-1] == 200).all()  # edges blend bilinearly
+    assert resize_frame(frame, (8, 8), "stretch")[:, 0].max() == 0  # stretching keeps the black border
+    stretch = resize_frame(np.full((20, 40, 3), 77, np.uint8), (5, 7), "stretch")
+    assert stretch.shape == (5, 7, 3) and (stretch == 77).all()
+
+
+def test_source_batches_and_frame_step(tmp_path):
+    vids = _inputs(tmp_path / "in")
+    _convert([tmp_path / "in" / "b.npy"], tmp_path / "out", frames=2, frame_step=2, size=(4, 4), resize="stretch")
+    src = build_video_source(str(tmp_path / "out"), "train", batch_size=2, shuffle=False, shuffle_buffer=1)
+    batch = next(iter(src))
+    assert batch["field"].shape == (2, 3, 2, 4, 4) and batch["field"].dtype == torch.float32
+    assert batch["field"].min() >= -1 and batch["field"].max() <= 1
+    assert batch["fps"].tolist() == [15.0, 15.0]  # every other frame of a 30 fps input
+    first = resize_frame(vids["b"][0], (4, 4), "stretch")
+    ids = batch["sample_ids"]
+    b = ids.index("v000000-000000@0")
+    torch.testing.assert_close(batch["field"][b, :, 0], torch.from_numpy(first).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_bad_video_input_is_named(tmp_path):
+    (tmp_path / "mixed").mkdir()
+    Image.fromarray(_frames(1)[0]).save(tmp_path / "mixed" / "0.png")
+    Image.fromarray(_frames(1, h=8)[0]).save(tmp_path / "mixed" / "1.png")
+    with pytest.raises(ValueError, match="1.png.*--size"):
+        _convert([tmp_path / "mixed"], tmp_path / "o1", frames=1)
+    _convert([tmp_path / "mixed"], tmp_path / "o2", frames=1, size=(4, 4))
+    np.save(tmp_path / "tall.npy", _frames(3, h=7))
+    np.save(tmp_path / "wide.npy", _frames(3, h=6))
+    with pytest.raises(ValueError, match="wide.npy: frames are 6x10.*tall.npy has 7x10.*--size"):
+        _convert([tmp_path / "tall.npy", tmp_path / "wide.npy"], tmp_path / "o3", frames=2)
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="clip.mp4"):
+        _convert([tmp_path / "clip.mp4"], tmp_path / "o4")
+    np.save(tmp_path / "short.npy", _frames(2))
+    with pytest.raises(ValueError, match="no sample survived.*too_short"):
+        _convert([tmp_path / "short.npy"], tmp_path / "o5", frames=4)
+    np.save(tmp_path / "float.npy", np.zeros((3, 4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="float.npy.*uint8"):
+        _convert([tmp_path / "float.npy"], tmp_path / "o6")
+    with pytest.raises(ValueError, match="matches no file"):
+        _convert([tmp_path / "*.avi"], tmp_path / "o7")

@@ -1,0 +1,178 @@
+"""Single-device operators (DWT, spectral, finite differences, drift) vs a copy and an FFT pair.
+
+    python tools/benchmark.py ops [--quick] [--device cuda] [--threads N] [--json out.jsonl]
+
+For 2-D fields (256^2 .. 1024^2) and 3-D fields (32^3 .. 128^3), each of a batch*channel count
+that keeps every case at ~1-6 M cells, prints cells/s (B*C*prod(S) / seconds per call) of:
+
+* ``dwt fwd`` / ``dwt fwd+inv``: ``sgfm_dist.ops.wavelets`` (db4, J = min(3, max_levels)),
+  and the same fwd+inv under a what-if domain whose ``pad`` concatenates slices instead of
+  ``LocalDomain.pad``'s ``index_select`` (quantifies a proposed domain.py change);
+* ``leray``, ``spectral grad``, ``laplacian`` (``sgfm_dist.ops.spectral``), ``fd d/dx``
+  (``sgfm_dist.ops.finite_diff``, 2nd order, last axis), ``projected drift``
+  (``sgfm_dist.ops.dynamics``, flow axes = all field axes, nu = 1e-2, no forcing), each
+  imported lazily and skipped with a printed note if its module or function is missing;
+
+each against two baselines measured in the same run on the same field: ``copy``
+(``x.clone()``, the same bytes) and ``fftn+ifftn`` (``torch.fft.fftn`` + ``ifftn`` over the
+field axes). An ``rfftn+irfftn`` pair is reported too, for context. On CUDA each operator also
+gets ``bw_fraction``: its compulsory traffic (bytes of inputs + outputs) / time / the copy's
+bandwidth. Target (reported, not asserted): DWT fwd+inv at least 0.5x the speed of one
+fftn+ifftn pair on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Callable
+
+import torch
+
+from tools.benchmarks.common import time_call
+
+# (d, spatial extent, batch, channels): channels divisible by d so vector operators apply.
+CASES = [
+    (2, 256, 4, 4), (2, 512, 2, 2), (2, 1024, 1, 2),
+    (3, 32, 4, 6), (3, 64, 2, 3), (3, 128, 1, 3),
+]
+QUICK_CASES = [(2, 64, 2, 2), (3, 16, 1, 3)]
+WAVELET = "db4"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="two tiny cases (64^2 x4, 16^3 x3): a smoke run")
+    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="field dtype")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per measurement (median)")
+
+
+class _CatPadDomain:
+    """What-if domain: ``LocalDomain`` with ``pad`` built from ``torch.cat`` of edge slices."""
+
+    def __init__(self):
+        from sgfm_dist.ops.domain import LocalDomain
+
+        self._local = LocalDomain()
+
+    def __getattr__(self, name):
+        return getattr(self._local, name)
+
+    def pad(self, x, widths):
+        for i, (lo, hi) in enumerate(widths):
+            dim, n = 2 + i, x.shape[2 + i]
+            if lo or hi:
+                if lo > n or hi > n:  # wraps more than once: fall back to the real implementation
+                    return self._local.pad(x, widths)
+                x = torch.cat([x.narrow(dim, n - lo, lo), x, x.narrow(dim, 0, hi)], dim)
+        return x
+
+
+def _lazy(module: str, name: str):
+    """``module.name`` or None (with a printed note) while a colleague's module is not there yet."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        print(f"[ops] note: skipping {module}.{name}: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    if hasattr(obj, "approx") and hasattr(obj, "details"):  # WaveletCoeffs
+        return _nbytes(obj.approx) + _nbytes(obj.details)
+    return 0
+
+
+def _operators(x: torch.Tensor, levels: int) -> list[tuple[str, Callable[[], object]]]:
+    """(name, zero-argument call) of every operator whose module is importable."""
+    d = x.ndim - 2
+    axes = tuple(range(2, 2 + d))
+    ops: list[tuple[str, Callable[[], object]]] = []
+    dwt = _lazy("sgfm_dist.ops.wavelets", "dwt")
+    idwt = _lazy("sgfm_dist.ops.wavelets", "idwt")
+    if dwt is not None and idwt is not None:
+        catpad = _CatPadDomain()
+        ops += [
+            (f"dwt{d}d {WAVELET} J={levels} fwd", lambda: dwt(x, WAVELET, levels)),
+            (f"dwt{d}d {WAVELET} J={levels} fwd+inv", lambda: idwt(dwt(x, WAVELET, levels))),
+            (f"dwt{d}d {WAVELET} J={levels} fwd+inv [pad=cat what-if]",
+             lambda: idwt(dwt(x, WAVELET, levels, domain=catpad), domain=catpad)),
+        ]
+    leray = _lazy("sgfm_dist.ops.spectral", "leray_project")
+    if leray is not None:
+        ops.append((f"leray{d}d", lambda: leray(x, axes)))
+    gradient = _lazy("sgfm_dist.ops.spectral", "gradient")
+    if gradient is not None:
+        ops.append((f"spectral grad{d}d", lambda: gradient(x, axes)))
+    laplacian = _lazy("sgfm_dist.ops.spectral", "laplacian")
+    if laplacian is not None:
+        ops.append((f"laplacian{d}d", lambda: laplacian(x, axes)))
+    fd_derivative = _lazy("sgfm_dist.ops.finite_diff", "fd_derivative")
+    if fd_derivative is not None:
+        ops.append((f"fd d/dx{d}d (2nd order)", lambda: fd_derivative(x, x.ndim - 1)))
+    projected_drift = _lazy("sgfm_dist.ops.dynamics", "projected_drift")
+    flow_spec = _lazy("sgfm_dist.ops.dynamics", "FlowSpec")
+    if projected_drift is not None and flow_spec is not None:
+        spec = flow_spec(flow_axes=axes, nu=1e-2)
+        ops.append((f"projected drift{d}d", lambda: projected_drift(x, spec)))
+    return ops
+
+
+def run(args: argparse.Namespace, rec) -> None:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda requested but torch.cuda.is_available() is False")
+    dtype = getattr(torch, args.dtype)
+    wavelets = importlib.import_module("sgfm_dist.ops.wavelets")
+    print(f"[ops] device={rec.device} threads={torch.get_num_threads()} dtype={args.dtype} "
+          f"(ratios are against baselines measured in this run)", flush=True)
+    for d, n, batch, chan in (QUICK_CASES if args.quick else CASES):
+        shape = (n,) * d
+        cells = batch * chan * n ** d
+        tag = f"{n}^{d} x{batch * chan}"
+        levels = min(3, wavelets.max_levels(n, WAVELET))
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(batch, chan, *shape, generator=g, dtype=dtype).to(device)
+        axes = tuple(range(2, 2 + d))
+
+        def timed(fn):
+            return time_call(fn, device=device, warmup=1, repeat=args.repeat, min_time=0.0)
+
+        t_copy = timed(lambda: x.clone())
+        t_fft = timed(lambda: torch.fft.ifftn(torch.fft.fftn(x, dim=axes), dim=axes))
+        t_rfft = timed(lambda: torch.fft.irfftn(torch.fft.rfftn(x, dim=axes), s=shape, dim=axes))
+        copy_cps, fft_cps = cells / t_copy, cells / t_fft
+        copy_bw = 2 * _nbytes(x) / t_copy  # read + write
+        rec.add(f"copy {tag}", "cells_per_s", copy_cps)
+        rec.add(f"fftn+ifftn {tag}", "cells_per_s", fft_cps, baseline="copy", baseline_value=copy_cps)
+        rec.add(f"rfftn+irfftn {tag}", "cells_per_s", cells / t_rfft, baseline="fftn+ifftn",
+                baseline_value=fft_cps)
+        if device.type == "cuda":
+            rec.add(f"copy {tag}", "bytes_per_s", copy_bw)
+            # fftn reads R real bytes and writes 2R complex; ifftn reads and writes 2R each
+            rec.add(f"fftn+ifftn {tag}", "bw_fraction", 7 * _nbytes(x) / t_fft / copy_bw)
+        for name, fn in _operators(x, levels):
+            try:
+                out = fn()
+                t = timed(fn)
+            except Exception as e:  # a colleague's operator still in progress must not stop the suite
+                print(f"[ops] note: {name} {tag} failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            case = f"{name} {tag}"
+            cps = cells / t
+            rec.add(case, "cells_per_s", cps, baseline="copy", baseline_value=copy_cps)
+            rec.add(case, "cells_per_s", cps, baseline="fftn+ifftn", baseline_value=fft_cps)
+            if device.type == "cuda":
+                moved = _nbytes(x) + _nbytes(out)
+                if "fwd+inv" in name:
+                    moved *= 2  # coefficients written by dwt and read back by idwt
+                rec.add(case, "bw_fraction", moved / t / copy_bw)
+            del out
+        del x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
