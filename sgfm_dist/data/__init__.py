@@ -7,12 +7,16 @@
     client_state["data"] = src.state_dict()   # plain ints/strs/lists
     src.load_state_dict(client_state["data"]) # the next iter() continues exactly there
 
-Modules: ``stream`` (order, shuffling, resume, workers), ``text`` / ``video`` / ``physics``
-(codecs and ``build_*_source``), ``corpus`` (documents, built-in corpus, hash split),
-``urls`` (fsspec shard lists, tar reading, corrupt-shard policy), ``shards`` (atomic shard
-writing, conversion plans and manifests for ``tools/``).
+Modules: ``stream`` (order, dp/worker split, shuffling, exact resume, DataLoader workers),
+``text`` (byte encoding, [T, L] windows, ``build_text_source``), ``fields`` (video clips and
+Navier-Stokes trajectories as [C, T, *S] fields, ``build_video_source`` /
+``build_physics_source``), ``corpus`` (documents, the built-in corpus, hash split), ``urls``
+(fsspec shard lists and manifests, tar reading, corrupt-shard policy), ``shards`` (atomic
+shard writing, P-independent conversion plans, manifests, MPI ranks), ``converters`` (the
+text / video / physics converters behind ``tools/``), ``inspect`` (``tools/inspect_shards.py``).
 """
 from .corpus import Document, builtin_corpus_documents, builtin_corpus_path, read_documents, split_of
+from .fields import FrameStackCodec, build_physics_source, build_video_source
 from .stream import BatchSource, CorruptShardError, LoaderConfig, StreamingSource
 from .text import BYTE_VOCAB_SIZE, PAD_ID, TextCodec, build_text_source, decode_bytes, encode_bytes
 from .urls import register_fsspec_gopen, resolve_shards
@@ -22,4 +26,5 @@ __all__ = [
     "BYTE_VOCAB_SIZE", "PAD_ID", "encode_bytes", "decode_bytes", "TextCodec", "build_text_source",
     "Document", "builtin_corpus_path", "builtin_corpus_documents", "read_documents", "split_of",
     "resolve_shards", "register_fsspec_gopen",
+    "FrameStackCodec", "build_video_source", "build_physics_source",
 ]

@@ -25,7 +25,7 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from .stream import LoaderConfig, StreamingSource
+from .stream import LoaderConfig, StreamingSource, convert_keep_pinned
 from .urls import TarReader, resolve_shards
 
 
@@ -120,7 +120,8 @@ class FrameStackCodec:
 
     def finalize(self, batch: dict) -> dict:
         if self.kind == "video":
-            batch["field"] = batch["field"].to(torch.float32).div_(127.5).sub_(1.0)  # [B, 3, T, H, W] in [-1, 1]
+            field = convert_keep_pinned(batch["field"], torch.float32)  # [B, 3, T, H, W]
+            batch["field"] = field.div_(127.5).sub_(1.0)  # [-1, 1]
         return batch
 
     def collate(self, samples: list[dict]) -> dict:

@@ -152,6 +152,16 @@ class LoaderConfig:
         return self.dp_size * self.workers
 
 
+def convert_keep_pinned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, into page-locked memory when ``t`` is pinned (the DataLoader pinned the
+    compact batch; a plain ``.to`` would hand the trainer unpinned memory again)."""
+    if t.dtype == dtype:
+        return t
+    if t.is_pinned():
+        return torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t)
+    return t.to(dtype)
+
+
 # ---- order ---------------------------------------------------------------------------
 
 def slot_units(n_units: int, epoch: int, seed: int, slot: int, n_slots: int, shuffle: bool = True) -> list[int]:
@@ -204,26 +214,26 @@ def slot_samples(reader: Reader, codec: Codec, cfg: LoaderConfig, slot: int, sta
         mine = slot_units(len(units), epoch, cfg.seed, slot, cfg.n_slots, cfg.shuffle_units)
         blocks = [mine[i:i + cfg.units_per_block] for i in range(0, len(mine), cfg.units_per_block)]
         whole_epoch = block == 0 and offset == 0
-        seen = 0
+        produced = 0  # decoded samples this epoch: zero over a whole epoch would loop forever
         for b in range(block, len(blocks)):
             rng = np.random.default_rng([cfg.seed, epoch, slot, b, 0xB10C])
             raw = _expanded(reader, codec, [units[u] for u in blocks[b]], stats)
             k = 0
             for sample in seeded_shuffle(raw, cfg.shuffle_buffer, rng):
                 k += 1
-                seen += 1
                 if k <= offset:
                     continue  # replay after a resume: drop without decoding
                 decoded = _decode(reader, codec, sample, stats)
                 if decoded is None:
                     continue
                 total += 1
+                produced += 1
                 yield decoded, SlotPosition(epoch, b, k, total)
             offset = 0
-        if whole_epoch and seen == 0:
+        if whole_epoch and produced == 0:
             names = ", ".join(reader.describe(units[u]) for u in sorted(set(mine))[:8])
             raise ValueError(f"no samples: a whole epoch of data slot {slot} (units {names}) yielded nothing; "
-                             f"the shards are empty, corrupt, or hold no sample long enough for the codec")
+                             f"the shards are empty, corrupt, undecodable, or hold no sample long enough for the codec")
         epoch, block = epoch + 1, 0
 
 

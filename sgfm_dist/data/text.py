@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .corpus import Document, builtin_corpus_documents, list_text_inputs, read_documents, split_of
-from .stream import LoaderConfig, StreamingSource
+from .stream import LoaderConfig, StreamingSource, convert_keep_pinned
 
 BYTE_VOCAB_SIZE = 257
 """Token ids 0..255 are bytes, 256 is padding."""
@@ -117,7 +117,7 @@ class TextCodec:
                 "sample_ids": [s["sample_id"] for s in samples]}
 
     def finalize(self, batch: dict) -> dict:
-        batch["tokens"] = batch["tokens"].long()  # [B, T, L] int64
+        batch["tokens"] = convert_keep_pinned(batch["tokens"], torch.long)  # [B, T, L] int64
         return batch
 
 

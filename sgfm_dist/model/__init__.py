@@ -1,0 +1,18 @@
+"""The SGFM model: text/video/physics fields, score and forcing networks, wavelet-space
+diffusion and samplers.
+
+    config.py     ModelConfig, DiffusionConfig (typed, validated)
+    layers.py     PeriodicConv, SpectralConv, ChannelRMSNorm, FiLM, FourierFeatures
+    networks.py   FieldNet (score / forcing networks), ConditionEmbedding
+    fields.py     TextField (embedding + tied readout), VideoLift
+    diffusion.py  schedules, per-level shifts, forward process, eps-DSM loss
+    samplers.py   sample_euler_maruyama / sample_heun / sample_pc, get_taus, ensemble_stats
+    sgfm.py       SGFM (training_loss, generate, denoising_cross_entropy, set_domain), build_model
+
+Nothing here imports torch.distributed, mpi4py or deepspeed: a split field is handled by
+swapping the model's domain (``SGFM.set_domain``).
+"""
+from .config import DiffusionConfig, ModelConfig
+from .sgfm import SGFM, build_model, wavelet_energy_per_level
+
+__all__ = ["DiffusionConfig", "ModelConfig", "SGFM", "build_model", "wavelet_energy_per_level"]

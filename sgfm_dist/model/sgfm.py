@@ -206,10 +206,13 @@ class SGFM(nn.Module):
 
     # ------------------------------------------------------------------ physics
     def forcing(self, u: Tensor, xi: Tensor | None, lam: Tensor) -> Tensor | None:
-        """``forcing_strength * f_theta(u, xi)`` ``[B, C, *S]`` (None without a forcing network)."""
+        """``forcing_strength * f_theta(u, xi)`` ``[B, C, *S]`` (None without a forcing network);
+        ``xi=None`` means a zero noise input (the mean forcing)."""
         if self.forcing_net is None:
             return None
         if self.cfg.forcing_noise_channels:
+            if xi is None:
+                xi = u.new_zeros(u.shape[0], self.cfg.forcing_noise_channels, *u.shape[2:])
             u = torch.cat([u, xi], dim=1)  # [B, C + Cxi, *S]
         cond = self.forcing_condition(torch.stack([torch.log10(lam[:, 0].clamp(min=1e-6)) / 3.0, lam[:, 1]], 1))
         f = self.forcing_net(u, cond)  # [B, C, *S]

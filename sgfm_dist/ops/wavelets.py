@@ -269,32 +269,43 @@ def _cached_matrix(kind: str, wavelet: str, block: int, dtype: torch.dtype, devi
         return _synthesis_matrix(rec_lo, rec_hi, block)
 
 
+def _pad_axis(x: Tensor, axis: int, width: int, domain) -> Tensor:
+    """Periodic ghost cells on field axis ``axis`` only, through the domain (halo exchange
+    when split); ``x`` is ``[B, C', *S]``."""
+    widths = [(0, 0)] * (x.ndim - 2)
+    widths[axis] = (width, width)
+    return domain.pad(x, widths)
+
+
 def _dwt_level(u: Tensor, length: int, matrix, domain) -> tuple[Tensor, Tensor]:
     """:func:`dwt_level` after validation; ``matrix(block)`` gives the analysis matrix."""
     d = u.ndim - 2
     reach = length // 2 - 1
     batch, chan = u.shape[:2]
-    sizes = u.shape[2:]
+    sizes = tuple(u.shape[2:])
     blocks = [_block(n) for n in sizes]
 
-    x = domain.pad(u, [(reach, reach)] * d)  # [B, C, *(S + 2 reach)]
-    # Last axis first: its windows are rows of a plain [rows, W] matrix. Axis a sits at dim
-    # 2 + a throughout (earlier axes untouched); every transformed axis becomes (nblk, block).
+    x = u
+    # Last axis first: its windows are rows of a plain [rows, W] matrix; the other axes then
+    # run batched GEMMs over long rows of already filtered cells. Each axis is padded just
+    # before its filter (only its own halo, no work wasted on halos of other axes); axes
+    # keep their extents, so the intermediate is a valid [B, C, *S] field for domain.pad.
     for a in reversed(range(d)):
         dim = 2 + a
         block = blocks[a]
         width = block + 2 * reach
         m = matrix(block)                                          # [W, block]
-        win = x.unfold(dim, width, block)                          # [..., nblk, later..., W]
+        xp = _pad_axis(x.reshape(batch, chan, *sizes), a, reach, domain)  # [B, C, .., S_a + 2 reach, ..]
+        win = xp.unfold(dim, width, block)                         # [B, C, S_<a, nblk, S_>a, W]
         if a == d - 1:
             y = win.reshape(-1, width) @ m                         # [rows * nblk, block]
-            x = y.reshape(*win.shape[:-1], block)                  # [B, C, S0p.., nblk, block]
+            x = y.reshape(*win.shape[:-1], block)                  # [B, C, S_<a, nblk, block]
         else:
-            win = win.movedim(-1, dim + 1)                         # [..., nblk, W, later...]
+            win = win.movedim(-1, dim + 1)                         # [B, C, S_<a, nblk, W, S_>a]
             lead, later = win.shape[:dim + 1], win.shape[dim + 2:]
-            y = torch.matmul(m.t(), win.reshape(-1, width, math.prod(later)))  # [batch, block, later]
-            x = y.reshape(*lead, block, *later)                    # [..., nblk, block, later...]
-    # x: [B, C, nb0, blk0, .., nb_{d-1}, blk_{d-1}] with blk = (band, half) -> band-major
+            y = torch.matmul(m.t(), win.reshape(-1, width, math.prod(later)))  # [batch, block, S_>a]
+            x = y.reshape(*lead, block, math.prod(later))          # [B, C, S_<a, nblk, block, S_>a]
+    # x: [B, C, (nb_a, blk_a) for each axis] with blk = (band, half) -> band-major
     split = [batch, chan]
     for a in range(d):
         split += [sizes[a] // blocks[a], 2, blocks[a] // 2]
@@ -309,31 +320,33 @@ def _idwt_level(approx: Tensor, details: Tensor, length: int, matrix, domain) ->
     d = approx.ndim - 2
     r = length // 4
     batch, chan = approx.shape[:2]
-    coarse = approx.shape[2:]
-    sizes = [2 * n for n in coarse]
+    cur = list(approx.shape[2:])                                    # extents: coarse, then fine once done
+    sizes = [2 * n for n in cur]
 
-    bands = torch.cat([approx.unsqueeze(2), details], dim=2)       # [B, C, 2^d, *Sc]
-    x = domain.pad(bands.reshape(batch, chan * 2 ** d, *coarse), [(r, r)] * d)
-    x = x.reshape(batch, chan, *([2] * d), *x.shape[2:])           # [B, C, b0..b_{d-1}, *(Sc + 2R)]
-    # Axis a = 0 .. d-1: layout [B, C, b_a..b_{d-1}, S_0..S_{a-1}, Scp_a, Scp_{a+1}..]; the
-    # axis being inverted is always dim 2 + d, its band bit always dim 2.
-    dim = 2 + d
-    for a in range(d):
+    x = torch.cat([approx.unsqueeze(2), details], dim=2)           # [B, C, 2^d, *Sc]
+    # Last axis first (long GEMM rows for the others), each axis padded just before its
+    # filter. Before axis a the layout is [B, C, b_0..b_a, Sc_0..Sc_a, S_{a+1}..S_{d-1}]:
+    # band bit at dim 2 + a, axis at 3 + 2a; folding the band bits into C gives a field.
+    for a in reversed(range(d)):
+        dim = 3 + 2 * a
         block = _block(sizes[a])
         wc = block // 2 + 2 * r
         m = matrix(block)                                           # [2 Wc, block]
-        win = x.unfold(dim, wc, block // 2)                         # [B, C, b_a, .., nblk, later.., Wc]
+        xp = _pad_axis(x.reshape(batch, chan * 2 ** (a + 1), *cur), a, r, domain)
+        xp = xp.reshape(batch, chan, *([2] * (a + 1)), *xp.shape[2:])  # [B, C, b_0..b_a, .., Sc_a + 2R, ..]
+        win = xp.unfold(dim, wc, block // 2)                        # [B, C, b_0..b_a, Sc_<a, nblk, S_>a, Wc]
         nlater = d - 1 - a
-        # -> [B, C, b_{a+1}.., S_done.., nblk, b_a, Wc, later..]
-        perm = ([0, 1] + list(range(3, dim + 1)) + [2, win.ndim - 1]
+        # -> [B, C, b_<a, Sc_<a, nblk, b_a, Wc, S_>a]
+        perm = ([0, 1] + list(range(2, 2 + a)) + list(range(3 + a, dim + 1)) + [2 + a, win.ndim - 1]
                 + list(range(dim + 1, dim + 1 + nlater)))
         win = win.permute(perm)
         lead, later = win.shape[:dim], win.shape[dim + 2:]          # lead ends with nblk
         if nlater == 0:
             y = win.reshape(-1, 2 * wc) @ m                         # [rows * nblk, block]
         else:
-            y = torch.matmul(m.t(), win.reshape(-1, 2 * wc, math.prod(later)))  # [batch, block, later]
-        x = y.reshape(*lead[:-1], sizes[a], *later)                 # nblk * block = S_a
+            y = torch.matmul(m.t(), win.reshape(-1, 2 * wc, math.prod(later)))  # [batch, block, S_>a]
+        x = y.reshape(*lead[:-1], sizes[a], *later)                 # [B, C, b_<a, Sc_<a, S_a, S_>a]
+        cur[a] = sizes[a]
     return x
 
 

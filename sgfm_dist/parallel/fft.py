@@ -273,11 +273,24 @@ def spectral_blocks(plan: FFTPlan, coords: Sequence[int]) -> list[tuple[int, int
     return out
 
 
-def transpose_bytes(plan: FFTPlan, batch_numel: int, itemsize: int, coords: Sequence[int]) -> int:
-    """Bytes this rank sends in ``plan``'s forward transposes (the all-to-all volume: every
-    block it holds except the one that stays), for ``batch_numel`` = B * C (* extra dims)."""
+def transpose_bytes(plan: FFTPlan, batch_numel: int, itemsize: int, coords: Sequence[int],
+                    direction: str = "forward") -> int:
+    """Bytes this rank sends in ``plan``'s transposes: the all-to-all volume, i.e. every block it
+    holds before a transpose except the one that stays (``direction``: "forward" for the rfft,
+    "inverse" for the irfft, whose transposes send back what the forward ones received, or
+    "both"), for ``batch_numel`` = B * C (* extra dims) and real ``itemsize``."""
+    if direction not in ("forward", "inverse", "both"):
+        raise ValueError(f"direction: expected 'forward', 'inverse' or 'both', got {direction!r}")
     ext, owner = list(plan.extents), {k: a for k, a in enumerate(plan.split) if a >= 0}
     total, complex_ = 0, False
+
+    def local_cells() -> int:
+        cells = 1
+        for i, n in enumerate(ext):
+            k = next((m for m, a in owner.items() if a == i), None)
+            cells *= block_sizes(n, plan.ranks[k])[coords[k]] if k is not None else n
+        return cells
+
     for st in plan.stages:
         if isinstance(st, RFFTStage):
             ext[st.axis] = ext[st.axis] // 2 + 1
@@ -285,13 +298,15 @@ def transpose_bytes(plan: FFTPlan, batch_numel: int, itemsize: int, coords: Sequ
             continue
         if not isinstance(st, TransposeStage):
             continue
-        local = []
-        for i, n in enumerate(ext):
-            k = next((m for m, a in owner.items() if a == i), None)
-            local.append(block_sizes(n, plan.ranks[k])[coords[k]] if k is not None else n)
         p, q = plan.ranks[st.mesh_dim], coords[st.mesh_dim]
-        keep = block_sizes(st.scatter_extent, p)[q]
-        cells = math.prod(local) // ext[st.scatter] * (ext[st.scatter] - keep)
-        total += cells * batch_numel * itemsize * (2 if complex_ else 1)
+        scale = batch_numel * itemsize * (2 if complex_ else 1)
+        before = local_cells()  # scatter axis whole, gather axis my block
+        keep_t = block_sizes(st.scatter_extent, p)[q]
+        if direction in ("forward", "both"):
+            total += before // st.scatter_extent * (st.scatter_extent - keep_t) * scale
         owner[st.mesh_dim] = st.scatter
+        after = local_cells()  # gather axis whole, scatter axis my block
+        keep_a = block_sizes(st.gather_extent, p)[q]
+        if direction in ("inverse", "both"):
+            total += after // st.gather_extent * (st.gather_extent - keep_a) * scale
     return total

@@ -45,9 +45,9 @@ def run_checks(sp: int | None = None, pencil: bool = False, tol: float = 1e-10) 
     dom = SplitDomain.create(mesh, S, split)
     axes = tuple(range(2, 2 + len(S)))
     g = torch.Generator().manual_seed(1234 + mesh.dp_rank)  # one sample per dp group
-    u = torch.randn(2, 2 * len(S) if not pencil else 3, *S, generator=g, dtype=torch.float64)
+    u = torch.randn(2, 2 * len(S), *S, generator=g, dtype=torch.float64)  # [B, G*k, *S], G = 2 groups
     w = torch.randn(u.shape, generator=g, dtype=torch.float64)
-    flow = axes if not pencil else axes
+    flow = axes  # every field axis is a flow axis (the text-field convention)
 
     def ops(x, domain):
         pad = domain.pad(x, [(1, 2)] * len(S))

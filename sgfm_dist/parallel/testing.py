@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import queue
 import time
 import traceback
 from typing import Any, Callable

@@ -89,8 +89,9 @@ class Trainer:
         if cfg.parallel.activation_checkpointing:
             n = apply_activation_checkpointing(self.model)
             self.log(f"activation checkpointing: {n} blocks recomputed in backward")
+        # The EMA copies the full weights now: under ZeRO-3 the engine partitions them.
+        self.ema = EMA(self.model.to(device), cfg.train.ema_decay, cfg.train.ema_warmup)
         self.engine = build_engine(self.model, cfg, device, world)
-        self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
         self.source = build_train_source(cfg, self.dp_rank, dp)
         self.step = 0

@@ -1,6 +1,7 @@
 """tools/simulate_ns.py: initial conditions, Navier-Stokes consistency, shards and the physics source."""
 from __future__ import annotations
 
+import io
 import math
 
 import fsspec
@@ -67,7 +68,7 @@ def test_shards_round_trip_and_source(memory_url):
     samples = {s["__key__"]: s for url in resolve_shards(memory_url, "train") for s in iter_shard_samples(url)}
     assert sorted(samples) == [f"ns{i:07d}" for i in range(5)]
     expect, meta = simulate_trajectory(cfg, 2)
-    got = np.load(__import__("io").BytesIO(samples["ns0000002"]["npy"]))
+    got = np.load(io.BytesIO(samples["ns0000002"]["npy"]))
     np.testing.assert_array_equal(got, expect)  # deterministic per trajectory index
     assert 1e-2 <= meta["nu"] <= 1e-1 and meta["dt"] == pytest.approx(0.1)
     src = build_physics_source(memory_url, "train", batch_size=3, frames=3, frame_stride=1, shuffle_buffer=1,
@@ -80,6 +81,9 @@ def test_shards_round_trip_and_source(memory_url):
         ref = torch.from_numpy(traj[int(start):int(start) + 3]).transpose(0, 1)  # [C, T, H, W]
         torch.testing.assert_close(batch["field"][b], ref, rtol=0, atol=0)
         assert batch["nu"][b].item() == pytest.approx(m["nu"], rel=1e-6)
+    too_long = build_physics_source(memory_url, "train", batch_size=1, frames=9)  # longer than any trajectory
+    with pytest.raises(ValueError, match="no samples"):
+        next(iter(too_long))  # an error, not an endless search for a window
     again = simulate_ns(memory_url, cfg, SerialComm(), progress=False)
     assert again["shards_written"] == 0 and again["shards_skipped"] == 3  # finished shards are not re-simulated
     assert not [p for p in fsspec.filesystem("memory").find(memory_url.split("://")[1]) if ".tmp-" in p]

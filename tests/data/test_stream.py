@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tarfile
 
+import numpy as np
 import pytest
+import torch
 
 from sgfm_dist.data import CorruptShardError, build_text_source
 from sgfm_dist.data.stream import seeded_shuffle, slot_units
-
-import numpy as np
 
 
 def _source(shards, **kw):
@@ -108,8 +110,6 @@ def _truncate(path, fraction=0.5):
 
 def test_corrupt_shard_fail_names_it(text_shards, tmp_path):
     shards, _ = text_shards
-    import shutil
-
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
     _truncate(copy / "train-000002.tar")
@@ -119,8 +119,6 @@ def test_corrupt_shard_fail_names_it(text_shards, tmp_path):
 
 def test_corrupt_shard_skip_warns_and_counts(text_shards, tmp_path, caplog):
     shards, _ = text_shards
-    import shutil
-
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
     _truncate(copy / "train-000002.tar")
@@ -134,8 +132,6 @@ def test_corrupt_shard_skip_warns_and_counts(text_shards, tmp_path, caplog):
     # a truncation exactly at a member boundary is caught by the manifest's sample count
     copy2 = tmp_path / "shards2"
     shutil.copytree(shards, copy2)
-    import tarfile
-
     with tarfile.open(copy2 / "train-000001.tar") as tar:
         second = tar.getmembers()[1]  # .json and .txt of the first sample
         end = second.offset_data + -(-second.size // 512) * 512
@@ -147,8 +143,6 @@ def test_corrupt_shard_skip_warns_and_counts(text_shards, tmp_path, caplog):
 
 def test_all_corrupt_never_hangs(text_shards, tmp_path):
     shards, _ = text_shards
-    import shutil
-
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
     for p in copy.glob("*.tar"):
@@ -163,3 +157,10 @@ def test_missing_shard_is_named(text_shards):
         _source(f"{shards}/train-{{000000..000009}}.tar")
     with pytest.raises(ValueError, match="no split 'dev'"):
         _source(shards, split="dev")
+
+
+@pytest.mark.gpu
+def test_batches_are_pinned_with_cuda(text_shards):
+    shards, _ = text_shards
+    batch = next(iter(_source(shards, num_workers=1)))
+    assert batch["tokens"].is_pinned() and batch["pad_mask"].is_pinned() and batch["tokens"].dtype == torch.long

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
+import tarfile
 
 import pytest
 
@@ -27,9 +27,10 @@ def test_inspect_reports_corrupt_shards_by_name(text_shards, tmp_path, capsys):
     assert not report.corrupt and sum(s.samples for s in report.shards) == 24 and len(report.examples) == 2
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
-    size = os.path.getsize(copy / "train-000003.tar")
+    with tarfile.open(copy / "train-000003.tar") as tar:
+        last = tar.getmembers()[-1]
     with open(copy / "train-000003.tar", "r+b") as f:
-        f.truncate(size // 2 + 7)
+        f.truncate(last.offset_data + last.size // 2)  # inside the last member's data
     (copy / "manifest.json").unlink()  # a plain directory of .tar files is inspected too
     from tools.inspect_shards import main
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def test_clips_are_the_input_frames(tmp_path, frames, stride):
     expect = sum((len(v) - frames) // step + 1 for v in vids.values() if len(v) >= frames)
     assert len(samples) == expect
     for s in samples:
-        meta = __import__("json").loads(s["json"])
+        meta = json.loads(s["json"])
         name = [k for k, p in by_source.items() if s["__key__"].startswith(p)][0]
         clip = np.load(io.BytesIO(s["npy"]))
         start = meta["start_frame"]

@@ -133,14 +133,14 @@ def test_gradcheck_small_layers(ndim):
     conv = PeriodicConv(2, 2, 3, ndim).double()
     spec = SpectralConv(2, 2, 2, ndim).double()
     norm = ChannelRMSNorm(2).double()
-    assert torch.autograd.gradcheck(conv, (x,))
-    assert torch.autograd.gradcheck(spec, (x,))
-    assert torch.autograd.gradcheck(norm, (x,))
+    assert torch.autograd.gradcheck(conv, (x,), fast_mode=True)
+    assert torch.autograd.gradcheck(spec, (x,), fast_mode=True)
+    assert torch.autograd.gradcheck(norm, (x,), fast_mode=True)
     # the weights too: functional forms with the parameter as input
     w = conv.weight.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda w_: torch.func.functional_call(conv, {"weight": w_}, (x.detach(),)), (w,))
+    assert torch.autograd.gradcheck(lambda w_: torch.func.functional_call(conv, {"weight": w_}, (x.detach(),)), (w,), fast_mode=True)
     sw = spec.weight.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda w_: torch.func.functional_call(spec, {"weight": w_}, (x.detach(),)), (sw,))
+    assert torch.autograd.gradcheck(lambda w_: torch.func.functional_call(spec, {"weight": w_}, (x.detach(),)), (sw,), fast_mode=True)
 
 
 def test_gradcheck_film_and_fourier_features():
@@ -150,10 +150,10 @@ def test_gradcheck_film_and_fourier_features():
         film.proj.weight.normal_()
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     c = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(film, (x, c))
+    assert torch.autograd.gradcheck(film, (x, c), fast_mode=True)
     ff = FourierFeatures(2, 4).double()
     v = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(ff, (v,))
+    assert torch.autograd.gradcheck(ff, (v,), fast_mode=True)
 
 
 @pytest.mark.parametrize("bad", [

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from sgfm_dist.parallel.fft import FFTStage, RFFTStage, TransposeStage, make_plan, transpose_bytes
+from sgfm_dist.parallel.fft import FFTStage, RFFTStage, make_plan, transpose_bytes
 from sgfm_dist.parallel.mesh import block_sizes
 
 from .split_cases import LAYOUTS, assert_case
@@ -62,6 +62,21 @@ def test_slab_transpose_volume_is_all_to_all_minimum(B, C, T, X, p):
         assert transpose_bytes(plan, B * C, 8, (q,)) == local - keep
     total = sum(transpose_bytes(plan, B * C, 8, (q,)) for q in range(p))
     assert total == math.prod((T, m, B, C, 16)) * (p - 1) // p
+
+
+@pytest.mark.parametrize("extents,axes,split,ranks", [
+    ((10, 9), (0, 1), (0,), (4,)),
+    ((7, 9, 6), (0, 1, 2), (0, 1), (2, 2)),
+    ((6, 8, 8), (0, 1, 2), (1, 2), (2, 3)),
+])
+def test_inverse_transposes_send_back_what_the_forward_received(extents, axes, split, ranks):
+    """Uneven blocks: per rank the inverse volume differs from the forward one, in total they agree."""
+    plan = make_plan(extents, axes, split, ranks)
+    coords = [(i, j) for i in range(ranks[0]) for j in range(ranks[1])] if len(ranks) == 2 else [(i,) for i in range(ranks[0])]
+    fwd = [transpose_bytes(plan, 2, 8, c) for c in coords]
+    inv = [transpose_bytes(plan, 2, 8, c, "inverse") for c in coords]
+    assert sum(fwd) == sum(inv) > 0
+    assert [transpose_bytes(plan, 2, 8, c, "both") for c in coords] == [f + i for f, i in zip(fwd, inv)]
 
 
 @pytest.mark.parametrize("extents,split,ranks,match", [
