@@ -108,6 +108,11 @@ class Trainer:
         load_path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=marker["tag"])
         if load_path is None:
             raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+        if self.engine.zero_optimization_stage() == 3:
+            # ZeRO-3 leaves the loaded parameters gathered; the prefetch trace recorded on the
+            # next step then misses their fetches and the step after fails with "tracing error
+            # ... but got ()" (DeepSpeed issue #3599). Re-partitioning them first avoids it.
+            self.engine.empty_partition_cache()
         self.step = int(client["step"])
         self.ema.load_state_dict(client["ema"])
         rngs, datas = client.get("rng", []), client.get("data", [])

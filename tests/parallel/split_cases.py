@@ -160,9 +160,19 @@ def check_halo(dom, lay: Layout, key) -> Errors:
         (g2,) = torch.autograd.grad((hx * y_req).sum(), x_req, create_graph=True)
         (hz,) = torch.autograd.grad((g2 * z).sum(), y_req)
         errs.add(f"pad{wi}.double_backward", _rel(hz, dom.pad(z, widths)))
-    # shard / gather / sum round trips
+    # shard / gather / sum round trips, and their gradients (replicated values count once)
     errs.add("gather_shard", _rel(dom.gather(xl), x))
     errs.add("sum", _rel(dom.sum(xl.sum()), x.sum()))
+    W = _randn(x.shape, key, "W")
+    x_req = xl.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((dom.gather(x_req) * W).sum(), x_req)  # replicated loss
+    errs.add("gather.grad", _rel(g, dom.shard(W)))
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((dom.shard(xg) * dom.shard(W)).sum(), xg)  # each rank's part of one loss
+    errs.add("shard.grad", _rel(g, W))
+    x_req = xl.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(dom.sum((x_req * dom.shard(W)).sum()), x_req)
+    errs.add("sum.grad", _rel(g, dom.shard(W)))
     return errs
 
 
@@ -272,6 +282,13 @@ def check_ops(dom, lay: Layout, key) -> Errors:
         spec = dynamics.FlowSpec(flow, time_axis=2, time_derivative="periodic4", nu=0.05, dt=0.3)
         _check_op(errs, "physics_energy", dom, lambda x, D: dynamics.physics_energy(x, spec, domain=D), v,
                   replicated=True)
+    # double backward through the transposes: d/dy <Lap^T y, z> = Lap z (Lap is self-adjoint)
+    x_req = dom.shard(u).requires_grad_(True)
+    y = dom.shard(_randn(u.shape, key, "y")).requires_grad_(True)
+    z = dom.shard(_randn(u.shape, key, "z"))
+    (g,) = torch.autograd.grad((spectral.laplacian(x_req, field, domain=dom) * y).sum(), x_req, create_graph=True)
+    (lz,) = torch.autograd.grad((g * z).sum(), y)
+    errs.add("laplacian.double_backward", _rel(dom.gather(lz), spectral.laplacian(dom.gather(z), field)))
     # seeded white noise is drawn globally, so it does not depend on the split
     noise = dynamics.white_noise(dom.shard(u), generator=_gen(key, "noise"), domain=dom)
     errs.add("white_noise", _rel(dom.gather(noise), dynamics.white_noise(u, generator=_gen(key, "noise"))))

@@ -99,7 +99,7 @@ def _stall_in_collective(timeout_s: float):
 
     mesh = ProcessMesh.create(sp=2, timeout_s=timeout_s)
     if dist.get_rank() == 1:
-        time.sleep(timeout_s + 3.0)
+        time.sleep(timeout_s + 1.5)
         return None
     t0 = time.monotonic()
     try:

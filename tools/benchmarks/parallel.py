@@ -13,7 +13,9 @@ one intra-op thread per rank. Cases, all on a 3-D velocity field ``[B, 3, N0, N1
 Strong scaling keeps the global field (``--strong``), weak scaling the local block
 (``--weak``, global N0 = p x local N0). Times are the slowest rank's median per call;
 ratios are against the 1-rank run of the same case in the same invocation, and efficiency
-is ``t1 / (p t_p)`` (strong) or ``t1 / t_p`` (weak). ``bytes_per_rank`` is what a rank put on
+is ``t1 / (p t_p)`` (strong) or ``t1 / t_p`` (weak). For the DWT, ``halo_ms`` times its halo
+exchanges alone and ``est_efficiency_dedicated_cores = t1 / (t1 + halo)`` estimates weak
+scaling with one core per rank (labelled an estimate). ``bytes_per_rank`` is what a rank put on
 the wire per call (``COMM_STATS``), compared with the analytic minimum: the all-to-all
 volume of the FFT plan (every spectral block a rank holds except the one it keeps, forward
 and inverse) and, for the DWT, ``2 x reach x face`` cells per level and split axis. On a
@@ -108,7 +110,19 @@ def _bench_rank(args_dict: dict) -> dict:
         sent = sum(COMM_STATS.bytes_sent.values())
         dist.barrier()
         t = time_call(fn, warmup=1, repeat=args.repeat, min_time=0.0)  # fixed count: ranks stay in step
-        out[(name, scaling, S)] = (t, sent, analytic)
+        t_comm = None
+        if name.startswith("dwt") and p > 1:
+            # the DWT's halo exchanges alone (split axis only), on each level's input
+            levels_in = [torch.zeros(args.batch, 3, *[n >> j for n in dom.layout.local_extents], dtype=dtype)
+                         for j in range(args.levels)]
+            widths = [(reach, reach), (0, 0), (0, 0)]
+
+            def comm(levels_in=levels_in, dom=dom, widths=widths):
+                return [dom.pad(x, widths) for x in levels_in]
+
+            dist.barrier()
+            t_comm = time_call(comm, warmup=1, repeat=args.repeat, min_time=0.0)
+        out[(name, scaling, S)] = (t, sent, analytic, t_comm)
     return out
 
 
@@ -126,10 +140,11 @@ def run(args, rec) -> None:
         per_rank = run_distributed(_bench_rank, p, args_dict, timeout_s=1800, pg_timeout_s=600)
         # slowest rank's time; bytes of the rank that sends most, with its own analytic minimum
         results[p] = {key: (max(r[key][0] for r in per_rank),) + max((r[key][1], r[key][2]) for r in per_rank)
+                      + (None if per_rank[0][key][3] is None else max(r[key][3] for r in per_rank),)
                       for key in per_rank[0]}
-    base = {(name, scaling): t for (name, scaling, _), (t, _, _) in results[1].items()}
+    base = {(name, scaling): t for (name, scaling, _), (t, _, _, _) in results[1].items()}
     for p in ranks:
-        for (name, scaling, S), (t, sent, analytic) in results[p].items():
+        for (name, scaling, S), (t, sent, analytic, t_comm) in results[p].items():
             case = f"{name} {scaling} {'x'.join(map(str, S))} p={p}"
             t1 = base.get((name if "pencil" not in name else "leray slab", scaling))
             rec.add(case, "ms", t * 1e3, baseline="1 rank", baseline_value=None if t1 is None else t1 * 1e3)
@@ -138,3 +153,9 @@ def run(args, rec) -> None:
                 rec.add(case, "efficiency", eff)
             if p > 1:
                 rec.add(case, "bytes_per_rank", sent, baseline="analytic minimum", baseline_value=analytic)
+            if t_comm is not None:
+                rec.add(case, "halo_ms", t_comm * 1e3, baseline="dwt call", baseline_value=t * 1e3)
+                if scaling == "weak" and t1 is not None:
+                    # what weak scaling would give with a core per rank: the 1-rank work plus the halo
+                    # exchanges (an estimate, not a measurement: the halo adds 2*reach/n_local compute too)
+                    rec.add(case, "est_efficiency_dedicated_cores", t1 / (t1 + t_comm))

@@ -17,8 +17,10 @@ slope of log time vs log N) of each. Peak memory is ``torch.cuda.max_memory_allo
 GPU; on CPU it is the rise of the process's peak resident set (VmHWM, reset per case through
 ``/proc/self/clear_refs``) over the resident set before the case.
 
-Attention cases whose time, extrapolated quadratically from the previous size, would exceed
-``--max-step-s`` are skipped and reported as skipped (on 2 CPU cores that is 64k, often 16k).
+On CPU every case runs in a fresh child of a fork server (so one case's peak memory is not
+hidden by memory the allocator kept from another). Attention cases whose time,
+extrapolated quadratically from the previous size, would exceed ``--max-step-s`` are
+skipped and reported as skipped (on 2 CPU cores: 64k).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-len", type=int, default=64, help="text field row length L (T = N / L rows)")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--attn-blocks", type=int, default=0, help="transformer blocks (0 = the SGFM's n_blocks)")
-    p.add_argument("--max-step-s", type=float, default=20.0, help="skip attention sizes predicted slower than this")
+    p.add_argument("--max-step-s", type=float, default=40.0, help="skip attention sizes predicted slower than this")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch default)")
 
 
@@ -130,13 +132,40 @@ def _step_fn(model, batch, device):
     return step
 
 
-def _measure(model, batch, device, repeat: int):
+def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None]:
+    """(seconds per step, peak bytes) of one case, built and run in this process."""
+    from sgfm_dist.model.sgfm import build_model
+    from sgfm_dist.train.config import load_config
+
+    device = opts["device"]
+    if opts["threads"] and device == "cpu":
+        torch.set_num_threads(opts["threads"])
+    cfg = load_config(opts["config"], [f"model.width={opts['width']}"])
+    L = opts["row_len"]
+    T = n // L
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (1, T, L), generator=g).to(device)  # [1, T, L]
+    batch = {"tokens": tokens, "pad_mask": torch.ones_like(tokens, dtype=torch.bool)}
+    torch.manual_seed(0)
+    if kind == "sgfm":
+        model = build_model(cfg.model, cfg.diffusion).to(device)
+    else:
+        model = AttentionLM(257, opts["width"], opts["heads"], opts["attn_blocks"] or cfg.model.n_blocks).to(device)
     step = _step_fn(model, batch, device)
     base = _peak_reset(device)
-    step()  # first step: allocations, optimizer state (counted in the peak)
+    step()  # first step: allocations and optimizer state (counted in the peak)
     sync(device)
-    seconds = time_call(step, device=device, warmup=0, repeat=repeat, min_time=0.0)
+    seconds = time_call(step, device=device, warmup=0, repeat=opts["repeat"] if n <= 16384 else 2, min_time=0.0)
     return seconds, _peak_read(device, base)
+
+
+def _measure(kind: str, n: int, opts: dict, pool) -> tuple[float, float | None]:
+    """On CPU each case runs in a fresh child of a fork server (imports preloaded, no torch op
+    run before the fork), so its peak resident set is its own and not hidden by memory the
+    allocator kept from an earlier case. On GPU in this process (the allocator's peak is exact)."""
+    if pool is None:
+        return measure_case(kind, n, opts)
+    return pool.apply(measure_case, (kind, n, opts))
 
 
 def _slope(ns, ts) -> float:
@@ -146,53 +175,57 @@ def _slope(ns, ts) -> float:
 
 
 def run(args, rec) -> None:
-    from sgfm_dist.model.sgfm import build_model
+    import multiprocessing as mp
+
     from sgfm_dist.train.config import load_config
 
     device = args.device
-    if args.threads and device == "cpu":
-        torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [f"model.width={args.width}"])
     sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
              else [1024, 4096, 16384] if args.quick else [1024, 4096, 16384, 65536])
     L = args.row_len
     step_rows = 2 ** cfg.model.levels
     blocks = args.attn_blocks or cfg.model.n_blocks
-    print(f"SGFM: {cfg.model.n_blocks} blocks, width {args.width}, {cfg.model.wavelet} J={cfg.model.levels}; "
-          f"attention: {blocks} blocks, width {args.width}, {args.heads} heads; batch 1, rows of L={L}")
-    done = {"sgfm": ([], []), "attention": ([], [])}
-    last_attn = None
+    opts = dict(device=device, threads=args.threads, config=args.config, width=args.width, row_len=L,
+                heads=args.heads, attn_blocks=args.attn_blocks, repeat=3)
     for n in sizes:
         if n % L or (n // L) % step_rows:
             raise ValueError(f"--sizes: {n} positions is not T x L with L={L} and T divisible by {step_rows}")
-        T = n // L
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, 256, (1, T, L), generator=g).to(device)  # [1, T, L]
-        batch = {"tokens": tokens, "pad_mask": torch.ones_like(tokens, dtype=torch.bool)}
-        repeat = 3 if n <= 16384 else 2
-        torch.manual_seed(0)
-        sgfm = build_model(cfg.model, cfg.diffusion).to(device)
-        t_s, m_s = _measure(sgfm, batch, device, repeat)
-        del sgfm
-        done["sgfm"][0].append(n), done["sgfm"][1].append(t_s)
-        case = f"text N={n} ({T}x{L}) w={args.width}"
-        if last_attn is not None and last_attn[1] * (n / last_attn[0]) ** 2 > args.max_step_s:
-            predicted = last_attn[1] * (n / last_attn[0]) ** 2
-            rec.add(case + " sgfm", "s_per_step", t_s)
-            if m_s is not None:
-                rec.add(case + " sgfm", "peak_bytes", m_s)
-            print(f"  attention at N={n} skipped: predicted {predicted:.0f} s/step > --max-step-s {args.max_step_s}")
-            continue
-        attn = AttentionLM(257, args.width, args.heads, blocks).to(device)
-        t_a, m_a = _measure(attn, batch, device, repeat)
-        del attn
-        last_attn = (n, t_a)
-        done["attention"][0].append(n), done["attention"][1].append(t_a)
-        rec.add(case + " attention", "s_per_step", t_a)
-        rec.add(case + " sgfm", "s_per_step", t_s, baseline="attention", baseline_value=t_a)
-        if m_a is not None and m_s is not None:
-            rec.add(case + " attention", "peak_bytes", m_a)
-            rec.add(case + " sgfm", "peak_bytes", m_s, baseline="attention", baseline_value=m_a)
+    print(f"SGFM: {cfg.model.n_blocks} blocks, width {args.width}, {cfg.model.wavelet} J={cfg.model.levels}; "
+          f"attention: {blocks} blocks, width {args.width}, {args.heads} heads; batch 1, rows of L={L}")
+    pool = None
+    if device == "cpu":
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "sgfm_dist.model.sgfm", "tools.benchmarks.step"])
+        pool = ctx.Pool(1, maxtasksperchild=1)
+    done = {"sgfm": ([], []), "attention": ([], [])}
+    last_attn = None
+    try:
+        for n in sizes:
+            T = n // L
+            t_s, m_s = _measure("sgfm", n, opts, pool)
+            done["sgfm"][0].append(n), done["sgfm"][1].append(t_s)
+            case = f"text N={n} ({T}x{L}) w={args.width}"
+            predicted = None if last_attn is None else last_attn[1] * (n / last_attn[0]) ** 2
+            if predicted is not None and predicted > args.max_step_s:
+                rec.add(case + " sgfm", "s_per_step", t_s)
+                if m_s is not None:
+                    rec.add(case + " sgfm", "peak_bytes", m_s)
+                print(f"  attention at N={n} skipped: predicted {predicted:.0f} s/step (quadratic from "
+                      f"N={last_attn[0]}) > --max-step-s {args.max_step_s}")
+                continue
+            t_a, m_a = _measure("attention", n, opts, pool)
+            last_attn = (n, t_a)
+            done["attention"][0].append(n), done["attention"][1].append(t_a)
+            rec.add(case + " attention", "s_per_step", t_a)
+            rec.add(case + " sgfm", "s_per_step", t_s, baseline="attention", baseline_value=t_a)
+            if m_a is not None and m_s is not None:
+                rec.add(case + " attention", "peak_bytes", m_a)
+                rec.add(case + " sgfm", "peak_bytes", m_s, baseline="attention", baseline_value=m_a)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     for name, (ns, ts) in done.items():
         if len(ns) >= 2:
             rec.add(f"{name} cost exponent N={ns[0]}..{ns[-1]}", "loglog_slope", _slope(ns, ts))

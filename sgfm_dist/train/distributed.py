@@ -1,0 +1,167 @@
+"""Training on a ``dp x sp`` mesh: batch sharding, sp-aware loss reduction, DeepSpeed wiring
+and true batch accounting.
+
+Gradient convention (proved by ``tests/distributed/test_exact_step.py``)
+------------------------------------------------------------------------
+Every rank of an sp group computes the *same* replicated scalar loss of its sample(s): the
+global mean over the whole field, formed with ``domain.sum`` (an all-reduce whose backward is
+the identity, see ``sgfm_dist/parallel/collectives.py``). Backward on one rank then yields
+only that rank's share of the single-device gradient; the halo and FFT backwards add the
+cross-rank parts, so the sum over the sp ranks of their parameter gradients is the
+single-device gradient ``g`` of that group's loss.
+
+DeepSpeed is given **all** ``dp * sp`` ranks as its data-parallel world (no ``mesh_param``:
+on DeepSpeed 0.19.8 that is exact only for ZeRO-3) and averages gradients over them. Each
+rank back-propagates ``sp * loss`` (:func:`backward_scale`), so the average is::
+
+    1/(dp sp) * sum_dp sum_sp sp * share = 1/dp * sum_dp g_dp
+
+the dp-average of the global-mean gradient, i.e. the single-process gradient of the mean
+loss over the global batch, for ZeRO stages 0-3 (ZeRO partitions over all ranks, the
+reduce-scatter is the same average). Reported losses stay unscaled.
+
+Batch accounting: DeepSpeed checks ``train_batch_size == micro * accum * world``, counting
+the sp ranks as if they held different samples; the true global batch is
+``micro * accum * dp`` (:class:`BatchAccounting`), which is what logs report.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+TOKEN_KEYS = ("tokens", "pad_mask")
+"""Text batch entries laid out ``[B, T, L]`` (field axes without a channel dim)."""
+FIELD_KEYS = ("field",)
+"""Video / physics batch entries laid out ``[B, C, *S]``."""
+
+
+@dataclass(frozen=True)
+class BatchAccounting:
+    """Batch sizes of one optimizer step on a ``dp x sp`` mesh."""
+
+    micro_batch: int
+    """Samples per data-parallel group per forward (every sp rank of a group holds a block of each)."""
+    grad_accum: int
+    """Micro-batches accumulated before one optimizer step."""
+    dp: int
+    """Data-parallel groups (different samples)."""
+    sp: int
+    """Ranks that share each sample (domain split)."""
+
+    def __post_init__(self):
+        for name in ("micro_batch", "grad_accum", "dp", "sp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"BatchAccounting.{name}: must be a positive int, got {v!r}")
+
+    @property
+    def global_batch(self) -> int:
+        """True samples per optimizer step: micro x accum x dp (sp ranks share samples)."""
+        return self.micro_batch * self.grad_accum * self.dp
+
+    @property
+    def deepspeed_train_batch_size(self) -> int:
+        """What DeepSpeed's ``train_batch_size`` must say: it counts every rank as data-parallel."""
+        return self.micro_batch * self.grad_accum * self.dp * self.sp
+
+
+def backward_scale(sp: int) -> float:
+    """Factor on the replicated loss before ``backward`` so that DeepSpeed's average over all
+    ``dp * sp`` ranks equals the dp-average of the single-device gradient (module docstring)."""
+    if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
+        raise ValueError(f"sp: must be a positive int, got {sp!r}")
+    return float(sp)
+
+
+def global_mean(local_sum: Tensor, local_count: Tensor | float, domain) -> Tensor:
+    """Mean over the whole (possibly split) field from this rank's sum and count of cells.
+
+    ``sum_r local_sum_r / sum_r local_count_r`` over the sp ranks (replicated result). This is
+    the single-device mean whatever the blocks' sizes; the mean of the per-rank means equals it
+    only when every rank holds the same number of cells."""
+    count = torch.as_tensor(local_count, dtype=local_sum.dtype, device=local_sum.device)
+    if count.shape != local_sum.shape:
+        count = count.expand_as(local_sum).clone()
+    total = domain.sum(count)
+    if bool((total <= 0).any()):
+        raise ValueError(f"global_mean: the cell count over all ranks is {total.tolist()}; nothing to average")
+    return domain.sum(local_sum) / total
+
+
+def shard_batch(batch: dict, domain) -> dict:
+    """This rank's block of every field-shaped entry of a batch that all sp ranks of a group
+    read whole (``tokens`` / ``pad_mask`` ``[B, T, L]``, ``field`` ``[B, C, *S]``); other entries
+    (per-sample scalars, metadata) are kept as they are."""
+    if not isinstance(batch, dict):
+        raise ValueError(f"batch: expected a dict, got {type(batch).__name__}")
+    if not getattr(domain, "is_split", False):
+        return batch
+    out = dict(batch)
+    for key in TOKEN_KEYS:
+        if key in batch and isinstance(batch[key], Tensor):
+            x = batch[key]
+            if x.ndim != 3:
+                raise ValueError(f"batch[{key!r}]: expected [B, T, L], got shape {tuple(x.shape)}")
+            out[key] = domain.shard(x.unsqueeze(1))[:, 0].contiguous()  # [B, T_loc, L_loc]
+    for key in FIELD_KEYS:
+        if key in batch and isinstance(batch[key], Tensor):
+            out[key] = domain.shard(batch[key]).contiguous()  # [B, C, *S_loc]
+    return out
+
+
+def deepspeed_config_for_mesh(ds_config: dict, accounting: BatchAccounting) -> dict:
+    """A copy of ``ds_config`` whose batch sizes match DeepSpeed's view of the mesh (every one of
+    the ``dp * sp`` ranks a data-parallel replica, no ``mesh_param``), checked."""
+    if not isinstance(ds_config, dict):
+        raise ValueError(f"ds_config: expected a dict, got {type(ds_config).__name__}")
+    out = dict(ds_config)
+    micro = out.get("train_micro_batch_size_per_gpu", accounting.micro_batch)
+    accum = out.get("gradient_accumulation_steps", accounting.grad_accum)
+    if (micro, accum) != (accounting.micro_batch, accounting.grad_accum):
+        raise ValueError(f"ds_config: train_micro_batch_size_per_gpu={micro} / gradient_accumulation_steps={accum} "
+                         f"disagree with the accounting's micro_batch={accounting.micro_batch} / "
+                         f"grad_accum={accounting.grad_accum}")
+    if "mesh_param" in out:
+        raise ValueError("ds_config: 'mesh_param' must not be set; the dp x sp mesh is handled by giving DeepSpeed "
+                         "all ranks as data-parallel world (exact for ZeRO 0-3; mesh_param is exact only for ZeRO-3 "
+                         "on DeepSpeed 0.19.8)")
+    stage = out.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ds_config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    out["train_micro_batch_size_per_gpu"] = accounting.micro_batch
+    out["gradient_accumulation_steps"] = accounting.grad_accum
+    out["train_batch_size"] = accounting.deepspeed_train_batch_size
+    return out
+
+
+def initialize_engine(module: torch.nn.Module, ds_config: dict, accounting: BatchAccounting, optimizer=None,
+                      lr_scheduler=None):
+    """``deepspeed.initialize`` of ``module`` on the whole world with the mesh-corrected config.
+
+    Checks the world size against the accounting first, so a wrong mesh fails before any
+    engine state exists. Returns the engine."""
+    import deepspeed
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if accounting.dp * accounting.sp != world:
+        raise ValueError(f"mesh: dp x sp = {accounting.dp} x {accounting.sp} = {accounting.dp * accounting.sp} "
+                         f"ranks, but the world size is {world}")
+    config = deepspeed_config_for_mesh(ds_config, accounting)
+    kwargs = {}
+    if optimizer is not None:
+        kwargs["optimizer"] = optimizer
+    else:
+        kwargs["model_parameters"] = [p for p in module.parameters() if p.requires_grad]
+    if lr_scheduler is not None:
+        kwargs["lr_scheduler"] = lr_scheduler
+    engine, _, _, _ = deepspeed.initialize(model=module, config=config, **kwargs)
+    logger.info("deepspeed: ZeRO-%d over all %d ranks (dp %d x sp %d), train_batch_size %d for DeepSpeed, "
+                "true global batch %d", config.get("zero_optimization", {}).get("stage", 0), world, accounting.dp,
+                accounting.sp, accounting.deepspeed_train_batch_size, accounting.global_batch)
+    return engine

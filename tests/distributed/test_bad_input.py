@@ -1,0 +1,64 @@
+"""Bad dp x sp setups fail before any step, every rank with the same ValueError naming the numbers."""
+from __future__ import annotations
+
+import pytest
+
+from sgfm_dist.parallel.parallelize import ParallelizeConfig, check_parallel_setup
+from sgfm_dist.train.distributed import BatchAccounting, deepspeed_config_for_mesh, shard_batch
+from sgfm_dist.ops.domain import LOCAL
+
+OK = dict(world_size=4, dp=-1, sp=2, field_shape=(32, 16), split_axes=(2,), wavelet="db2", levels=2, zero_stage=1)
+
+
+@pytest.mark.parametrize("world,sp", [(4, 1), (4, 2), (4, 4), (2, 2)])
+def test_good_setups_resolve(world, sp):
+    assert check_parallel_setup(**{**OK, "world_size": world, "sp": sp}) == (world // sp, sp)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(sp=3), "sp=3 does not divide the world size 4"),
+    (dict(dp=3, sp=2), r"dp x sp = 3 x 2 = 6 ranks, but the world size is 4"),
+    (dict(field_shape=(24, 16), sp=4), r"local extents \(6, 6, 6, 6\) \(global 24 over 4 ranks\), not all divisible "
+                                       r"by 2\*\*levels = 4"),
+    (dict(field_shape=(36, 16), sp=2), r"local extents \(18, 18\)"),
+    (dict(levels=3, sp=4), "levels: 3 is too many|not all divisible by 2\\*\\*levels = 8"),
+    (dict(zero_stage=4), "zero_stage: must be 0, 1, 2 or 3, got 4"),
+    (dict(split_axes=(2, 3)), r"split_axes: \(2, 3\) names 2 axes but the sp grid \(2,\)"),
+])
+def test_bad_setup_is_rejected(change, match):
+    with pytest.raises(ValueError, match=match):
+        check_parallel_setup(**{**OK, **change})
+
+
+def test_parallelize_config_checks():
+    with pytest.raises(ValueError, match="zero_stage"):
+        ParallelizeConfig(zero_stage=5)
+    with pytest.raises(ValueError, match="levels"):
+        ParallelizeConfig(levels=0)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"mesh_param": [2, 2]}, "'mesh_param' must not be set"),
+    ({"zero_optimization": {"stage": 7}}, "stage must be 0, 1, 2 or 3, got 7"),
+    ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu=3"),
+])
+def test_deepspeed_config_rejects(change, match):
+    acc = BatchAccounting(2, 1, 2, 2)
+    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1}}
+    with pytest.raises(ValueError, match=match):
+        deepspeed_config_for_mesh({**base, **change}, acc)
+
+
+def test_deepspeed_config_counts_every_rank():
+    acc = BatchAccounting(2, 3, 2, 2)
+    cfg = deepspeed_config_for_mesh({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, acc)
+    assert cfg["train_batch_size"] == 24 and acc.global_batch == 12
+
+
+def test_shard_batch_checks_and_passes_local():
+    import torch
+
+    b = {"tokens": torch.zeros(2, 4, 4, dtype=torch.long), "meta": ["a", "b"]}
+    assert shard_batch(b, LOCAL) is b
+    with pytest.raises(ValueError, match="batch: expected a dict"):
+        shard_batch([1], LOCAL)
