@@ -55,7 +55,10 @@ def main(argv=None) -> int:
     import yaml
 
     from sgfm_dist.train.engine import resolve_device, setup_distributed, teardown_distributed
-    from sgfm_dist.train.trainer import Trainer
+    from sgfm_dist.train.trainer import Trainer, resume_checkpoint
+
+    if args.resume:
+        resume_checkpoint(cfg)  # a checkpoint of another model config fails here, before DeepSpeed starts
 
     device = resolve_device(cfg.train.device)
     rank, world, _ = setup_distributed(device)
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
 
     trainer = None
     try:
-        trainer = Trainer(cfg, rank, world, device, resume=args.resume, log=log)
+        seed_offset = rank  # every rank draws its own diffusion noise; the weights start equal
+        trainer = Trainer(cfg, rank, world, device, resume=args.resume, seed_offset=seed_offset, log=log)
         trainer.fit()
         trainer.close()
         if master and not args.no_eval:

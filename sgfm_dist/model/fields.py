@@ -9,8 +9,14 @@ segment of L ids of one document) becomes the field ``u[b, :, t, x] = e_{id[b, t
 so every position has mean square 1 per channel and the clean field has O(1) per-channel
 variance whatever training does to ``w`` (which also rules out the embedding collapse of
 jointly trained diffusion embeddings: the noise scale is fixed relative to the data). The
-readout is the tied transpose: ``logits_b = s <u, e_b> / sqrt(C) + bias_b`` with a learned
-scale ``s`` and a per-id bias (the unigram log-prior at high noise, where ``u_hat ~ 0``).
+readout is the tied transpose: ``logits_b = s(lambda) <u, e_b> / sqrt(C) + bias_b`` with a
+per-id bias (the unigram log-prior at high noise, where ``u_hat ~ 0``) and a learned inverse
+temperature ``s(lambda)`` that depends on the noise level ``lambda`` (log-SNR) the estimate
+``u`` was made at. Why: the best context-free readout of a noisy position,
+``log p(b | z) = log p(b) + sqrt(a)/(1-a) <z, e_b> + const``, is exactly this form but with a
+scale that varies ~25x between the noise levels that matter; with one fixed scale the
+network would have to inflate ``u_hat`` by noise level, fighting the diffusion loss, which
+wants the posterior mean. ``s`` is a tiny MLP of lambda, started at the constant 1.
 
 Video (section 8): frames ``[B, D, T, H, W]`` are lifted to C channels by a 1x1 map ``A``
 ``[C, D]`` and read out by its transpose (tied), trained with an MSE readout loss.
@@ -30,8 +36,11 @@ class TextField(nn.Module):
         super().__init__()
         self.vocab_size, self.channels, self.pad_id = vocab_size, channels, pad_id
         self.weight = nn.Parameter(torch.randn(vocab_size, channels))  # [V, C], direction only
-        self.logit_scale = nn.Parameter(torch.zeros(()))  # log s
         self.bias = nn.Parameter(torch.zeros(vocab_size))  # [V]
+        # log s(lambda): lambda / 10 -> MLP -> scalar; last layer zero so s = 1 at init
+        self.log_scale = nn.Sequential(nn.Linear(1, 32), nn.SiLU(), nn.Linear(32, 1))
+        nn.init.zeros_(self.log_scale[2].weight)
+        nn.init.zeros_(self.log_scale[2].bias)
 
     def vectors(self) -> Tensor:
         """The embedding vectors ``e_b`` ``[V, C]``, each of norm ``sqrt(C)``."""
@@ -50,10 +59,11 @@ class TextField(nn.Module):
         e = self.vectors()[tokens.long()]  # [B, T, L, C]
         return e.movedim(-1, 1)  # [B, C, T, L]
 
-    def logits(self, u: Tensor) -> Tensor:
-        """``[B, C, T, L]`` field -> ``[B, T, L, V]`` logits."""
+    def logits(self, u: Tensor, logsnr: Tensor) -> Tensor:
+        """``[B, C, T, L]`` field estimated at noise level ``logsnr`` ``[B]`` -> ``[B, T, L, V]`` logits."""
         e = self.vectors()  # [V, C]
-        scale = self.logit_scale.exp() / math.sqrt(self.channels)
+        log_s = self.log_scale((logsnr.float() / 10.0).reshape(-1, 1)).reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
+        scale = log_s.exp() / math.sqrt(self.channels)
         return torch.einsum("bc...,vc->b...v", u, e) * scale + self.bias  # [B, T, L, V]
 
 

@@ -141,10 +141,12 @@ class SpectralConv(nn.Module):
     def _selection(self, x: Tensor, dims: Sequence[int]) -> tuple[list[tuple[int, Tensor]], list[Tensor]]:
         """Per transformed axis: (spectral tensor dim, positions of the kept modes) and the
         matching weight-box indices, from the domain's integer wavenumbers."""
-        ks = self.domain.wavenumbers(x, dims)  # per axis, broadcastable against rfft(x)
+        # per axis, shaped [1, .., m, .., 1] with the m locally held frequencies at the axis' own
+        # dim (local and split domains alike); lengths 2*pi make them integers
+        ks = self.domain.wavenumbers(x, dims)
         picks, w_index = [], []
         for i, (a, k) in enumerate(zip(dims, ks)):
-            sdim = max(range(k.ndim), key=lambda j: k.shape[j]) if k.numel() > 1 else a
+            sdim = a
             n = k.reshape(-1).round().long()  # integer frequencies held locally along this dim
             extent = self.domain.global_extent(x, a)
             m = self.modes[i]

@@ -264,15 +264,16 @@ class SGFM(nn.Module):
         return num / den.clamp(min=1)
 
     # ------------------------------------------------------------------ readout
-    def _readout_loss(self, u_hat: Tensor, batch: dict, weight: Tensor | None = None) -> Tensor | None:
-        """Text: masked cross-entropy (nats per real token) of the tied readout; video: MSE of the
-        tied readout; physics: None. ``weight [B]`` selects samples (cascade: final stage)."""
+    def _readout_loss(self, u_hat: Tensor, batch: dict, logsnr: Tensor, weight: Tensor | None = None) -> Tensor | None:
+        """Text: masked cross-entropy (nats per real token) of the tied readout of ``u_hat``, an
+        estimate made at noise level ``logsnr [B]``; video: MSE of the tied readout; physics:
+        None. ``weight [B]`` selects samples (cascade: the final stage)."""
         dom = self.domain
         if self.cfg.modality == "text":
             tokens = batch["tokens"].long()  # [B, T, L]
             mask = batch.get("pad_mask")
             mask = (tokens != self.cfg.pad_id) if mask is None else mask.bool()
-            logits = self.text.logits(u_hat)  # [B, T, L, V]
+            logits = self.text.logits(u_hat, logsnr)  # [B, T, L, V]
             ce = F.cross_entropy(logits.flatten(0, -2), tokens.reshape(-1), reduction="none").view_as(tokens)
             m = mask.to(ce.dtype)
             if weight is not None:
@@ -339,7 +340,8 @@ class SGFM(nn.Module):
             terms["bc"] = l_bc
         if dcfg.lambda_ce > 0 and cfg.modality != "physics":
             final = (stage == J).to(u0.dtype) if self.cascade else None
-            l_read = self._readout_loss(u_hat, batch, final)
+            # the readout temperature follows the noisiest level (the finest; all equal without shift)
+            l_read = self._readout_loss(u_hat, batch, logsnr[:, -1], final)
             total = total + dcfg.lambda_ce * l_read
             terms["ce" if cfg.modality == "text" else "recon"] = l_read
         return total, {k: v.detach() for k, v in terms.items()}
@@ -384,7 +386,8 @@ class SGFM(nn.Module):
         eps = dynamics.white_noise(u0, generator, self.domain)  # [B, C, *S] global noise, sharded
         c_tau = self.to_coeffs(math.sqrt(alpha_bar) * u0 + math.sqrt(1 - alpha_bar) * eps)
         u_hat = self.clean_estimate(c_tau, float(alpha_bar), shape, self._lambda(None, u0.shape[0], u0.device))
-        return self._readout_loss(u_hat, batch)
+        logsnr = torch.full((u0.shape[0],), math.log(alpha_bar / (1 - alpha_bar)), device=u0.device)
+        return self._readout_loss(u_hat, batch, logsnr)
 
     # ------------------------------------------------------------------ generation
     def alpha_fn(self, shape: tuple[int, ...], device, scale: int | None = None):
@@ -499,7 +502,8 @@ class SGFM(nn.Module):
             u = known * known_field + (1 - known) * u  # the prompt exactly
         out = {"field": u}
         if cfg.modality == "text":
-            tokens = self.text.logits(u).argmax(-1)  # [n, T, L]
+            clean = torch.full((n,), self.dcfg.logsnr_max, device=dev)  # the final estimate is clean
+            tokens = self.text.logits(u, clean).argmax(-1)  # [n, T, L]
             if known_ids is not None:
                 # the readout's bias could outvote an exact prompt embedding: write the ids
                 tokens = torch.where(known[:, 0].bool(), known_ids.expand_as(tokens), tokens)

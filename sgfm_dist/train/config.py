@@ -42,15 +42,19 @@ class DataConfig:
     """Where training and held-out batches come from (``sgfm_dist.data`` sources)."""
 
     source: str = "builtin"
-    """Training data: ``"builtin"`` (Python's own ``pydoc_data.topics`` English prose, no
-    download), a local text file, a directory of ``.txt`` files, or a WebDataset shard
-    URL/pattern on any fsspec filesystem."""
+    """Training data. Text: ``"builtin"`` (Python's own ``pydoc_data.topics`` English prose, no
+    download), a local text file, a directory of ``.txt`` files, or WebDataset shards
+    (``tools/convert_text.py``) on any fsspec URL. Physics/video: shards written by
+    ``tools/simulate_ns.py`` / ``tools/convert_video.py``."""
     val_source: str = ""
     """Held-out data for evaluation; ``""`` means the ``val`` split of ``source``."""
     rows: int = 32
     """Text field extent T along the t axis (rows of one document window)."""
     row_len: int = 64
     """Text field extent L along the x axis (bytes per row)."""
+    frames: int = 0
+    """Physics/video: t-slices per sample (consecutive windows of each stored stack); 0 = the
+    whole stack. The spatial extents are those of the data."""
     seed: int = 0
     """Seed of the data order (shuffling); independent of ``train.seed``."""
 
@@ -59,6 +63,7 @@ class DataConfig:
             raise ValueError(f"data.source: must be a non-empty string, got {self.source!r}")
         _positive("data.rows", self.rows)
         _positive("data.row_len", self.row_len)
+        _non_negative("data.frames", self.frames)
 
     @property
     def field_shape(self) -> tuple[int, int]:

@@ -165,3 +165,74 @@ def initialize_engine(module: torch.nn.Module, ds_config: dict, accounting: Batc
                 "true global batch %d", config.get("zero_optimization", {}).get("stage", 0), world, accounting.dp,
                 accounting.sp, accounting.deepspeed_train_batch_size, accounting.global_batch)
     return engine
+
+
+def default_split_axes(field_ndim: int, sp_grid_dims: int = 1) -> tuple[int, ...]:
+    """The field axes to split: the first field axis (t: rows of a text, frames of a video) for a
+    slab; (t, y) for a pencil of a 3-D field."""
+    if sp_grid_dims == 1:
+        return (2,)
+    if sp_grid_dims == 2 and field_ndim == 3:
+        return (2, 3)
+    raise ValueError(f"sp_grid: {sp_grid_dims} split dims do not fit a field with {field_ndim} axes")
+
+
+@dataclass
+class MeshTraining:
+    """What a trainer needs to run on the dp x sp mesh (built by :func:`setup_mesh_training`)."""
+
+    mesh: object
+    """The ``ProcessMesh`` (dp groups, sp groups)."""
+    domain: object
+    """The domain now in the model (``SplitDomain`` when sp > 1, else ``LOCAL``)."""
+    accounting: BatchAccounting
+    """True and DeepSpeed batch sizes."""
+    checkpointed_blocks: int
+    """Residual blocks recomputed in backward."""
+
+    @property
+    def dp(self) -> int:
+        return self.mesh.dp
+
+    @property
+    def sp(self) -> int:
+        return self.mesh.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.dp_rank
+
+    def shard(self, batch: dict) -> dict:
+        """This rank's block of a batch read whole by every sp rank of the group."""
+        return shard_batch(batch, self.domain)
+
+    def backward_loss(self, loss: Tensor) -> Tensor:
+        """The tensor to back-propagate (``sp * loss``, see the module docstring)."""
+        return loss * backward_scale(self.mesh.sp)
+
+    def deepspeed_config(self, ds_config: dict) -> dict:
+        """``ds_config`` with DeepSpeed's batch sizes for this mesh."""
+        return deepspeed_config_for_mesh(ds_config, self.accounting)
+
+
+def setup_mesh_training(model, world_size: int, dp: int, sp: int, field_shape, wavelet: str, levels: int,
+                        zero_stage: int, micro_batch: int, grad_accum: int, activation_checkpointing: bool = False,
+                        split_axes=None) -> MeshTraining:
+    """Check the dp x sp setup from its numbers (every rank raises the same ValueError before any
+    step), build the process mesh and ``parallelize`` ``model`` in place."""
+    from sgfm_dist.parallel.mesh import ProcessMesh
+    from sgfm_dist.parallel.parallelize import ParallelizeConfig, check_parallel_setup, parallelize
+
+    field_shape = tuple(int(n) for n in field_shape)
+    if split_axes is None:
+        split_axes = default_split_axes(len(field_shape))
+    dp, sp = check_parallel_setup(world_size, dp, sp, field_shape, split_axes, wavelet, levels, zero_stage)
+    accounting = BatchAccounting(micro_batch, grad_accum, dp, sp)
+    mesh = ProcessMesh.create(dp=dp, sp=sp)
+    plan = parallelize(model, mesh, mesh.layout(field_shape, tuple(split_axes)),
+                       ParallelizeConfig(wavelet=wavelet, levels=levels,
+                                         activation_checkpointing=bool(activation_checkpointing),
+                                         zero_stage=zero_stage))
+    logger.info("mesh: %s; true global batch %d", mesh.describe(), accounting.global_batch)
+    return MeshTraining(mesh=mesh, domain=plan.domain, accounting=accounting,
+                        checkpointed_blocks=plan.checkpointed_blocks)

@@ -38,24 +38,48 @@ def batch_to_device(batch: dict, device: str) -> dict:
 
 
 def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "train"):
-    """The batch source of ``cfg.data`` (text fields; a different modality is a ValueError
-    until its source exists in ``sgfm_dist.data``)."""
+    """The batch source of ``cfg.data`` for the model's modality (``sgfm_dist.data``)."""
     from sgfm_dist.data import build_text_source
+    from sgfm_dist.data.fields import build_physics_source, build_video_source
 
-    if cfg.model.modality != "text":
-        raise ValueError(f"model.modality: {cfg.model.modality!r} training needs its batch source in "
-                         f"sgfm_dist.data; the trainer currently wires the text source only")
     source = cfg.data.source if split == "train" else (cfg.data.val_source or cfg.data.source)
-    return build_text_source(source, split, batch_size=cfg.train.micro_batch, rows=cfg.data.rows,
-                             row_len=cfg.data.row_len, pad_id=cfg.model.pad_id, seed=cfg.data.seed,
-                             dp_rank=dp_rank, dp_size=dp_size)
+    if cfg.model.modality == "text":
+        return build_text_source(source, split, batch_size=cfg.train.micro_batch, rows=cfg.data.rows,
+                                 row_len=cfg.data.row_len, pad_id=cfg.model.pad_id, seed=cfg.data.seed,
+                                 dp_rank=dp_rank, dp_size=dp_size)
+    build = build_physics_source if cfg.model.modality == "physics" else build_video_source
+    return build(source, split, batch_size=cfg.train.micro_batch, frames=cfg.data.frames or None,
+                 seed=cfg.data.seed, dp_rank=dp_rank, dp_size=dp_size)
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    """``train.ckpt_dir``, relative to ``train.out_dir`` unless absolute."""
+    return cfg.train.ckpt_dir if os.path.isabs(cfg.train.ckpt_dir) else os.path.join(cfg.train.out_dir,
+                                                                                      cfg.train.ckpt_dir)
+
+
+def resume_checkpoint(cfg: Config) -> str | None:
+    """The newest complete checkpoint of the run, after checking that it was trained with the
+    same model/diffusion config (ValueError listing every mismatched field); None if none."""
+    tag_dir = ckpt.latest_complete(checkpoint_dir(cfg))
+    if tag_dir is not None:
+        ckpt.check_model_config(ckpt.read_marker(tag_dir)["config"], config_to_dict(cfg), where=tag_dir)
+    return tag_dir
+
+
+def batch_counts(batch: dict) -> tuple[float, float]:
+    """(field cells B * prod(S), real tokens) of a batch; tokens are 0 for non-text fields."""
+    if "tokens" in batch:
+        return float(batch["tokens"].numel()), float(batch["pad_mask"].sum())
+    field = batch["field"]  # [B, C, *S]
+    return float(field.shape[0] * field[0, 0].numel()), 0.0
 
 
 class Trainer:
     """One run on this rank (see the module docstring)."""
 
     def __init__(self, cfg: Config, rank: int, world: int, device: str, resume: bool = False,
-                 log=print):
+                 seed_offset: int = 0, log=print):
         from sgfm_dist.model.sgfm import build_model
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -72,27 +96,25 @@ class Trainer:
         if precision != cfg.train.precision:
             self.log(f"train.precision={cfg.train.precision} runs as {precision} on {device}")
 
-        # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's); different
-        # noise per rank through the generator below.
+        # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's); the caller's
+        # per-rank seed_offset gives each rank its own noise (generator below) and numpy/python RNG.
         torch.manual_seed(cfg.train.seed)
-        np.random.seed((cfg.train.seed + rank) % 2**32)
-        random.seed(cfg.train.seed + rank)
+        np.random.seed((cfg.train.seed + seed_offset) % 2**32)
+        random.seed(cfg.train.seed + seed_offset)
         self.out_dir = cfg.train.out_dir
-        self.ckpt_dir = (cfg.train.ckpt_dir if os.path.isabs(cfg.train.ckpt_dir)
-                         else os.path.join(self.out_dir, cfg.train.ckpt_dir))
-        resume_from = ckpt.latest_complete(self.ckpt_dir) if resume else None
-        if resume_from is not None:  # before anything is built: a mismatch fails fast
-            ckpt.check_model_config(ckpt.read_marker(resume_from)["config"], config_to_dict(cfg), where=resume_from)
-        elif resume:
+        self.ckpt_dir = checkpoint_dir(cfg)
+        resume_from = resume_checkpoint(cfg) if resume else None  # before anything is built
+        if resume and resume_from is None:
             self.log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from step 0")
         self.model = build_model(cfg.model, cfg.diffusion)
+        self.n_params = sum(p.numel() for p in self.model.parameters())  # before ZeRO-3 partitions them
         if cfg.parallel.activation_checkpointing:
             n = apply_activation_checkpointing(self.model)
             self.log(f"activation checkpointing: {n} blocks recomputed in backward")
         # The EMA copies the full weights now: under ZeRO-3 the engine partitions them.
         self.ema = EMA(self.model.to(device), cfg.train.ema_decay, cfg.train.ema_warmup)
         self.engine = build_engine(self.model, cfg, device, world)
-        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + seed_offset)
         self.source = build_train_source(cfg, self.dp_rank, dp)
         self.step = 0
         self.resumed_from: str | None = None
@@ -100,7 +122,6 @@ class Trainer:
             self._resume(resume_from)
         self.monitor: RunMonitor | None = None  # opened by fit()
         self._eval_model = None
-        self.n_params = sum(p.numel() for p in self.model.parameters())
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, tag_dir: str) -> None:
@@ -162,17 +183,22 @@ class Trainer:
 
         e = self.cfg.eval
         model = self.eval_model()
-        texts = generate_texts(model, e.n_samples, self.cfg.data.field_shape, e.sample_steps, e.sampler,
-                               physics_eta=e.physics_eta, seed=e.seed, device=self.device)
-        for i, t in enumerate(texts):
-            self.monitor.text(self.step, f"samples/{i}", t)
+        if self.cfg.model.modality == "text":
+            texts = generate_texts(model, e.n_samples, self.cfg.data.field_shape, e.sample_steps, e.sampler,
+                                   physics_eta=e.physics_eta, seed=e.seed, device=self.device)
+            for i, t in enumerate(texts):
+                self.monitor.text(self.step, f"samples/{i}", t)
         batch = batch_to_device(self._fixed_batch(), self.device)
         self.monitor.scalars(self.step, wavelet_energy_table(model, batch, e.energy_taus, seed=e.seed))
 
     def _fixed_batch(self) -> dict:
         if not hasattr(self, "_eval_batch"):
-            val = build_train_source(self.cfg, 0, 1, split="val")
-            self._eval_batch = next(iter(val))
+            try:
+                src = build_train_source(self.cfg, 0, 1, split="val")
+            except ValueError as e:  # e.g. a small shard set without a val split
+                self.log(f"evaluation batch from the train split ({e})")
+                src = build_train_source(self.cfg, 0, 1, split="train")
+            self._eval_batch = next(iter(src))
         return self._eval_batch
 
     # ------------------------------------------------------------------ the loop
@@ -206,8 +232,9 @@ class Trainer:
                 sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / accum
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / accum
-                cells += float(batch["tokens"].numel()) if "tokens" in batch else 0.0
-                tokens += float(batch["pad_mask"].sum()) if "pad_mask" in batch else 0.0
+                c, n = batch_counts(batch)
+                cells += c
+                tokens += n
             if grad_norm is None:
                 g = engine.get_global_grad_norm()
                 grad_norm = float(g) if g is not None else float("nan")
@@ -252,7 +279,9 @@ class Trainer:
         dt = max(window["time"], 1e-9)
         record = {f"loss/{k}": v for k, v in means.items()}
         record.update({"optim/grad_norm": grad_norm, "optim/lr": lr, "perf/cells_per_s": cells / dt,
-                       "perf/tokens_per_s": tokens / dt, "perf/peak_memory_bytes": peak_memory_bytes(self.device)})
+                       "perf/peak_memory_bytes": peak_memory_bytes(self.device)})
+        if self.cfg.model.modality == "text":
+            record["perf/tokens_per_s"] = tokens / dt
         self.monitor.scalars(self.step, record)
         return {"step": self.step, **record}
 
