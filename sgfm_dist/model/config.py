@@ -185,6 +185,11 @@ class DiffusionConfig:
     """alpha_bar(tau) for tau in [0, 1]: cosine (log-SNR = -2 log tan(pi tau / 2)) or the
     linear-beta VP schedule of Song et al. 2021 (beta from 0.1 to 20)."""
 
+    logsnr_shift: float = 0.0
+    """Log-SNR added to the base schedule on every level (negative = noisier), shifting training
+    and sampling towards the noise levels where the data is decided (Hoogeboom et al. 2023's
+    shifted schedules). For byte text with 16-channel embeddings about -1 helps."""
+
     level_shift: float = 0.0
     """Log-SNR added to the approximation coefficients, falling linearly to 0 at the finest
     detail level, so coarse scales are noised less (section 5.3). 0 = one schedule for all."""
@@ -221,7 +226,7 @@ class DiffusionConfig:
         _choice(self.schedule, ("cosine", "linear"), "diffusion.schedule")
         _choice(self.mode, ("joint", "cascade"), "diffusion.mode")
         _choice(self.parameterization, ("eps", "v"), "diffusion.parameterization")
-        for name in ("level_shift", "logsnr_min", "logsnr_max"):
+        for name in ("logsnr_shift", "level_shift", "logsnr_min", "logsnr_max"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"diffusion.{name}: must be a number, got {v!r}")

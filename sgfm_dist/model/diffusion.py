@@ -55,12 +55,13 @@ def level_shifts(levels: int, level_shift: float) -> Tensor:
 
 
 def level_logsnr(tau: Tensor, schedule: str, levels: int, level_shift: float,
-                 logsnr_min: float, logsnr_max: float | None = None) -> Tensor:
-    """Per-level log-SNR ``[*tau.shape, J + 1]``, clamped to ``[logsnr_min, logsnr_max]``.
+                 logsnr_min: float, logsnr_max: float | None = None, logsnr_shift: float = 0.0) -> Tensor:
+    """Per-level log-SNR ``[*tau.shape, J + 1]``: base schedule + ``logsnr_shift`` (all levels)
+    + the per-level shift, clamped to ``[logsnr_min, logsnr_max]``.
 
     ``logsnr_max=None`` leaves the top open so ``tau = 0`` reaches ``a = 1`` exactly (sampling).
     """
-    lam = base_logsnr(tau.to(torch.float64), schedule).unsqueeze(-1)  # [*, 1]
+    lam = base_logsnr(tau.to(torch.float64), schedule).unsqueeze(-1) + logsnr_shift  # [*, 1]
     lam = lam + level_shifts(levels, level_shift).to(lam.device)  # [*, J+1]
     return lam.clamp(min=logsnr_min, max=logsnr_max)
 

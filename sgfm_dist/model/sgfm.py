@@ -306,7 +306,7 @@ class SGFM(nn.Module):
         # stratified diffusion times: one uniform offset, B evenly spaced points (lower variance)
         tau = ((torch.rand(1, generator=generator, device=gdev) + torch.arange(B, device=gdev) / B) % 1.0).to(dev)
         tau = tau.clamp(min=1e-5)
-        logsnr = D.level_logsnr(tau, dcfg.schedule, J, dcfg.level_shift, dcfg.logsnr_min, dcfg.logsnr_max)  # [B, J+1]
+        logsnr = D.level_logsnr(tau, dcfg.schedule, J, dcfg.level_shift, dcfg.logsnr_min, dcfg.logsnr_max, dcfg.logsnr_shift)  # [B, J+1]
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(u0.dtype)  # [B, 1, N]
         eps = self.to_coeffs(dynamics.white_noise(u0, generator, self.domain))  # [B, C, N], iid N(0, 1)
         c_tau = D.q_sample(c0, alpha, eps)
@@ -398,7 +398,7 @@ class SGFM(nn.Module):
 
         def fn(tau: float) -> Tensor:
             lam = D.level_logsnr(torch.tensor([float(tau)], device=device), dcfg.schedule, J, dcfg.level_shift,
-                                 dcfg.logsnr_min, None)  # [1, J+1]
+                                 dcfg.logsnr_min, None, dcfg.logsnr_shift)  # [1, J+1]
             a = D.alpha_from_logsnr(lam).float()
             if scale is not None:
                 return a[:, scale].reshape(1, 1, 1)
@@ -409,7 +409,7 @@ class SGFM(nn.Module):
     def _logsnr_at(self, tau: float, B: int, device) -> Tensor:
         dcfg = self.dcfg
         lam = D.level_logsnr(torch.tensor([float(tau)], device=device), dcfg.schedule, self.cfg.levels,
-                             dcfg.level_shift, dcfg.logsnr_min, dcfg.logsnr_max)
+                             dcfg.level_shift, dcfg.logsnr_min, dcfg.logsnr_max, dcfg.logsnr_shift)
         return lam.expand(B, -1)  # [B, J+1]
 
     @torch.no_grad()
@@ -643,7 +643,7 @@ def wavelet_energy_per_level(model: SGFM, batch: dict, taus) -> dict:
     for tau in taus:
         t = torch.full((B,), float(tau), device=u0.device).clamp(min=1e-5)
         dcfg = model.dcfg
-        logsnr = D.level_logsnr(t, dcfg.schedule, J, dcfg.level_shift, dcfg.logsnr_min, dcfg.logsnr_max)
+        logsnr = D.level_logsnr(t, dcfg.schedule, J, dcfg.level_shift, dcfg.logsnr_min, dcfg.logsnr_max, dcfg.logsnr_shift)
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(c0.dtype)
         c_tau = D.q_sample(c0, alpha, model.to_coeffs(dynamics.white_noise(u0, None, dom)))
         if model.cascade:

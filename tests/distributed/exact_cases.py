@@ -43,7 +43,7 @@ def small_model(dtype=torch.float32):
     dcfg = DiffusionConfig(lambda_R=0.1, lambda_B=0.1, lambda_ce=1.0)
     torch.manual_seed(SEED)
     model = build_model(mcfg, dcfg).to(dtype)
-    if model.text.logit_scale.dim() == 0:
+    if getattr(getattr(model, "text", None), "logit_scale", None) is not None and model.text.logit_scale.dim() == 0:
         # DeepSpeed 0.19.8 cannot broadcast 0-dim parameters (it views each as bytes); the
         # scale broadcasts the same with shape [1]
         model.text.logit_scale = torch.nn.Parameter(model.text.logit_scale.detach().reshape(1))
@@ -196,6 +196,10 @@ def sampling_cases() -> dict:
         field = plan.domain.gather(res["field"])
         tokens = plan.domain.gather(res["tokens"].unsqueeze(1))[:, 0]
         scale = float(ref["field"].abs().max())
+        # argmax tokens may flip only where the readout has a near-tie (rounding-level field differences)
+        with torch.no_grad():
+            top2 = ref_model.text.logits(ref["field"]).topk(2, dim=-1).values  # [n, T, L, 2]
+        decided = (top2[..., 0] - top2[..., 1]) > 1e-3
         out[f"sample-{sampler}"] = {"field": float((field - ref["field"]).abs().max()) / max(scale, 1e-12),
-                                    "tokens_equal": bool(torch.equal(tokens, ref["tokens"]))}
+                                    "tokens_equal": bool(torch.equal(tokens[decided], ref["tokens"][decided]))}
     return out

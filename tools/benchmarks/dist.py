@@ -53,7 +53,7 @@ def _model(args, device):
                        spectral_modes=(4, 8), forcing_width=16, forcing_blocks=1, wavelet="db2", levels=2)
     torch.manual_seed(0)
     model = build_model(mcfg, DiffusionConfig()).to(device)
-    if model.text.logit_scale.dim() == 0:  # DeepSpeed cannot broadcast 0-dim parameters
+    if getattr(getattr(model, "text", None), "logit_scale", None) is not None and model.text.logit_scale.dim() == 0:  # DeepSpeed cannot broadcast 0-dim parameters
         model.text.logit_scale = torch.nn.Parameter(model.text.logit_scale.detach().reshape(1))
     return model
 
