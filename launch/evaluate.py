@@ -25,6 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON summary path")
     p.add_argument("--samples", type=int, default=None, help="samples scored (default: eval.metric_samples)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: eval.sample_steps)")
+    p.add_argument("--sampler", default=None, choices=["pc", "heun", "euler_maruyama"],
+                   help="sampler (default: eval.sampler)")
     p.add_argument("--val-batches", type=int, default=None, help="held-out batches (default: eval.val_batches)")
     p.add_argument("--val-source", default=None, help="held-out text (default: the run's data.val_source/source)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     summary = evaluate_text(tm.model, iter(build_train_source(cfg, 0, 1, split="train")), val_batches,
                             field_shape=cfg.data.field_shape, pad_id=cfg.model.pad_id, prior_bytes=e.prior_bytes,
                             fractions=e.entropy_fractions, metric_samples=args.samples or e.metric_samples,
-                            sample_steps=args.steps or e.sample_steps, sampler=e.sampler,
+                            sample_steps=args.steps or e.sample_steps, sampler=args.sampler or e.sampler,
                             physics_eta=e.physics_eta, seed=e.seed, device=device)
     summary.update(step=tm.step, checkpoint=tm.path)
     print(format_summary(summary))
