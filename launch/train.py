@@ -49,7 +49,10 @@ def main(argv=None) -> int:
 
     from sgfm_dist.train.config import load_config, config_to_dict
 
-    cfg = load_config(args.config, overrides)  # every rank validates; errors before any process group
+    try:
+        cfg = load_config(args.config, overrides)  # every rank validates; errors before any process group
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}")
 
     import torch
     import yaml
@@ -58,7 +61,10 @@ def main(argv=None) -> int:
     from sgfm_dist.train.trainer import Trainer, resume_checkpoint
 
     if args.resume:
-        resume_checkpoint(cfg)  # a checkpoint of another model config fails here, before DeepSpeed starts
+        try:
+            resume_checkpoint(cfg)  # a checkpoint of another model config fails here, before DeepSpeed starts
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}")
 
     device = resolve_device(cfg.train.device)
     rank, world, _ = setup_distributed(device)

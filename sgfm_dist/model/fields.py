@@ -61,10 +61,11 @@ class TextField(nn.Module):
 
     def logits(self, u: Tensor, logsnr: Tensor) -> Tensor:
         """``[B, C, T, L]`` field estimated at noise level ``logsnr`` ``[B]`` -> ``[B, T, L, V]`` logits."""
-        e = self.vectors()  # [V, C]
-        log_s = self.log_scale((logsnr.float() / 10.0).reshape(-1, 1)).reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
+        e = self.vectors().to(u.dtype)  # [V, C]
+        lam = (logsnr.reshape(-1, 1) / 10.0).to(self.bias.dtype)
+        log_s = self.log_scale(lam).to(u.dtype).reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
         scale = log_s.exp() / math.sqrt(self.channels)
-        return torch.einsum("bc...,vc->b...v", u, e) * scale + self.bias  # [B, T, L, V]
+        return torch.einsum("bc...,vc->b...v", u, e) * scale + self.bias.to(u.dtype)  # [B, T, L, V]
 
 
 class VideoLift(nn.Module):
@@ -78,10 +79,11 @@ class VideoLift(nn.Module):
         self.data_channels, self.channels = data_channels, channels
 
     def encode(self, frames: Tensor) -> Tensor:
-        return torch.einsum("cd,bd...->bc...", self.weight, frames)  # [B, C, *S]
+        return torch.einsum("cd,bd...->bc...", self.weight.to(frames.dtype), frames)  # [B, C, *S]
 
     def readout(self, u: Tensor) -> Tensor:
         # least-squares inverse through the tied transpose: (A^T A)^-1 A^T u
-        gram = self.weight.T @ self.weight  # [D, D]
-        proj = torch.einsum("cd,bc...->bd...", self.weight, u)  # [B, D, *S]
+        a = self.weight.to(u.dtype)
+        gram = a.T @ a  # [D, D]
+        proj = torch.einsum("cd,bc...->bd...", a, u)  # [B, D, *S]
         return torch.einsum("de,be...->bd...", torch.linalg.inv(gram), proj)  # [B, D, *S]

@@ -129,7 +129,8 @@ class SpectralConv(nn.Module):
     def hermitian_weight(self) -> Tensor:
         """Complex weights ``[I, O, *box]`` with ``W(-n', 0) = conj W(n', 0)`` on the plane
         ``n_last = 0`` (so real fields map to real fields, see the module Notes)."""
-        w = torch.view_as_complex(self.weight)  # [I, O, *box]
+        real = self.weight if self.weight.dtype in (torch.float32, torch.float64) else self.weight.float()
+        w = torch.view_as_complex(real)  # [I, O, *box]
         if self.ndim == 1:
             # the only n_last = 0 mode is n = 0 itself: its weight must be real
             return torch.cat([w[..., :1].real.to(w.dtype), w[..., 1:]], dim=-1)
@@ -158,13 +159,16 @@ class SpectralConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_field(x, self.in_ch, self.ndim, "x")
+        in_dtype = x.dtype
+        if in_dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # no half-precision FFT for general sizes: transform in float32
         dims = tuple(range(2, x.ndim))
         x_hat = self.domain.rfft(x, dims)  # [B, I, *spec]
         picks, w_index = self._selection(x, dims)
         low = x_hat
         for sdim, pos in picks:
             low = low.index_select(sdim, pos)  # [B, I, *box_local]
-        w = self.hermitian_weight()
+        w = self.hermitian_weight().to(x_hat.dtype)
         for j, idx in enumerate(w_index):
             w = w.index_select(2 + j, idx)  # [I, O, *box_local]
         if self.ndim == 1:
@@ -180,7 +184,8 @@ class SpectralConv(nn.Module):
             full = list(y_hat.shape)
             full[sdim] = out_shape[sdim]
             y_hat = torch.zeros(full, dtype=y_hat.dtype, device=y_hat.device).index_copy(sdim, pos, y_hat)
-        return self.domain.irfft(y_hat, dims, (x.shape[0], self.out_ch, *x.shape[2:]))  # [B, O, *S]
+        y = self.domain.irfft(y_hat, dims, (x.shape[0], self.out_ch, *x.shape[2:]))  # [B, O, *S]
+        return y.to(in_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_ch}, {self.out_ch}, modes={self.modes}, ndim={self.ndim}"

@@ -36,6 +36,10 @@ Design decisions (see also DESIGN.md section 1):
   initial condition, i.e. the prompt rows of text / first frames of video).
 * **Readout.** Text: tied-embedding logits of ``u_hat``, cross-entropy over real tokens
   (pads masked). Video: MSE of the tied readout of ``u_hat`` against the frames.
+* **Precision.** The networks run in their parameters' dtype (bf16/fp16 under DeepSpeed);
+  the wavelet transforms, noise, losses and physics run in float32 (float64 if the model is
+  float64), casting at the network boundary, because FFTs and the orthonormal transform need
+  the precision (and torch has no bf16 FFT).
 * **Domain seam.** Everything that touches space goes through ``self.domain`` (wavelets,
   spectral ops, convolutions, reductions); ``set_domain`` swaps it everywhere. Noise is drawn
   as the global field and ``domain.shard``-ed (``dynamics.white_noise``), so results do not
@@ -112,6 +116,17 @@ class SGFM(nn.Module):
             if module is not self and hasattr(module, "domain"):
                 module.domain = domain
 
+    # ------------------------------------------------------------------ dtypes
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """dtype of the networks (what DeepSpeed cast them to)."""
+        return self.score_net.lift.weight.dtype
+
+    @property
+    def math_dtype(self) -> torch.dtype:
+        """dtype of transforms, noise and losses: float64 for a float64 model, else float32."""
+        return torch.float64 if self.param_dtype == torch.float64 else torch.float32
+
     # ------------------------------------------------------------------ field maps
     def embedding_matrix(self) -> Tensor:
         """``[V, C]``: the vectors e_b the text field places at each position (norm sqrt(C))."""
@@ -131,7 +146,7 @@ class SGFM(nn.Module):
             self.text.check_tokens(tokens, "batch['tokens']")
             if tokens.ndim != 3:
                 raise ValueError(f"batch['tokens']: expected [B, T, L], got shape {tuple(tokens.shape)}")
-            u0 = self.text.encode(tokens)
+            u0 = self.text.encode(tokens).to(self.math_dtype)
         else:
             if "field" not in batch:
                 raise ValueError(f"batch: a {cfg.modality} batch needs key 'field' ([B, C, T, H, W]); "
@@ -141,15 +156,16 @@ class SGFM(nn.Module):
             if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 5 or x.shape[1] != want:
                 raise ValueError(f"batch['field']: expected a float tensor [B, {want}, T, H, W], got "
                                  f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-            dtype = self.score_net.lift.weight.dtype
-            u0 = self.video.encode(x.to(dtype)) if cfg.modality == "video" else x.to(dtype)
+            md = self.math_dtype
+            u0 = self.video.encode(x.to(md)) if cfg.modality == "video" else x.to(md)
         self._check_shape(tuple(u0.shape[2:]), "batch field")
         return u0
 
     def _check_shape(self, shape: tuple[int, ...], name: str) -> None:
-        J, w = self.cfg.levels, self.cfg.wavelet
+        J = self.cfg.levels
         if len(shape) != self.cfg.field_ndim:
-            raise ValueError(f"{name}: a {self.cfg.modality} field has {self.cfg.field_ndim} field axes, got shape {shape}")
+            raise ValueError(f"{name}: a {self.cfg.modality} field has {self.cfg.field_ndim} field axes, "
+                             f"got shape {shape}")
         for i, n in enumerate(shape):
             if n % (2 ** J):
                 raise ValueError(f"{name}: extent {n} of field axis {i} is not divisible by 2**levels = {2 ** J} "
@@ -170,7 +186,14 @@ class SGFM(nn.Module):
     def _scale_index(self, shape, device) -> Tensor:
         return self._layout(shape).scale_index(device)  # [N]
 
-    # ------------------------------------------------------------------ conditioning
+    # ------------------------------------------------------------------ schedule and conditioning
+    def level_logsnr(self, tau: Tensor, clamp_top: bool = True) -> Tensor:
+        """Per-level log-SNR ``[*tau.shape, J+1]`` of the configured schedule (``clamp_top=False``
+        lets tau = 0 reach alpha_bar = 1 exactly, for sampling)."""
+        d = self.dcfg
+        return D.level_logsnr(tau, d.schedule, self.cfg.levels, d.level_shift, d.logsnr_min,
+                              d.logsnr_max if clamp_top else None, d.logsnr_shift)
+
     def _lambda(self, batch: dict | None, B: int, device) -> Tensor:
         """Physical parameters ``[B, 2]``: (nu, forcing strength), per sample if the batch has them."""
         cfg = self.cfg
@@ -191,7 +214,7 @@ class SGFM(nn.Module):
         parts = [lsn, phys]
         if self.cascade:
             parts.append((stage.float() / self.cfg.levels).unsqueeze(1))
-        return self.condition(torch.cat(parts, dim=1).to(lsn.device))
+        return self.condition(torch.cat(parts, dim=1).to(lsn.device, self.param_dtype))
 
     # ------------------------------------------------------------------ the eps-network
     def eps_network(self, c_in: Tensor, alpha: Tensor, cond: Tensor, shape: tuple[int, ...],
@@ -201,7 +224,7 @@ class SGFM(nn.Module):
         x = self.to_field(c_in, shape)  # [B, C, *S]
         if self.cascade:
             x = torch.cat([x, coarse], dim=1)  # [B, 2C, *S]
-        raw = self.to_coeffs(self.score_net(x, cond))  # [B, C, N]
+        raw = self.to_coeffs(self.score_net(x.to(self.param_dtype), cond).to(c_in.dtype))  # [B, C, N]
         return D.eps_and_c0(raw, c_in, alpha.to(raw.dtype), self.dcfg.parameterization)
 
     # ------------------------------------------------------------------ physics
@@ -214,8 +237,9 @@ class SGFM(nn.Module):
             if xi is None:
                 xi = u.new_zeros(u.shape[0], self.cfg.forcing_noise_channels, *u.shape[2:])
             u = torch.cat([u, xi], dim=1)  # [B, C + Cxi, *S]
-        cond = self.forcing_condition(torch.stack([torch.log10(lam[:, 0].clamp(min=1e-6)) / 3.0, lam[:, 1]], 1))
-        f = self.forcing_net(u, cond)  # [B, C, *S]
+        pd = self.param_dtype
+        cond = self.forcing_condition(torch.stack([torch.log10(lam[:, 0].clamp(min=1e-6)) / 3.0, lam[:, 1]], 1).to(pd))
+        f = self.forcing_net(u.to(pd), cond).to(u.dtype)  # [B, C, *S]
         return f * lam[:, 1].reshape(-1, *([1] * (f.ndim - 1))).to(f.dtype)
 
     def forcing_noise(self, like: Tensor, generator=None) -> Tensor | None:
@@ -306,7 +330,7 @@ class SGFM(nn.Module):
         # stratified diffusion times: one uniform offset, B evenly spaced points (lower variance)
         tau = ((torch.rand(1, generator=generator, device=gdev) + torch.arange(B, device=gdev) / B) % 1.0).to(dev)
         tau = tau.clamp(min=1e-5)
-        logsnr = D.level_logsnr(tau, dcfg.schedule, J, dcfg.level_shift, dcfg.logsnr_min, dcfg.logsnr_max, dcfg.logsnr_shift)  # [B, J+1]
+        logsnr = self.level_logsnr(tau)  # [B, J+1]
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(u0.dtype)  # [B, 1, N]
         eps = self.to_coeffs(dynamics.white_noise(u0, generator, self.domain))  # [B, C, N], iid N(0, 1)
         c_tau = D.q_sample(c0, alpha, eps)
@@ -393,12 +417,10 @@ class SGFM(nn.Module):
     def alpha_fn(self, shape: tuple[int, ...], device, scale: int | None = None):
         """``tau -> alpha_bar`` per coefficient ``[1, 1, N]`` (or ``[1, 1, 1]`` for one ``scale``),
         reaching exactly 1 at tau = 0."""
-        dcfg, J = self.dcfg, self.cfg.levels
         sidx = self._scale_index(shape, device)
 
         def fn(tau: float) -> Tensor:
-            lam = D.level_logsnr(torch.tensor([float(tau)], device=device), dcfg.schedule, J, dcfg.level_shift,
-                                 dcfg.logsnr_min, None, dcfg.logsnr_shift)  # [1, J+1]
+            lam = self.level_logsnr(torch.tensor([float(tau)], device=device), clamp_top=False)  # [1, J+1]
             a = D.alpha_from_logsnr(lam).float()
             if scale is not None:
                 return a[:, scale].reshape(1, 1, 1)
@@ -407,10 +429,7 @@ class SGFM(nn.Module):
         return fn
 
     def _logsnr_at(self, tau: float, B: int, device) -> Tensor:
-        dcfg = self.dcfg
-        lam = D.level_logsnr(torch.tensor([float(tau)], device=device), dcfg.schedule, self.cfg.levels,
-                             dcfg.level_shift, dcfg.logsnr_min, dcfg.logsnr_max, dcfg.logsnr_shift)
-        return lam.expand(B, -1)  # [B, J+1]
+        return self.level_logsnr(torch.tensor([float(tau)], device=device)).expand(B, -1)  # [B, J+1]
 
     @torch.no_grad()
     def generate(self, n: int, field_shape: tuple[int, ...], steps: int,
@@ -442,8 +461,7 @@ class SGFM(nn.Module):
             if cfg.levels > max_levels(s, cfg.wavelet):
                 raise ValueError(f"field_shape: extent {s} of axis {i} is too small for {cfg.levels} levels of "
                                  f"{cfg.wavelet!r} (at most {max_levels(s, cfg.wavelet)})")
-        param = next(self.parameters())
-        dev, dtype = param.device, param.dtype
+        dev, dtype = next(self.parameters()).device, self.math_dtype
         like_global = torch.zeros(n, cfg.channels, *field_shape, device=dev, dtype=dtype)
         like = self.domain.shard(like_global)  # [n, C, *S_local]
         shape = tuple(like.shape[2:])
@@ -520,7 +538,7 @@ class SGFM(nn.Module):
         J = self.cfg.levels
         sidx = self._scale_index(shape, dev)
         N = sidx.numel()
-        c = torch.zeros(n, self.cfg.channels, N, device=dev, dtype=next(self.parameters()).dtype)
+        c = torch.zeros(n, self.cfg.channels, N, device=dev, dtype=self.math_dtype)
         for s in range(J + 1):
             idx = (sidx == s).nonzero().flatten()
             lo, hi = int(idx[0]), int(idx[-1]) + 1  # scales are contiguous in the flattened order
@@ -539,7 +557,7 @@ class SGFM(nn.Module):
                 cond = self._conditions(logsnr, lam, stage)
                 c_in = full(x)
                 u_in = torch.cat([self.to_field(c_in, shape), coarse], dim=1)  # [n, 2C, *S]
-                raw = self.to_coeffs(self.score_net(u_in, cond))[:, :, lo:hi]
+                raw = self.to_coeffs(self.score_net(u_in.to(self.param_dtype), cond).to(u_in.dtype))[:, :, lo:hi]
                 eps, _ = D.eps_and_c0(raw, x, alpha_s(tau), self.dcfg.parameterization)
                 return eps
 
@@ -548,7 +566,8 @@ class SGFM(nn.Module):
 
             constraint = None
             if known is not None:
-                def constraint(x: Tensor, tau: float, full=full, alpha_s=alpha_s, lo=lo, hi=hi, noise_s=noise_s) -> Tensor:
+                def constraint(x: Tensor, tau: float, full=full, alpha_s=alpha_s, lo=lo, hi=hi,
+                               noise_s=noise_s) -> Tensor:
                     # RePaint with the current estimate: the scale-s coefficients of the field whose
                     # known cells are the prompt and whose other cells are the current state
                     u = self.to_field(full(x), shape)
@@ -642,8 +661,7 @@ def wavelet_energy_per_level(model: SGFM, batch: dict, taus) -> dict:
     result = {"data": per_level(c0)}
     for tau in taus:
         t = torch.full((B,), float(tau), device=u0.device).clamp(min=1e-5)
-        dcfg = model.dcfg
-        logsnr = D.level_logsnr(t, dcfg.schedule, J, dcfg.level_shift, dcfg.logsnr_min, dcfg.logsnr_max, dcfg.logsnr_shift)
+        logsnr = model.level_logsnr(t)  # [B, J+1]
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(c0.dtype)
         c_tau = D.q_sample(c0, alpha, model.to_coeffs(dynamics.white_noise(u0, None, dom)))
         if model.cascade:
@@ -652,8 +670,9 @@ def wavelet_energy_per_level(model: SGFM, batch: dict, taus) -> dict:
                 target = (sidx == s).to(c0.dtype)[None, None]
                 clean = (sidx < s).to(c0.dtype)[None, None]
                 stage = torch.full((B,), s, device=u0.device)
-                _, c0_hat = model.eps_network(clean * est + target * c_tau, alpha, model._conditions(logsnr, lam, stage),
-                                              shape, model.to_field(clean * est, shape))
+                cond = model._conditions(logsnr, lam, stage)
+                _, c0_hat = model.eps_network(clean * est + target * c_tau, alpha, cond, shape,
+                                              model.to_field(clean * est, shape))
                 est = est + target * c0_hat
             c0_hat = est
         else:

@@ -66,8 +66,9 @@ def test_training_loss_is_reproducible_with_a_generator():
 def test_generate_text_shapes_and_prompt_rows_exact(mode, sampler):
     model = _model("text", mode).eval()
     prompt = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(2))  # 1 row + 5 ids
-    out = model.generate(3, (8, 16), 3, sampler=sampler, prompt_tokens=prompt, physics_eta=1e-3, bc_eta=0.1,
-                         generator=torch.Generator().manual_seed(0))
+    guided = dict(physics_eta=1e-3, bc_eta=0.1) if sampler == "pc" else {}  # Eq. 24 and L_BC guidance
+    out = model.generate(3, (8, 16), 2, sampler=sampler, prompt_tokens=prompt, generator=torch.Generator().manual_seed(0),
+                         **guided)
     assert out["tokens"].shape == (3, 8, 16) and out["tokens"].dtype == torch.int64
     assert out["field"].shape == (3, 4, 8, 16) and out["field"].dtype == torch.float32
     assert torch.equal(out["tokens"].reshape(3, -1)[:, :21], prompt.expand(3, -1))
