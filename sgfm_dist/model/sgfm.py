@@ -435,7 +435,8 @@ class SGFM(nn.Module):
     def generate(self, n: int, field_shape: tuple[int, ...], steps: int,
                  sampler: Literal["euler_maruyama", "heun", "pc"] = "pc", prompt_tokens: Tensor | None = None,
                  physics_eta: float = 0.0, generator: torch.Generator | None = None, bc_eta: float = 0.0,
-                 prompt_field: Tensor | None = None, disable_progress: bool = True) -> dict:
+                 prompt_field: Tensor | None = None, round_to_vocab: bool = True,
+                 disable_progress: bool = True) -> dict:
         """Draw ``n`` samples of a field of global shape ``field_shape`` with ``steps`` sampler steps.
 
         ``prompt_tokens`` (text, ``[n or 1, P]`` ids) / ``prompt_field`` (video/physics,
@@ -443,6 +444,11 @@ class SGFM(nn.Module):
         current noise level after every step (inpainting) and exactly at the end, optionally with
         the L_BC guidance step ``bc_eta`` (Eq. 44). ``physics_eta > 0`` adds the physics-guided
         correction ``c <- c - eta grad_c E(W^-1 c)`` (Eq. 24) after every step.
+
+        ``round_to_vocab`` (text): every clean estimate ``u_hat`` the sampler sees is replaced by
+        the readout's expected embedding ``sum_b p(b | u_hat) e_b`` (Diffusion-LM's clamping,
+        CDCD's score interpolation), which keeps the trajectory near the embedding manifold; in
+        cascade mode only the final (finest) stage rounds, the coarser stages have no full field.
 
         Returns ``{"field": [n, C, *S]}`` plus ``"tokens"`` ``[n, T, L]`` (text) or ``"frames"``
         ``[n, D, *S]`` (video).
@@ -474,6 +480,7 @@ class SGFM(nn.Module):
 
         xi = self.forcing_noise(like, generator)
         step_fn = SAMPLERS[sampler]
+        rounding = round_to_vocab and cfg.modality == "text"
         full_alpha = self.alpha_fn(shape, dev)
 
         def energy_for(c_full_fn):
@@ -494,8 +501,11 @@ class SGFM(nn.Module):
 
         if not self.cascade:
             def model(x: Tensor, tau: float) -> Tensor:
-                eps, _ = self.eps_network(x, full_alpha(tau), self._conditions(self._logsnr_at(tau, n, dev), lam, None),
-                                          shape)
+                a, logsnr = full_alpha(tau), self._logsnr_at(tau, n, dev)
+                eps, c0 = self.eps_network(x, a, self._conditions(logsnr, lam, None), shape)
+                if rounding:
+                    c0 = self._round_to_vocab(c0, logsnr[:, -1], shape)
+                    eps = (x - a.sqrt() * c0) / (1 - a).sqrt()
                 return eps
 
             constraint = None
@@ -514,7 +524,7 @@ class SGFM(nn.Module):
                         constraint=constraint, domain=self.domain, disable=disable_progress)
         else:
             c = self._generate_cascade(n, shape, steps, step_fn, lam, noise_fn, energy_for,
-                                       physics_eta, bc_eta, known, known_field, disable_progress)
+                                       physics_eta, bc_eta, known, known_field, rounding, disable_progress)
         u = self.to_field(c, shape)  # [n, C, *S]
         if known is not None:
             u = known * known_field + (1 - known) * u  # the prompt exactly
@@ -530,8 +540,14 @@ class SGFM(nn.Module):
             out["frames"] = self.video.readout(u)
         return out
 
+    def _round_to_vocab(self, c0: Tensor, logsnr: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """``W sum_b p(b | u_hat) e_b`` for ``u_hat = W^-1 c0`` read out at noise level ``logsnr [n]``."""
+        p = torch.softmax(self.text.logits(self.to_field(c0, shape), logsnr), dim=-1)  # [n, T, L, V]
+        u = torch.einsum("n...v,vc->nc...", p, self.text.vectors().to(p.dtype))  # [n, C, T, L]
+        return self.to_coeffs(u)
+
     def _generate_cascade(self, n, shape, steps, step_fn, lam, noise_fn, energy_for,
-                          physics_eta, bc_eta, known, known_field, disable_progress) -> Tensor:
+                          physics_eta, bc_eta, known, known_field, rounding, disable_progress) -> Tensor:
         """Eq. 20 cascade: scale 0 (approximation) first, then each finer scale conditioned on the
         reconstruction of the coarser ones; returns the full coefficients ``[n, C, N]``."""
         dev = lam.device
@@ -558,7 +574,11 @@ class SGFM(nn.Module):
                 c_in = full(x)
                 u_in = torch.cat([self.to_field(c_in, shape), coarse], dim=1)  # [n, 2C, *S]
                 raw = self.to_coeffs(self.score_net(u_in.to(self.param_dtype), cond).to(u_in.dtype))[:, :, lo:hi]
-                eps, _ = D.eps_and_c0(raw, x, alpha_s(tau), self.dcfg.parameterization)
+                a = alpha_s(tau)
+                eps, c0 = D.eps_and_c0(raw, x, a, self.dcfg.parameterization)
+                if rounding and s == J:  # only the last stage has the full field to round
+                    c0 = self._round_to_vocab(full(c0), logsnr[:, -1], shape)[:, :, lo:hi]
+                    eps = (x - a.sqrt() * c0) / (1 - a).sqrt()
                 return eps
 
             def noise_s(x: Tensor, lo=lo, hi=hi) -> Tensor:

@@ -176,8 +176,8 @@ class ParallelConfig:
     dp: int = -1
     """Data-parallel groups; -1 = the rest (world // sp)."""
     sp: int = 1
-    """Ranks sharing one sample (domain parallelism). Only 1 until the parallel engine is
-    wired in (issue 7): a larger value is rejected at start-up."""
+    """Ranks sharing one sample (domain parallelism): the text field's t axis is split over
+    them (``parallel/parallelize.py``); each local extent must stay divisible by 2**levels."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters."""
     activation_checkpointing: bool = False

@@ -80,36 +80,10 @@ class TrainingLoss(nn.Module):
         return self.model.training_loss(batch, generator=generator)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute every block of the model's networks in backward (``torch.utils.checkpoint``).
-
-    Blocks are the entries of every ``nn.ModuleList`` named ``blocks`` (the score and forcing
-    networks' residual stacks). Returns how many were wrapped; 0 is a ValueError (the option
-    would silently do nothing)."""
-    from torch.utils.checkpoint import checkpoint
-
-    wrapped = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "blocks":
-            for block in mod:
-                plain = block.forward
-
-                def ckpt_forward(*args, _f=plain, **kwargs):
-                    if torch.is_grad_enabled():
-                        return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-                    return _f(*args, **kwargs)
-
-                block.forward = ckpt_forward
-                wrapped += 1
-    if wrapped == 0:
-        raise ValueError("parallel.activation_checkpointing: the model has no nn.ModuleList named 'blocks' to "
-                         "checkpoint")
-    return wrapped
-
-
-def build_engine(model: nn.Module, cfg: Config, device: str, world: int):
+def build_engine(model: nn.Module, cfg: Config, device: str, world: int, adapt_config=None):
     """``deepspeed.initialize`` on ``TrainingLoss(model)`` with the config's ZeRO stage,
-    precision, clipping, AdamW and warmup+cosine LambdaLR. Returns the engine."""
+    precision, clipping, AdamW and warmup+cosine LambdaLR. ``adapt_config(ds_config)`` may rewrite
+    the DeepSpeed dict (the dp x sp mesh counts sp ranks in its batch). Returns the engine."""
     import deepspeed
 
     scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
@@ -119,6 +93,8 @@ def build_engine(model: nn.Module, cfg: Config, device: str, world: int):
         raise ValueError(f"model: 0-dim parameters {scalars} cannot be trained under DeepSpeed (its parameter "
                          f"broadcast views each parameter as bytes); give them shape [1]")
     ds_config = to_deepspeed_config(cfg, world, device)
+    if adapt_config is not None:
+        ds_config = adapt_config(ds_config)
     wrapper = TrainingLoss(model).to(device)
     engine, _, _, _ = deepspeed.initialize(
         model=wrapper,

@@ -27,7 +27,8 @@ import torch
 from sgfm_dist.train import checkpoint as ckpt
 from sgfm_dist.train.config import Config, config_to_dict, effective_precision
 from sgfm_dist.train.ema import EMA
-from sgfm_dist.train.engine import (apply_activation_checkpointing, build_engine, full_parameters,
+from sgfm_dist.parallel.parallelize import apply_activation_checkpointing
+from sgfm_dist.train.engine import (build_engine, full_parameters,
                                     grad_norm_before_step)
 from sgfm_dist.train.monitor import RunMonitor, peak_memory_bytes
 
@@ -86,9 +87,6 @@ class Trainer:
         self.is_main = rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
         dp, sp = cfg.parallel.mesh(world)
-        if sp != 1:
-            raise ValueError(f"parallel.sp={sp}: domain-parallel training is wired in by issue 7; "
-                             f"this trainer runs sp=1 (pure data parallelism) only")
         self.dp, self.dp_rank = dp, rank // sp
         if cfg.train.threads and device == "cpu":
             torch.set_num_threads(cfg.train.threads)
@@ -108,12 +106,27 @@ class Trainer:
             self.log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from step 0")
         self.model = build_model(cfg.model, cfg.diffusion)
         self.n_params = sum(p.numel() for p in self.model.parameters())  # before ZeRO-3 partitions them
-        if cfg.parallel.activation_checkpointing:
+        # sp > 1: the field is split over the sp ranks of each dp group (issue 7): one
+        # `parallelize` step swaps the model's domain and checks the setup before any step runs.
+        self.par = None
+        if sp > 1:
+            from sgfm_dist.train.distributed import setup_mesh_training
+
+            self.par = setup_mesh_training(self.model, world, dp, sp, cfg.data.field_shape, cfg.model.wavelet,
+                                           cfg.model.levels, cfg.parallel.zero_stage, cfg.train.micro_batch,
+                                           cfg.train.grad_accum, cfg.parallel.activation_checkpointing)
+            self.dp, self.dp_rank = self.par.dp, self.par.dp_rank
+            # the sp ranks of one dp group noise the same sample identically: seed by dp rank
+            seed_offset = self.dp_rank
+            self.log(f"domain parallel: {self.par.mesh.describe()}; true global batch "
+                     f"{self.par.accounting.global_batch}")
+        elif cfg.parallel.activation_checkpointing:
             n = apply_activation_checkpointing(self.model)
             self.log(f"activation checkpointing: {n} blocks recomputed in backward")
         # The EMA copies the full weights now: under ZeRO-3 the engine partitions them.
         self.ema = EMA(self.model.to(device), cfg.train.ema_decay, cfg.train.ema_warmup)
-        self.engine = build_engine(self.model, cfg, device, world)
+        self.engine = build_engine(self.model, cfg, device, world,
+                                   adapt_config=self.par.deepspeed_config if self.par else None)
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + seed_offset)
         self.source = build_train_source(cfg, self.dp_rank, dp)
         self.step = 0
@@ -223,16 +236,19 @@ class Trainer:
             lr = float(engine.get_lr()[0])  # the rate this step's update uses
             engine.train()
             for _ in range(accum):
-                batch = batch_to_device(next(it), self.device)
+                whole = batch_to_device(next(it), self.device)
+                batch = self.par.shard(whole) if self.par else whole  # this rank's slab of the field
                 loss, terms = engine(batch, generator=self.generator)
-                engine.backward(loss)
+                # split: the loss is a global mean replicated over sp; scaled so DeepSpeed's mean
+                # over all dp x sp ranks equals the single-process gradient (train/distributed.py)
+                engine.backward(self.par.backward_loss(loss) if self.par else loss)
                 if engine.is_gradient_accumulation_boundary():
                     grad_norm = grad_norm_before_step(engine)
                 engine.step()
                 sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / accum
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / accum
-                c, n = batch_counts(batch)
+                c, n = batch_counts(whole)
                 cells += c
                 tokens += n
             if grad_norm is None:
