@@ -568,7 +568,8 @@ class SGFM(nn.Module):
                 out[:, :, lo:hi] = x
                 return out
 
-            def model(x: Tensor, tau: float, full=full, alpha_s=alpha_s, coarse=coarse, stage=stage) -> Tensor:
+            def model(x: Tensor, tau: float, full=full, alpha_s=alpha_s, coarse=coarse, stage=stage,
+                      s=s) -> Tensor:
                 logsnr = self._logsnr_at(tau, n, dev)
                 cond = self._conditions(logsnr, lam, stage)
                 c_in = full(x)
