@@ -110,3 +110,25 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 300
                 p.join()
         del store
     return [out[r] for r in range(world_size)]
+
+
+def cached_job_results(job: Callable, *args, pass_world_size: bool = False, **kwargs):
+    """``get(world_size) -> list of per-rank results`` of ``run_distributed(job, world_size, ...)``,
+    spawned once per world size and cached, so many tests share one spawned job (spawning and
+    importing on every rank is the slow part). A failed job is cached too: every test of that
+    world size then reports the same failure instead of spawning again."""
+    results: dict = {}
+
+    def get(world_size: int):
+        if world_size not in results:
+            extra = (world_size,) if pass_world_size else ()
+            try:
+                results[world_size] = run_distributed(job, world_size, *extra, *args, **kwargs)
+            except Exception as e:
+                results[world_size] = e
+        res = results[world_size]
+        if isinstance(res, Exception):
+            raise res
+        return res
+
+    return get
