@@ -435,7 +435,7 @@ class SGFM(nn.Module):
     def generate(self, n: int, field_shape: tuple[int, ...], steps: int,
                  sampler: Literal["euler_maruyama", "heun", "pc"] = "pc", prompt_tokens: Tensor | None = None,
                  physics_eta: float = 0.0, generator: torch.Generator | None = None, bc_eta: float = 0.0,
-                 prompt_field: Tensor | None = None, round_to_vocab: bool = True,
+                 prompt_field: Tensor | None = None, round_to_vocab: bool = True, vocab_temperature: float = 1.0,
                  disable_progress: bool = True) -> dict:
         """Draw ``n`` samples of a field of global shape ``field_shape`` with ``steps`` sampler steps.
 
@@ -449,6 +449,9 @@ class SGFM(nn.Module):
         the readout's expected embedding ``sum_b p(b | u_hat) e_b`` (Diffusion-LM's clamping,
         CDCD's score interpolation), which keeps the trajectory near the embedding manifold; in
         cascade mode only the final (finest) stage rounds, the coarser stages have no full field.
+        ``vocab_temperature`` divides the readout logits in that rounding: 1 follows the model's
+        own posterior; below 1 is low-temperature decoding (fewer rare bytes and non-words,
+        less diversity; at 0.25 samples collapse to the corpus' separator lines).
 
         Returns ``{"field": [n, C, *S]}`` plus ``"tokens"`` ``[n, T, L]`` (text) or ``"frames"``
         ``[n, D, *S]`` (video).
@@ -461,6 +464,8 @@ class SGFM(nn.Module):
         for name, v in (("physics_eta", physics_eta), ("bc_eta", bc_eta)):
             if not v >= 0:
                 raise ValueError(f"{name}: must be >= 0, got {v}")
+        if not vocab_temperature > 0:
+            raise ValueError(f"vocab_temperature: must be > 0, got {vocab_temperature}")
         field_shape = tuple(int(s) for s in field_shape)
         self._check_shape(field_shape, "field_shape")
         for i, s in enumerate(field_shape):
@@ -504,7 +509,7 @@ class SGFM(nn.Module):
                 a, logsnr = full_alpha(tau), self._logsnr_at(tau, n, dev)
                 eps, c0 = self.eps_network(x, a, self._conditions(logsnr, lam, None), shape)
                 if rounding:
-                    c0 = self._round_to_vocab(c0, logsnr[:, -1], shape)
+                    c0 = self._round_to_vocab(c0, logsnr[:, -1], shape, vocab_temperature)
                     eps = (x - a.sqrt() * c0) / (1 - a).sqrt()
                 return eps
 
@@ -524,7 +529,8 @@ class SGFM(nn.Module):
                         constraint=constraint, domain=self.domain, disable=disable_progress)
         else:
             c = self._generate_cascade(n, shape, steps, step_fn, lam, noise_fn, energy_for,
-                                       physics_eta, bc_eta, known, known_field, rounding, disable_progress)
+                                       physics_eta, bc_eta, known, known_field, rounding, vocab_temperature,
+                                       disable_progress)
         u = self.to_field(c, shape)  # [n, C, *S]
         if known is not None:
             u = known * known_field + (1 - known) * u  # the prompt exactly
@@ -540,14 +546,17 @@ class SGFM(nn.Module):
             out["frames"] = self.video.readout(u)
         return out
 
-    def _round_to_vocab(self, c0: Tensor, logsnr: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """``W sum_b p(b | u_hat) e_b`` for ``u_hat = W^-1 c0`` read out at noise level ``logsnr [n]``."""
-        p = torch.softmax(self.text.logits(self.to_field(c0, shape), logsnr), dim=-1)  # [n, T, L, V]
+    def _round_to_vocab(self, c0: Tensor, logsnr: Tensor, shape: tuple[int, ...], temperature: float) -> Tensor:
+        """``W sum_b p(b | u_hat) e_b`` for ``u_hat = W^-1 c0`` read out at noise level ``logsnr [n]``,
+        ``p`` the readout softmax at ``temperature``."""
+        logits = self.text.logits(self.to_field(c0, shape), logsnr) / temperature
+        p = torch.softmax(logits, dim=-1)  # [n, T, L, V]
         u = torch.einsum("n...v,vc->nc...", p, self.text.vectors().to(p.dtype))  # [n, C, T, L]
         return self.to_coeffs(u)
 
     def _generate_cascade(self, n, shape, steps, step_fn, lam, noise_fn, energy_for,
-                          physics_eta, bc_eta, known, known_field, rounding, disable_progress) -> Tensor:
+                          physics_eta, bc_eta, known, known_field, rounding, temperature,
+                          disable_progress) -> Tensor:
         """Eq. 20 cascade: scale 0 (approximation) first, then each finer scale conditioned on the
         reconstruction of the coarser ones; returns the full coefficients ``[n, C, N]``."""
         dev = lam.device
@@ -578,7 +587,7 @@ class SGFM(nn.Module):
                 a = alpha_s(tau)
                 eps, c0 = D.eps_and_c0(raw, x, a, self.dcfg.parameterization)
                 if rounding and s == J:  # only the last stage has the full field to round
-                    c0 = self._round_to_vocab(full(c0), logsnr[:, -1], shape)[:, :, lo:hi]
+                    c0 = self._round_to_vocab(full(c0), logsnr[:, -1], shape, temperature)[:, :, lo:hi]
                     eps = (x - a.sqrt() * c0) / (1 - a).sqrt()
                 return eps
 

@@ -138,9 +138,11 @@ def test_gradcheck_small_layers(ndim):
     assert torch.autograd.gradcheck(norm, (x,), fast_mode=True)
     # the weights too: functional forms with the parameter as input
     w = conv.weight.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda w_: torch.func.functional_call(conv, {"weight": w_}, (x.detach(),)), (w,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda w_: torch.func.functional_call(conv, {"weight": w_}, (x.detach(),)), (w,),
+                                    fast_mode=True)
     sw = spec.weight.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda w_: torch.func.functional_call(spec, {"weight": w_}, (x.detach(),)), (sw,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda w_: torch.func.functional_call(spec, {"weight": w_}, (x.detach(),)), (sw,),
+                                    fast_mode=True)
 
 
 def test_gradcheck_film_and_fourier_features():

@@ -42,7 +42,8 @@ def test_training_loss_shapes_terms_and_gradients(modality, mode):
     model = _model(modality, mode)
     total, terms = model.training_loss(_batch(modality), torch.Generator().manual_seed(0))
     assert total.ndim == 0 and total.dtype == torch.float32 and torch.isfinite(total)
-    expected = {"diff", "physics", "bc"} | ({"ce"} if modality == "text" else {"recon"} if modality == "video" else set())
+    readout = {"text": {"ce"}, "video": {"recon"}, "physics": set()}[modality]
+    expected = {"diff", "physics", "bc"} | readout
     assert set(terms) == expected
     assert all(t.ndim == 0 and not t.requires_grad and torch.isfinite(t) for t in terms.values())
     total.backward()
@@ -67,8 +68,8 @@ def test_generate_text_shapes_and_prompt_rows_exact(mode, sampler):
     model = _model("text", mode).eval()
     prompt = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(2))  # 1 row + 5 ids
     guided = dict(physics_eta=1e-3, bc_eta=0.1) if sampler == "pc" else {}  # Eq. 24 and L_BC guidance
-    out = model.generate(3, (8, 16), 2, sampler=sampler, prompt_tokens=prompt, generator=torch.Generator().manual_seed(0),
-                         **guided)
+    out = model.generate(3, (8, 16), 2, sampler=sampler, prompt_tokens=prompt,
+                         generator=torch.Generator().manual_seed(0), **guided)
     assert out["tokens"].shape == (3, 8, 16) and out["tokens"].dtype == torch.int64
     assert out["field"].shape == (3, 4, 8, 16) and out["field"].dtype == torch.float32
     assert torch.equal(out["tokens"].reshape(3, -1)[:, :21], prompt.expand(3, -1))
@@ -81,17 +82,19 @@ def test_generate_3d_with_first_frames_prompt(modality):
     model = _model(modality).eval()
     data_ch = 2 if modality == "physics" else 3
     prompt = torch.randn(2, data_ch, 2, 8, 8, generator=torch.Generator().manual_seed(3))
-    out = model.generate(2, (8, 8, 8), 2, sampler="heun", prompt_field=prompt, generator=torch.Generator().manual_seed(0))
+    out = model.generate(2, (8, 8, 8), 2, sampler="heun", prompt_field=prompt,
+                         generator=torch.Generator().manual_seed(0))
     assert out["field"].shape == (2, 4 if modality == "video" else 2, 8, 8, 8)
     got = out["field"] if modality == "physics" else out["frames"]
     assert got.shape == (2, data_ch, 8, 8, 8)
     torch.testing.assert_close(got[:, :, :2], prompt, atol=1e-5, rtol=1e-5)
 
 
-def test_generate_is_seeded():
+@pytest.mark.parametrize("rounding", [dict(round_to_vocab=False), dict(vocab_temperature=0.7)])
+def test_generate_is_seeded(rounding):
     model = _model("text").eval()
-    a = model.generate(2, (8, 16), 2, generator=torch.Generator().manual_seed(4))
-    b = model.generate(2, (8, 16), 2, generator=torch.Generator().manual_seed(4))
+    a = model.generate(2, (8, 16), 2, generator=torch.Generator().manual_seed(4), **rounding)
+    b = model.generate(2, (8, 16), 2, generator=torch.Generator().manual_seed(4), **rounding)
     assert torch.equal(a["field"], b["field"])
 
 
@@ -214,6 +217,8 @@ def test_bad_generate_arguments():
         model.generate(1, (8, 16), 2, prompt_tokens=torch.zeros(1, 200, dtype=torch.long))
     with pytest.raises(ValueError, match="sampler"):
         model.generate(1, (8, 16), 2, sampler="ddim")
+    with pytest.raises(ValueError, match="vocab_temperature"):
+        model.generate(1, (8, 16), 2, vocab_temperature=0.0)
     with pytest.raises(ValueError, match="field_shape"):
         model.generate(1, (6, 16), 2)
     with pytest.raises(ValueError, match="prompt_tokens"):
