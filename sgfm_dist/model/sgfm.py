@@ -27,9 +27,8 @@ Design decisions (see also DESIGN.md section 1):
 * **Physics.** ``R(u) = d_t u + (u.grad)u - nu Lap u - f_theta(u, xi)`` (Eq. 41) projected by
   P (Eq. 43), mean over cells (``ops.dynamics``). Physics/video fields use the spatial axes
   as flow axes and t as time (``dynamics.residual``). The text field uses *all* field axes as
-  flow axes (u = (u_t, u_x), grad = (d_t, d_x), Eq. 25-28); its d_t u is the periodic
-  derivative along the t axis (the text field is periodic in t), computed here because
-  ``FlowSpec`` forbids a time axis that is also a flow axis. The forcing network
+  flow axes (u = (u_t, u_x), grad = (d_t, d_x), Eq. 25-28); its lone d_t u is the same
+  periodic derivative the gradient takes along t (``time_derivative="flow"``). The forcing network
   ``f_theta(u, xi)`` is a smaller stack of the same blocks, fed the field and a white-noise
   input xi, scaled by ``forcing_strength``.
 * **L_BC** (Eq. 44): mean square of ``u_hat - u0`` on the first ``bc_rows`` t-slices (the
@@ -55,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import dynamics, finite_diff, spectral
+from ..ops import dynamics
 from ..ops.domain import LOCAL
 from ..ops.wavelets import coeff_layout, dwt, flatten_coeffs, idwt, max_levels, unflatten_coeffs
 from . import diffusion as D
@@ -64,7 +63,6 @@ from .fields import TextField, VideoLift
 from .networks import ConditionEmbedding, FieldNet
 from .samplers import SAMPLERS, get_taus
 
-_FD_ACCURACY = {"fd2": 2, "fd4": 4}
 
 
 class SGFM(nn.Module):
@@ -98,11 +96,10 @@ class SGFM(nn.Module):
             self.forcing_net = None
         flow = cfg.flow_axes()
         lengths = None if cfg.lengths is None else tuple(cfg.lengths[a - 2] for a in flow)
-        time_axis = None if 2 in flow else 2
-        self.flow_spec = dynamics.FlowSpec(flow_axes=flow, time_axis=time_axis, lengths=lengths, dt=cfg.dt,
+        # Text uses t as a flow axis too (Eq. 25-28): its d_t is then the gradient's own d_t.
+        self.flow_spec = dynamics.FlowSpec(flow_axes=flow, time_axis=2, lengths=lengths, dt=cfg.dt,
                                            nu=cfg.nu, derivative=cfg.derivative,
-                                           time_derivative=cfg.time_derivative if time_axis is not None
-                                           else "one_sided2")
+                                           time_derivative="flow" if 2 in flow else cfg.time_derivative)
 
     # ------------------------------------------------------------------ domain
     def set_domain(self, domain) -> None:
@@ -254,25 +251,7 @@ class SGFM(nn.Module):
         spec, dom = self.flow_spec, self.domain
         if lam is None:
             lam = self._lambda(None, u.shape[0], u.device)
-        f = self.forcing(u, xi, lam)
-        if spec.time_axis is not None:
-            return dynamics.physics_energy(u, spec, f, dom)
-        # text: t is a flow axis, d_t is the periodic derivative along it (Eq. 28 read literally)
-        if spec.derivative == "spectral":
-            length = spec.lengths[0] if spec.lengths is not None else 2 * math.pi
-            dt_u = spectral.derivative(u, 2, 1, length, domain=dom)
-        else:
-            spacing = (spec.lengths[0] if spec.lengths is not None else 2 * math.pi) / dom.global_extent(u, 2)
-            dt_u = finite_diff.fd_derivative(u, 2, 1, _FD_ACCURACY[spec.derivative], spacing, domain=dom,
-                                             boundary="periodic")
-        r = dt_u + dynamics.advection(u, spec, dom)
-        if spec.nu:
-            r = r - dynamics.viscous_term(u, spec, dom)
-        if f is not None:
-            r = r - f
-        pr = dynamics.project(r, spec, dom)  # [B, C, *S]
-        local = pr.square().sum(dim=tuple(range(1, pr.ndim)))  # [B]
-        return dom.sum(local) / (pr.shape[1] * dom.numel(pr))
+        return dynamics.physics_energy(u, spec, self.forcing(u, xi, lam), dom)
 
     def _first_rows_mask(self, u: Tensor, rows: int) -> Tensor:
         """``[1, 1, *S_local]`` 1.0 on the first ``rows`` global t-slices (sharded from the global mask)."""

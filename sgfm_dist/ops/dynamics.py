@@ -51,12 +51,12 @@ from sgfm_dist.ops import finite_diff, spectral
 from sgfm_dist.ops.domain import LOCAL, check_real_field, field_axes, normalize_axes
 
 DerivativeKind = Literal["spectral", "fd2", "fd4"]
-TimeDerivativeKind = Literal["periodic2", "periodic4", "one_sided2", "one_sided4"]
+TimeDerivativeKind = Literal["periodic2", "periodic4", "one_sided2", "one_sided4", "flow"]
 IntegratorKind = Literal["rk4", "etdrk4", "euler_maruyama"]
 Forcing = Union[Tensor, Callable[[Tensor], Tensor], None]
 
 _DERIVATIVES = ("spectral", "fd2", "fd4")
-_TIME_DERIVATIVES = ("periodic2", "periodic4", "one_sided2", "one_sided4")
+_TIME_DERIVATIVES = ("periodic2", "periodic4", "one_sided2", "one_sided4", "flow")
 _INTEGRATORS = ("rk4", "etdrk4", "euler_maruyama")
 _FD_ACCURACY = {"fd2": 2, "fd4": 4}
 _DTYPES = (torch.float32, torch.float64)
@@ -96,7 +96,10 @@ class FlowSpec:
     time_derivative: TimeDerivativeKind = "one_sided2"
     """d_t stencil along ``time_axis``: "periodic2"/"periodic4" (central, time-periodic data) or
     "one_sided2"/"one_sided4" (central inside, one-sided of the same order at both ends: a
-    trajectory is not periodic in time)."""
+    trajectory is not periodic in time), with spacing ``dt``. "flow" (only when the time axis is
+    also a flow axis, as for text): d_t is the very operator the gradient uses along that axis
+    (``derivative``, the axis' box length), so the lone d_t u and the d_t inside (u.grad)u are one
+    discretisation."""
 
     dealias: bool = False
     """Apply Orszag's 2/3 rule to the advection product: velocity and product are truncated to
@@ -119,6 +122,9 @@ class FlowSpec:
         if self.time_axis is not None:
             if not _is_int(self.time_axis) or self.time_axis < 2:
                 raise ValueError(f"time_axis: expected None or a tensor dim >= 2, got {self.time_axis!r}")
+        if self.time_derivative == "flow" and self.time_axis not in axes:
+            raise ValueError(f"time_derivative: 'flow' differentiates along a flow axis, but time_axis="
+                             f"{self.time_axis} is not one of flow_axes {axes}")
         if self.lengths is not None:
             lengths = tuple(float(v) for v in self.lengths)
             if len(lengths) != len(axes):
@@ -215,6 +221,12 @@ def time_derivative(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
     _check_field(u, spec)
     if spec.time_axis is None:
         raise ValueError("spec.time_axis: d_t u needs a time axis in the field; got time_axis=None")
+    if spec.time_derivative == "flow":
+        length = None if spec.lengths is None else (spec.lengths[spec.flow_axes.index(spec.time_axis)],)
+        if spec.derivative == "spectral":
+            return spectral.derivative(u, spec.time_axis, 1, length[0] if length else 2 * math.pi, domain=domain)
+        return finite_diff.fd_gradient(u, (spec.time_axis,), length, accuracy=_FD_ACCURACY[spec.derivative],
+                                       domain=domain)
     kind, accuracy = spec.time_derivative[:-1], int(spec.time_derivative[-1])
     boundary = "periodic" if kind == "periodic" else "one_sided"
     return finite_diff.fd_derivative(u, spec.time_axis, order=1, accuracy=accuracy, spacing=spec.dt,

@@ -521,3 +521,36 @@ def test_time_axis_may_be_a_flow_axis_text_field():
     expected = dyn.time_derivative(u, spec) + dyn.advection(u, spec) - dyn.viscous_term(u, spec)
     torch.testing.assert_close(dyn.residual(u, spec), expected, rtol=1e-12, atol=1e-12)
     assert dyn.physics_energy(u, spec).shape == (2,)
+
+
+@pytest.mark.parametrize("derivative", ["spectral", "fd2", "fd4"])
+def test_flow_time_derivative_is_the_gradients_own_d_t(derivative):
+    """``time_derivative="flow"``: the lone d_t u equals the gradient's component along the time
+    axis (one discretisation for both), checked against fd_gradient / the spectral gradient."""
+    from sgfm_dist.ops import dynamics as dyn
+    from sgfm_dist.ops.finite_diff import fd_gradient
+    from sgfm_dist.ops.spectral import gradient
+    torch.manual_seed(0)
+    lengths = (3.0, 5.0)
+    spec = FlowSpec(flow_axes=(2, 3), time_axis=2, lengths=lengths, derivative=derivative, time_derivative="flow")
+    u = torch.randn(2, 4, 16, 32, dtype=torch.float64)
+    if derivative == "spectral":
+        grad = gradient(u, (2, 3), lengths)
+    else:
+        grad = fd_gradient(u, (2, 3), lengths, accuracy=int(derivative[-1]))
+    d_t = grad.reshape(2, 4, 2, 16, 32)[:, :, 0]
+    torch.testing.assert_close(dyn.time_derivative(u, spec), d_t, rtol=1e-12, atol=1e-12)
+    # and on a sine along t it is the stencil's analytic symbol: k (spectral), sin(kh)/h (fd2),
+    # (8 sin(kh) - sin(2kh)) / 6h (fd4), times cos(kt)
+    h, k = lengths[0] / 16, 2 * math.pi / lengths[0]
+    t = torch.arange(16, dtype=torch.float64) * h
+    w = torch.sin(k * t)[None, None, :, None].expand(1, 2, 16, 4).contiguous()
+    symbol = {"spectral": k, "fd2": math.sin(k * h) / h,
+              "fd4": (8 * math.sin(k * h) - math.sin(2 * k * h)) / (6 * h)}[derivative]
+    exact = symbol * torch.cos(k * t)[None, None, :, None].expand(1, 2, 16, 4)
+    torch.testing.assert_close(dyn.time_derivative(w, spec), exact, rtol=0, atol=1e-12)
+
+
+def test_flow_time_derivative_needs_the_time_axis_among_flow_axes():
+    with pytest.raises(ValueError, match="time_derivative: 'flow'"):
+        FlowSpec(flow_axes=(3, 4), time_axis=2, time_derivative="flow")
