@@ -132,6 +132,44 @@ def test_physics_correction_is_a_gradient_step():
     torch.testing.assert_close(out, x * 0.8)
 
 
+def test_physics_correction_shortens_steps_past_the_trust_region():
+    """A step longer than max_step_ratio * ||x|| (per sample) is cut to that length along -grad;
+    shorter steps are exactly Eq. 24; None turns the limit off."""
+    x = torch.tensor([[1.0, -2.0], [0.1, 0.1]], dtype=torch.float64)
+    quartic = lambda v: (v ** 4).sum(1)  # noqa: E731  grad = 4 v^3: [4, -32] and [0.004, 0.004]
+    grad = 4 * x ** 3
+    out = physics_correction(x, quartic, 1.0, max_step_ratio=0.5)
+    step = x - out
+    torch.testing.assert_close(step[0].norm(), 0.5 * x[0].norm())
+    torch.testing.assert_close(step[0] / step[0].norm(), grad[0] / grad[0].norm())
+    torch.testing.assert_close(out[1], x[1] - grad[1])  # 0.0057 < 0.5 * 0.14: untouched
+    torch.testing.assert_close(physics_correction(x, quartic, 1.0, max_step_ratio=None), x - grad)
+    with pytest.raises(ValueError, match="max_step_ratio"):
+        physics_correction(x, quartic, 1.0, max_step_ratio=0.0)
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "pc"])
+def test_guided_stochastic_sampling_stays_bounded(sampler):
+    """A stiff (quartic) guidance energy at a step size where the plain gradient step diverges
+    from the first, noisiest step: the limited step keeps the samples finite and lowers E."""
+    w, mu, sd, _, _ = _mixture("1d")
+    alpha_fn = _alpha_fn(0.0, 1)
+    quartic = lambda v: (v ** 4).flatten(1).sum(1)  # noqa: E731
+
+    def run(eta):
+        g = torch.Generator().manual_seed(4)
+        x = (1 - alpha_fn(1.0)).sqrt() * torch.randn(1, 1, 200, generator=g, dtype=torch.float64)
+        return SAMPLERS[sampler](_analytic_eps(w, mu, sd, alpha_fn), x, get_taus(5), alpha_fn, disable=True,
+                                 generator=g, energy=quartic, eta=eta)
+
+    free, guided = run(0.0), run(5.0)
+    # the plain step at this eta overshoots a state of the mixture's scale 180-fold (3 -> -537)
+    x0 = torch.full((1, 1, 1), 3.0, dtype=torch.float64)
+    assert float(physics_correction(x0, quartic, 5.0, max_step_ratio=None).abs()) > 100
+    assert torch.isfinite(guided).all()
+    assert float(quartic(guided)) < float(quartic(free))
+
+
 def test_ensemble_stats():
     g = torch.Generator().manual_seed(3)
     s = torch.randn(5, 2, 3, 4, generator=g)
