@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -176,8 +177,17 @@ class ParallelConfig:
     dp: int = -1
     """Data-parallel groups; -1 = the rest (world // sp)."""
     sp: int = 1
-    """Ranks sharing one sample (domain parallelism): the text field's t axis is split over
-    them (``parallel/parallelize.py``); each local extent must stay divisible by 2**levels."""
+    """Ranks sharing one sample (domain parallelism): the field is split over them along
+    ``split_axes`` (``parallel/parallelize.py``); each local extent must stay divisible by
+    2**levels."""
+    sp_grid: tuple[int, ...] = ()
+    """Ranks per split axis: ``()`` = all sp ranks along one axis (a slab); ``[p0, p1]`` with
+    p0 * p1 = sp = a pencil over two axes (video/physics fields, which have three)."""
+    split_axes: tuple[int, ...] = ()
+    """Field axes split over the sp grid, one per grid dim, counted from 0 = t (text: t, x;
+    video/physics: t, y, x). ``()`` = automatic: t for text (a periodic flow axis, no FFT
+    transpose); the spatial axes (y, then x) for video/physics, whose d_t is a one-sided
+    stencil that reads t whole (``train/distributed.py: resolve_split_axes``)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters."""
     activation_checkpointing: bool = False
@@ -189,6 +199,24 @@ class ParallelConfig:
         _positive("parallel.sp", self.sp)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        self.sp_grid, self.split_axes = tuple(self.sp_grid), tuple(self.split_axes)
+        if self.sp_grid:
+            if len(self.sp_grid) > 2 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1
+                                            for p in self.sp_grid):
+                raise ValueError(f"parallel.sp_grid: expected 1 or 2 positive ints (slab or pencil), "
+                                 f"got {list(self.sp_grid)}")
+            if math.prod(self.sp_grid) != self.sp:
+                raise ValueError(f"parallel.sp_grid: {list(self.sp_grid)} has {math.prod(self.sp_grid)} ranks "
+                                 f"but parallel.sp={self.sp}")
+        if self.split_axes:
+            if any(isinstance(a, bool) or not isinstance(a, int) or not 0 <= a <= 2 for a in self.split_axes) \
+                    or len(set(self.split_axes)) != len(self.split_axes):
+                raise ValueError(f"parallel.split_axes: expected distinct field axes in 0..2 (0 = t), "
+                                 f"got {list(self.split_axes)}")
+            dims = len(self.sp_grid) or 1
+            if len(self.split_axes) != dims:
+                raise ValueError(f"parallel.split_axes: {list(self.split_axes)} names {len(self.split_axes)} axes "
+                                 f"but the sp grid {list(self.sp_grid or (self.sp,))} has {dims} dim(s)")
 
     def mesh(self, world: int) -> tuple[int, int]:
         """(dp, sp) for ``world`` ranks, checked."""

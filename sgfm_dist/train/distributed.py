@@ -101,6 +101,13 @@ def shard_batch(batch: dict, domain) -> dict:
         raise ValueError(f"batch: expected a dict, got {type(batch).__name__}")
     if not getattr(domain, "is_split", False):
         return batch
+    want = tuple(domain.layout.global_extents)
+    for key in TOKEN_KEYS + FIELD_KEYS:
+        x = batch.get(key)
+        if isinstance(x, Tensor) and tuple(x.shape[x.ndim - len(want):]) != want:
+            # a batch of another shape would be cut into blocks of the wrong field
+            raise ValueError(f"batch[{key!r}]: field extents {tuple(x.shape[x.ndim - len(want):])} (shape "
+                             f"{tuple(x.shape)}) differ from the extents {want} the model was split for")
     out = dict(batch)
     for key in TOKEN_KEYS:
         if key in batch and isinstance(batch[key], Tensor):
@@ -167,14 +174,33 @@ def initialize_engine(module: torch.nn.Module, ds_config: dict, accounting: Batc
     return engine
 
 
-def default_split_axes(field_ndim: int, sp_grid_dims: int = 1) -> tuple[int, ...]:
-    """The field axes to split: the first field axis (t: rows of a text, frames of a video) for a
-    slab; (t, y) for a pencil of a 3-D field."""
-    if sp_grid_dims == 1:
-        return (2,)
-    if sp_grid_dims == 2 and field_ndim == 3:
-        return (2, 3)
-    raise ValueError(f"sp_grid: {sp_grid_dims} split dims do not fit a field with {field_ndim} axes")
+def resolve_split_axes(model_cfg, parallel_cfg) -> tuple[int, ...]:
+    """Tensor dims of ``[B, C, *S]`` split over the sp grid, from ``parallel.split_axes`` (field
+    axes, 0 = t) or, when that is empty, automatically: t for text (a periodic flow axis: its
+    spectral layers stay local); for video/physics the spatial axes (y for a slab, y and x for a
+    pencil), because their d_t is a one-sided stencil (``model.time_derivative``) that reads the
+    t axis whole. A split that cannot work is a ValueError naming the config keys."""
+    grid = tuple(parallel_cfg.sp_grid) or (parallel_cfg.sp,)
+    ndim = model_cfg.field_ndim
+    names = ("t", "x") if ndim == 2 else ("t", "y", "x")
+    if len(grid) > 1 and ndim != 3:
+        raise ValueError(f"parallel.sp_grid: a pencil {list(grid)} needs a 3-D field; a {model_cfg.modality} field "
+                         f"has {ndim} axes {names}: use a slab (parallel.sp_grid: [])")
+    axes = tuple(parallel_cfg.split_axes)
+    if not axes:
+        axes = (0,) if model_cfg.modality == "text" else tuple(range(1, 1 + len(grid)))
+    for a in axes:
+        if a >= ndim:
+            raise ValueError(f"parallel.split_axes: field axis {a} does not exist; a {model_cfg.modality} field "
+                             f"has {ndim} axes {names}")
+    # the time axis of video/physics (field axis 0, unless model.flow makes it a flow axis) takes
+    # a non-periodic d_t when model.time_derivative is one-sided: such an axis cannot be split
+    time_is_flow = 2 in model_cfg.flow_axes()
+    if 0 in axes and not time_is_flow and str(model_cfg.time_derivative).startswith("one_sided"):
+        raise ValueError(f"parallel.split_axes: {list(axes)} splits t, but model.time_derivative="
+                         f"{model_cfg.time_derivative!r} is a one-sided stencil that reads t whole; split the spatial "
+                         f"axes (parallel.split_axes: [] picks them) or use a periodic time derivative")
+    return tuple(2 + a for a in axes)
 
 
 @dataclass
@@ -217,18 +243,17 @@ class MeshTraining:
 
 def setup_mesh_training(model, world_size: int, dp: int, sp: int, field_shape, wavelet: str, levels: int,
                         zero_stage: int, micro_batch: int, grad_accum: int, activation_checkpointing: bool = False,
-                        split_axes=None) -> MeshTraining:
+                        split_axes=(2,), sp_grid=()) -> MeshTraining:
     """Check the dp x sp setup from its numbers (every rank raises the same ValueError before any
-    step), build the process mesh and ``parallelize`` ``model`` in place."""
+    step), build the process mesh and ``parallelize`` ``model`` in place. ``split_axes``: tensor
+    dims (:func:`resolve_split_axes`), one per dim of ``sp_grid`` (``()`` = a slab of ``sp``)."""
     from sgfm_dist.parallel.mesh import ProcessMesh
     from sgfm_dist.parallel.parallelize import ParallelizeConfig, check_parallel_setup, parallelize
 
     field_shape = tuple(int(n) for n in field_shape)
-    if split_axes is None:
-        split_axes = default_split_axes(len(field_shape))
-    dp, sp = check_parallel_setup(world_size, dp, sp, field_shape, split_axes, wavelet, levels, zero_stage)
+    dp, sp = check_parallel_setup(world_size, dp, sp, field_shape, split_axes, wavelet, levels, zero_stage, sp_grid)
     accounting = BatchAccounting(micro_batch, grad_accum, dp, sp)
-    mesh = ProcessMesh.create(dp=dp, sp=sp)
+    mesh = ProcessMesh.create(dp=dp, sp=sp, sp_grid=sp_grid)
     plan = parallelize(model, mesh, mesh.layout(field_shape, tuple(split_axes)),
                        ParallelizeConfig(wavelet=wavelet, levels=levels,
                                          activation_checkpointing=bool(activation_checkpointing),
@@ -236,3 +261,25 @@ def setup_mesh_training(model, world_size: int, dp: int, sp: int, field_shape, w
     logger.info("mesh: %s; true global batch %d", mesh.describe(), accounting.global_batch)
     return MeshTraining(mesh=mesh, domain=plan.domain, accounting=accounting,
                         checkpointed_blocks=plan.checkpointed_blocks)
+
+
+def setup_split_sampling(model, world_size: int, sp: int, field_shape, wavelet: str, levels: int,
+                         split_axes=(2,), sp_grid=()):
+    """Split ``model`` over all ``world_size`` ranks (``sp`` must equal it) for sampling one field
+    of global ``field_shape``; returns the domain (``generate`` then draws its noise globally and
+    shards it, so the samples equal the single-process ones for the same seed). Every sp rank
+    must call ``generate`` with identically seeded generators. Checked from numbers first."""
+    from sgfm_dist.parallel.mesh import ProcessMesh
+    from sgfm_dist.parallel.parallelize import ParallelizeConfig, check_parallel_setup, parallelize
+
+    if sp != world_size:
+        # dp groups would each draw the whole ensemble again (the noise of member i depends on
+        # the ensemble size, so it cannot be dealt out over groups without changing the samples)
+        raise ValueError(f"sp: sampling splits one field over all ranks; got sp={sp} on {world_size} processes "
+                         f"(launch {sp} processes, or pass --sp {world_size})")
+    field_shape = tuple(int(n) for n in field_shape)
+    check_parallel_setup(world_size, 1, sp, field_shape, split_axes, wavelet, levels, 0, sp_grid)
+    mesh = ProcessMesh.create(dp=1, sp=sp, sp_grid=sp_grid)
+    plan = parallelize(model, mesh, mesh.layout(field_shape, tuple(split_axes)),
+                       ParallelizeConfig(wavelet=wavelet, levels=levels))
+    return plan.domain

@@ -53,6 +53,17 @@ def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "tr
                  seed=cfg.data.seed, dp_rank=dp_rank, dp_size=dp_size)
 
 
+def global_field_shape(cfg: Config) -> tuple[int, ...]:
+    """Extents ``S`` of one sample's whole field: ``(data.rows, data.row_len)`` for text; for
+    video/physics those of the data (``data.frames`` cuts T, the spatial extents are the
+    corpus'), read from the first training batch of a reader of its own (the training source's
+    position is untouched)."""
+    if cfg.model.modality == "text":
+        return cfg.data.field_shape
+    field = next(iter(build_train_source(cfg, 0, 1)))["field"]  # [B, C, T, *S]
+    return tuple(int(n) for n in field.shape[2:])
+
+
 def checkpoint_dir(cfg: Config) -> str:
     """``train.ckpt_dir``, relative to ``train.out_dir`` unless absolute."""
     return cfg.train.ckpt_dir if os.path.isabs(cfg.train.ckpt_dir) else os.path.join(cfg.train.out_dir,
@@ -110,11 +121,13 @@ class Trainer:
         # `parallelize` step swaps the model's domain and checks the setup before any step runs.
         self.par = None
         if sp > 1:
-            from sgfm_dist.train.distributed import setup_mesh_training
+            from sgfm_dist.train.distributed import resolve_split_axes, setup_mesh_training
 
-            self.par = setup_mesh_training(self.model, world, dp, sp, cfg.data.field_shape, cfg.model.wavelet,
-                                           cfg.model.levels, cfg.parallel.zero_stage, cfg.train.micro_batch,
-                                           cfg.train.grad_accum, cfg.parallel.activation_checkpointing)
+            pc = cfg.parallel
+            self.par = setup_mesh_training(self.model, world, dp, sp, global_field_shape(cfg), cfg.model.wavelet,
+                                           cfg.model.levels, pc.zero_stage, cfg.train.micro_batch,
+                                           cfg.train.grad_accum, pc.activation_checkpointing,
+                                           split_axes=resolve_split_axes(cfg.model, pc), sp_grid=pc.sp_grid)
             self.dp, self.dp_rank = self.par.dp, self.par.dp_rank
             # the sp ranks of one dp group noise the same sample identically: seed by dp rank
             seed_offset = self.dp_rank
@@ -198,7 +211,8 @@ class Trainer:
         model = self.eval_model()
         if self.cfg.model.modality == "text":
             texts = generate_texts(model, e.n_samples, self.cfg.data.field_shape, e.sample_steps, e.sampler,
-                                   physics_eta=e.physics_eta, seed=e.seed, device=self.device)
+                                   physics_eta=e.physics_eta, seed=e.seed, device=self.device,
+                                   vocab_temperature=e.vocab_temperature)
             for i, t in enumerate(texts):
                 self.monitor.text(self.step, f"samples/{i}", t)
         batch = batch_to_device(self._fixed_batch(), self.device)
