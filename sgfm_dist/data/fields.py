@@ -25,7 +25,8 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from .stream import LoaderConfig, StreamingSource, convert_keep_pinned
+from .stream import LoaderConfig, StreamingSource, as_tensor
+from .transport import Alloc
 from .urls import TarReader, resolve_shards
 
 
@@ -118,27 +119,33 @@ class FrameStackCodec:
         return {"field": np.swapaxes(arr, 0, 1), "nu": float(meta.get("nu", float("nan"))),  # [C, T, *S] view
                 "dt": float(meta.get("dt", float("nan"))), "sample_id": sample["__key__"]}
 
-    def finalize(self, batch: dict) -> dict:
-        if self.kind == "video":
-            field = convert_keep_pinned(batch["field"], torch.float32)  # [B, 3, T, H, W]
-            batch["field"] = field.div_(127.5).sub_(1.0)  # [-1, 1]
-        return batch
-
-    def collate(self, samples: list[dict]) -> dict:
+    def collate(self, samples: list[dict], alloc: Alloc) -> dict:
         shapes = {s["field"].shape for s in samples}
         if len(shapes) != 1:
             raise ValueError(f"batch: samples have different field shapes {sorted(shapes)}; convert with one "
                              f"--size / grid, or set frames")
-        if self.kind == "video":
-            field = torch.from_numpy(np.stack([s["field"] for s in samples]))  # [B, C, T, H, W] uint8 until finalize
-        else:
-            field = torch.from_numpy(np.stack([s["field"] for s in samples]).astype(np.float32, copy=False))
-        out = {"field": field,  # [B, C, T, *S]
-               "sample_ids": [s["sample_id"] for s in samples]}
+        field = alloc((len(samples), *samples[0]["field"].shape), np.float32)  # [B, C, T, *S]
+        for i, s in enumerate(samples):  # the one copy of the data: stored layout -> [C, T, *S] float32
+            if self.kind == "video":
+                np.divide(s["field"], np.float32(127.5), out=field[i], dtype=np.float32)
+                np.subtract(field[i], np.float32(1.0), out=field[i])  # [-1, 1], while field[i] is in cache
+            else:
+                field[i] = s["field"]
+        out = {"field": field, "sample_ids": [s["sample_id"] for s in samples]}
         for name in ("fps", "nu", "dt"):
             if name in samples[0]:
-                out[name] = torch.tensor([s[name] for s in samples], dtype=torch.float32)  # [B]
+                out[name] = [s[name] for s in samples]
         return out
+
+    def batch_nbytes(self, batch_size: int) -> None:
+        return None  # frame sizes are in the shards; fields are large enough for one batch per message anyway
+
+    def finalize(self, batch: dict, pin: bool) -> dict:
+        batch["field"] = as_tensor(batch["field"], torch.float32, pin)  # [B, C, T, *S]
+        for name in ("fps", "nu", "dt"):
+            if name in batch:
+                batch[name] = as_tensor(batch[name], torch.float32, pin)  # [B]
+        return batch
 
 
 def _build(kind: str, source: str, split: str, batch_size: int, frames: int | None, frame_stride: int | None,

@@ -34,21 +34,39 @@ round robin, starting at worker 0. A worker's batches are consecutive batches of
 so the source records ``batches`` consumed in total and on resume renames the physical
 workers so that the one whose turn it is comes first. The order depends on W (as any
 worker split does); ``load_state_dict`` refuses a state written with another W.
+
+Messages. Batches, not samples, cross process boundaries: a worker reads, decodes and
+collates whole batches (into reused shared memory, ``transport``), and one DataLoader item
+(``batch_size=None``) is a *message* of ``k`` consecutive batches of one worker, ``k`` chosen
+from the codec's batch size so that small batches (text) do not pay the DataLoader's
+per-item cost (~0.25 ms) each. The consumer keeps a queue per worker and still takes batches
+round robin one at a time, so the batch order, the positions and the resume are those of
+``k = 1``: buffered batches that were not yet yielded are simply produced again after a
+resume. Throughput and where the time goes: docs/data.md.
 """
 from __future__ import annotations
 
+import collections
 import copy
+import ctypes
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .transport import Alloc, BatchTransport, local_alloc
+
 log = logging.getLogger("sgfm_dist.data")
 
 STATE_FORMAT = "sgfm_dist.data.stream/1"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc ``mallopt`` parameters (malloc.h)."""
+MESSAGE_BYTES = 1 << 18
+"""A worker message carries about this many bytes of batches (at least one batch, at most MAX_MESSAGE_BATCHES)."""
+MAX_MESSAGE_BATCHES = 16
 
 
 @runtime_checkable
@@ -87,18 +105,24 @@ class Reader(Protocol):
 class Codec(Protocol):
     """What a sample means: expansion into training samples, decoding, collation.
 
-    ``collate`` runs where the samples are read (a DataLoader worker) and may return compact
-    dtypes (uint8 pixels, int16 token ids) so less crosses the worker queue; ``finalize``
-    runs in the consuming process and turns that into the model's batch.
+    ``decode`` should be cheap (views, no copies): ``collate`` runs once per batch where the
+    samples are read (a DataLoader worker) and writes the batch arrays in one pass into
+    arrays from ``alloc(shape, dtype)`` (reused shared memory in a worker); it returns numpy
+    arrays, lists and strings. ``finalize`` runs in the consuming process and turns that into
+    the model's batch of tensors (page-locked when ``pin``).
     """
 
     def expand(self, raw: dict) -> Iterator[dict]: ...
 
     def decode(self, sample: dict) -> dict: ...
 
-    def collate(self, samples: list[dict]) -> dict: ...
+    def collate(self, samples: list[dict], alloc: Alloc) -> dict: ...
 
-    def finalize(self, batch: dict) -> dict: ...
+    def finalize(self, batch: dict, pin: bool) -> dict: ...
+
+    def batch_nbytes(self, batch_size: int) -> int | None:
+        """Bytes of one collated batch if known before reading (it sets the batches per worker message)."""
+        ...
 
 
 @dataclass
@@ -152,14 +176,15 @@ class LoaderConfig:
         return self.dp_size * self.workers
 
 
-def convert_keep_pinned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, into page-locked memory when ``t`` is pinned (the DataLoader pinned the
-    compact batch; a plain ``.to`` would hand the trainer unpinned memory again)."""
-    if t.dtype == dtype:
+def as_tensor(value, dtype: torch.dtype | None = None, pin: bool = False) -> torch.Tensor:
+    """A numpy array, tensor or list as a tensor of ``dtype`` (default: its own), in page-locked
+    memory when ``pin``; no copy when nothing has to change."""
+    t = value if isinstance(value, torch.Tensor) else (
+        torch.from_numpy(value) if isinstance(value, np.ndarray) else torch.tensor(value))
+    dtype = dtype or t.dtype
+    if t.dtype == dtype and (not pin or t.is_pinned()):
         return t
-    if t.is_pinned():
-        return torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t)
-    return t.to(dtype)
+    return torch.empty(t.shape, dtype=dtype, pin_memory=pin).copy_(t)
 
 
 # ---- order ---------------------------------------------------------------------------
@@ -267,42 +292,87 @@ def _bad_sample(reader: Reader, sample: dict, e: Exception, stats: dict) -> None
 
 
 def slot_batches(reader: Reader, codec: Codec, cfg: LoaderConfig, slot: int, start: SlotPosition,
-                 stats: dict) -> Iterator[tuple[dict, SlotPosition]]:
-    """Collated batches of ``slot`` with the slot position after each."""
+                 stats: dict, begin: Callable[[], Alloc] = lambda: local_alloc) -> Iterator[tuple[dict, SlotPosition]]:
+    """Collated batches of ``slot`` with the slot position after each (``begin()`` gives each
+    batch's allocator)."""
     pending: list[dict] = []
     for sample, pos in slot_samples(reader, codec, cfg, slot, start, stats):
         pending.append(sample)
         if len(pending) == cfg.batch_size:
-            yield codec.collate(pending), pos
+            yield codec.collate(pending, begin()), pos
             pending = []
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory in this process for reuse (a DataLoader worker).
+
+    A worker allocates and frees the same sizes over and over (member bytes, decoded arrays)
+    with a shuffle buffer's worth alive. By default glibc serves blocks above a dynamic
+    threshold with fresh ``mmap`` pages and trims the top of the heap, so batch after batch
+    pays first-touch page faults again: ~7 us per 4 KiB page on a VM, more than reading
+    the data (``tools/benchmark.py data``: physics 480 -> 270 us of CPU per 0.5 MB sample).
+    Blocks up to 32 MiB (glibc's maximum threshold) now come from the heap, which is never
+    trimmed: the worker keeps its peak heap. A no-op where the C library has no ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def _as_is(batch):
+    """The DataLoader's collate_fn: a worker's message goes through untouched (the default
+    would turn numpy arrays into tensors, each in one-off shared memory)."""
+    return batch
 
 
 # ---- the batch source ----------------------------------------------------------------
 
+def batches_per_message(codec: Codec, batch_size: int) -> int:
+    """``k``: batches of one worker message (see the module notes)."""
+    nbytes = codec.batch_nbytes(batch_size) if hasattr(codec, "batch_nbytes") else None
+    if not nbytes:
+        return 1
+    return max(1, min(MAX_MESSAGE_BATCHES, MESSAGE_BYTES // nbytes))
+
+
 class _SlotDataset(IterableDataset):
-    """One dp group's slots as a torch IterableDataset (one slot per worker process)."""
+    """One dp group's slots as a torch IterableDataset (one slot per worker process), yielding
+    messages: lists of ``per_message`` consecutive batches."""
 
     def __init__(self, reader: Reader, codec: Codec, cfg: LoaderConfig, positions: list[SlotPosition],
-                 first_worker: int):
+                 first_worker: int, transport: BatchTransport | None = None, per_message: int = 1):
         self.reader, self.codec, self.cfg = reader, codec, cfg
         self.positions = positions
         self.first_worker = first_worker
+        self.transport = transport
+        self.per_message = per_message
 
     def __iter__(self):
         info = get_worker_info()
         physical = 0 if info is None else info.id
         if info is not None:
             torch.set_num_threads(1)  # workers decode; intra-op threads would oversubscribe the cores
+            keep_freed_memory()
         w = (physical + self.first_worker) % self.cfg.workers  # logical worker: resume starts at the right turn
         slot = self.cfg.dp_rank * self.cfg.workers + w
         stats: dict = {}
         reported = len(getattr(self.reader, "corrupt_seen", []))  # in-process readers keep their list across iter()
-        for batch, pos in slot_batches(self.reader, self.codec, self.cfg, slot, self.positions[w], stats):
+        transport = self.transport if info is not None else None
+        begin = (lambda: transport.begin(w)) if transport is not None else (lambda: local_alloc)
+        message = []
+        for batch, pos in slot_batches(self.reader, self.codec, self.cfg, slot, self.positions[w], stats, begin):
             corrupt = getattr(self.reader, "corrupt_seen", [])
             batch["_meta"] = dict(worker=w, position=pos.as_dict(), new_corrupt=list(corrupt[reported:]),
                                   bad_samples=stats.get("bad_samples", 0))
             reported = len(corrupt)
-            yield batch
+            message.append(transport.seal(batch) if transport is not None else batch)
+            if len(message) == self.per_message:
+                yield message
+                message = []
 
 
 class StreamingSource:
@@ -351,23 +421,44 @@ class StreamingSource:
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         first = self._batches % cfg.workers
-        dataset = _SlotDataset(self.reader, self.codec, cfg, copy.deepcopy(self._positions), first)
+        pin = cfg.pin_memory and torch.cuda.is_available()
+        transport = None
+        positions = copy.deepcopy(self._positions)
         if cfg.num_workers == 0:
-            batches = iter(dataset)
+            messages = iter(_SlotDataset(self.reader, self.codec, cfg, positions, first))
         else:
-            batches = iter(DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                                      prefetch_factor=cfg.prefetch_factor,
-                                      pin_memory=cfg.pin_memory and torch.cuda.is_available()))
-        for batch in batches:
+            k = batches_per_message(self.codec, cfg.batch_size)
+            # in flight per worker: prefetch_factor messages queued, one being filled, one being copied out
+            transport = BatchTransport(cfg.num_workers, slots=(cfg.prefetch_factor + 2) * k)
+            dataset = _SlotDataset(self.reader, self.codec, cfg, positions, first, transport, k)
+            messages = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers,
+                                       prefetch_factor=cfg.prefetch_factor, pin_memory=False))
+        try:
+            yield from self._consume(messages, transport, pin)
+        finally:
+            del messages  # stops the workers before their pipes close
+            if transport is not None:
+                transport.close()
+
+    def _consume(self, messages: Iterator[list], transport: BatchTransport | None, pin: bool) -> Iterator[dict]:
+        cfg = self.cfg
+        queued: list[collections.deque] = [collections.deque() for _ in range(cfg.workers)]
+        while True:
+            due = self._batches % cfg.workers
+            if not queued[due]:
+                message = next(messages)
+                w = message[0]["_meta"]["worker"]
+                if w != due:  # the DataLoader's round robin is what the order and the resume rely on
+                    raise RuntimeError(f"data: a message from worker {w} where worker {due} was due; the "
+                                       f"DataLoader did not deliver round robin")
+                queued[w].extend(transport.receive(b, pin) if transport is not None else b for b in message)
+            batch = queued[due].popleft()
             meta = batch.pop("_meta")
             w = meta["worker"]
-            if w != self._batches % cfg.workers:  # the DataLoader's round robin is what resume relies on
-                raise RuntimeError(f"data: batch from worker {w} where worker {self._batches % cfg.workers} "
-                                   f"was due; the DataLoader did not deliver batches round robin")
             self._positions[w] = SlotPosition(**meta["position"])
             self._bad_samples[w] = meta["bad_samples"]
             for name in meta["new_corrupt"]:
                 self.corrupt_shards.append(name)
             self._batches += 1
-            yield self.codec.finalize(batch)
+            yield self.codec.finalize(batch, pin)
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .corpus import Document, builtin_corpus_documents, list_text_inputs, read_documents, split_of
-from .stream import LoaderConfig, StreamingSource, convert_keep_pinned
+from .stream import LoaderConfig, StreamingSource, as_tensor
+from .transport import Alloc
 
 BYTE_VOCAB_SIZE = 257
 """Token ids 0..255 are bytes, 256 is padding."""
@@ -99,25 +100,32 @@ class TextCodec:
                    "ids": ids[w * self.window:(w + 1) * self.window]}
 
     def decode(self, sample: dict) -> dict:
-        ids = sample["ids"]
-        tokens = np.full(self.window, self.pad_id, dtype=np.int64)  # [T*L]
-        tokens[:len(ids)] = ids
-        mask = np.zeros(self.window, dtype=bool)  # [T*L]
-        mask[:len(ids)] = True
-        return {"tokens": tokens.reshape(self.rows, self.row_len), "pad_mask": mask.reshape(self.rows, self.row_len),
-                "doc_id": sample["doc_id"], "sample_id": sample["__key__"]}
+        return {"ids": sample["ids"], "doc_id": sample["doc_id"], "sample_id": sample["__key__"]}
 
-    def collate(self, samples: list[dict]) -> dict:
-        tokens = np.stack([s["tokens"] for s in samples])  # [B, T, L] int64
-        if -32768 <= tokens.min() and tokens.max() <= 32767:
-            tokens = tokens.astype(np.int16)  # a quarter of the bytes through the worker queue
-        return {"tokens": torch.from_numpy(tokens),  # [B, T, L]
-                "pad_mask": torch.from_numpy(np.stack([s["pad_mask"] for s in samples])),  # [B, T, L]
-                "doc_ids": [s["doc_id"] for s in samples],
+    def collate(self, samples: list[dict], alloc: Alloc) -> dict:
+        if self.tokenizer == "bytes":
+            dtype = np.int16  # ids 0..255 and PAD_ID: a quarter of int64's bytes through the worker queue
+        else:
+            lo = min([self.pad_id] + [int(s["ids"].min()) for s in samples if len(s["ids"])])
+            hi = max([self.pad_id] + [int(s["ids"].max()) for s in samples if len(s["ids"])])
+            dtype = next(t for t in (np.int16, np.int32, np.int64)
+                         if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
+        tokens = alloc((len(samples), self.rows, self.row_len), dtype)  # [B, T, L]
+        tokens.fill(self.pad_id)
+        flat = tokens.reshape(len(samples), self.window)  # [B, T*L] view
+        for i, s in enumerate(samples):
+            flat[i, :len(s["ids"])] = s["ids"]
+        return {"tokens": tokens, "doc_ids": [s["doc_id"] for s in samples],
                 "sample_ids": [s["sample_id"] for s in samples]}
 
-    def finalize(self, batch: dict) -> dict:
-        batch["tokens"] = convert_keep_pinned(batch["tokens"], torch.long)  # [B, T, L] int64
+    def batch_nbytes(self, batch_size: int) -> int:
+        return batch_size * self.window * (2 if self.tokenizer == "bytes" else 4)  # collated ids, see collate
+
+    def finalize(self, batch: dict, pin: bool) -> dict:
+        ids = batch["tokens"]
+        ids = ids.numpy() if isinstance(ids, torch.Tensor) else ids  # [B, T, L] compact ids
+        batch["tokens"] = as_tensor(ids.astype(np.int64), pin=pin)  # [B, T, L] int64
+        batch["pad_mask"] = as_tensor(ids != self.pad_id, pin=pin)  # [B, T, L]: a window's ids never hold pad_id
         return batch
 
 

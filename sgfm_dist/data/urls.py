@@ -9,7 +9,7 @@ on any fsspec filesystem (local paths, ``file://``, ``memory://``, ``s3://`` ...
 backend is installed). ``register_fsspec_gopen`` also teaches ``webdataset.gopen`` those
 schemes, so a plain ``webdataset.WebDataset`` can read the same URLs.
 
-Reading uses webdataset's own tar iteration and key grouping. A shard that cannot be read
+Reading uses ``tarstream`` (a strict, fast reader of member bytes) and webdataset's key grouping. A shard that cannot be read
 (truncated, not a tar, fewer samples than its manifest promises) is *corrupt*: policy
 'fail' raises ``CorruptShardError`` naming it, policy 'skip' logs a warning naming it, keeps
 the samples read before the damage and records the name (``corrupt_seen``) for the logs.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import lzma
 import posixpath
 import tarfile
 import zlib
@@ -31,6 +32,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys
 
 from .stream import CorruptShardError
+from .tarstream import iter_members
 
 log = logging.getLogger("sgfm_dist.data")
 
@@ -156,25 +158,18 @@ def resolve_shards(source: str, split: str = "train", kind: str | None = None) -
 def tar_members(stream, url: str) -> Iterator[dict]:
     """Regular files of a tar as webdataset file dicts ``{"fname", "data", "__url__"}``.
 
-    What ``webdataset.tariterators.tar_file_iterator`` does (``__meta__`` files skipped), but a
-    seekable file (local, memory://, fsspec's buffered remote files) is read in tarfile's
-    random-access mode: the stream mode reads in 10 KiB pieces and re-slices its buffer on
-    every read, several times slower for members of a few MB.
+    What ``webdataset.tariterators.tar_file_iterator`` yields (``__meta__`` files skipped),
+    read by ``tarstream.iter_members`` (one ``read`` per member, every header checked)
+    instead of ``tarfile``, which costs ~60 us per member.
     """
-    seekable = getattr(stream, "seekable", lambda: False)()
-    tar = tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*")
-    for info in tar:
-        if not info.isreg() or info.name is None:
-            continue
-        name = info.name
+    for name, data in iter_members(stream, url):
         if "/" not in name and name.startswith("__") and name.endswith("__"):
             continue
-        yield {"fname": name, "data": tar.extractfile(info).read(), "__url__": url}
-        tar.members = []  # tarfile keeps every TarInfo otherwise
+        yield {"fname": name, "data": data, "__url__": url}
 
 
-READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError, KeyError, AssertionError)
-"""What a damaged tar raises inside tarfile/gzip/webdataset's key grouping."""
+READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError, KeyError, AssertionError)
+"""What a damaged tar raises inside the tar reader, gzip/bz2/xz, or webdataset's key grouping."""
 
 
 class TarReader:

@@ -7,6 +7,7 @@ import torch
 from sgfm_dist.data import (BYTE_VOCAB_SIZE, PAD_ID, BatchSource, build_text_source, builtin_corpus_documents,
                             decode_bytes, encode_bytes, split_of)
 from sgfm_dist.data.text import TextCodec, local_documents
+from sgfm_dist.data.transport import local_alloc
 
 
 def _reassemble(windows: dict[str, list], doc_id: str) -> bytes:
@@ -16,6 +17,13 @@ def _reassemble(windows: dict[str, list], doc_id: str) -> bytes:
         tokens, mask = windows[f"{doc_id}#{w}"]
         out += bytes(tokens[mask].tolist())
     return out
+
+
+def _window(codec: TextCodec, sample: dict) -> dict:
+    """One window through the codec as the stream runs it: decode, collate a batch of one, finalize."""
+    d = codec.decode(sample)
+    batch = codec.finalize(codec.collate([d], local_alloc), pin=False)
+    return {"tokens": batch["tokens"][0], "pad_mask": batch["pad_mask"][0], "sample_id": batch["sample_ids"][0]}
 
 
 def test_constants_and_codec_round_trip():
@@ -37,7 +45,7 @@ def test_windows_cover_document_exactly(rows, row_len, length):
     assert len(samples) == -(-length // (rows * row_len))  # ceil; an empty document has no window
     windows = {}
     for s in samples:
-        d = codec.decode(s)
+        d = _window(codec, s)
         assert d["tokens"].shape == (rows, row_len) and d["pad_mask"].shape == (rows, row_len)
         assert (d["tokens"][~d["pad_mask"]] == PAD_ID).all()
         # padding only at the end: the mask is a prefix in row-major order
@@ -47,7 +55,7 @@ def test_windows_cover_document_exactly(rows, row_len, length):
     assert _reassemble(windows, "doc") == data
     # row t is the t-th segment of L bytes
     if samples:
-        d = codec.decode(samples[0])
+        d = _window(codec, samples[0])
         for t in range(rows):
             seg = data[t * row_len:(t + 1) * row_len]
             assert bytes(d["tokens"][t][: len(seg)].tolist()) == seg
