@@ -62,3 +62,66 @@ def test_shard_batch_checks_and_passes_local():
     assert shard_batch(b, LOCAL) is b
     with pytest.raises(ValueError, match="batch: expected a dict"):
         shard_batch([1], LOCAL)
+
+
+def _model_cfg(modality, **kw):
+    from sgfm_dist.model.config import ModelConfig
+
+    return ModelConfig(modality=modality, channels=2 if modality == "physics" else 4, **kw)
+
+
+@pytest.mark.parametrize("modality,parallel,axes", [
+    ("text", dict(sp=2), (2,)),                                    # t: a periodic flow axis
+    ("physics", dict(sp=2), (3,)),                                 # y: d_t reads t whole
+    ("physics", dict(sp=4, sp_grid=(2, 2)), (3, 4)),               # pencil over (y, x)
+    ("physics", dict(sp=2, split_axes=(2,)), (4,)),                # x, as asked
+    ("video", dict(sp=4, sp_grid=(2, 2), split_axes=(0, 1)), (2, 3)),
+])
+def test_split_axes_resolve(modality, parallel, axes):
+    from sgfm_dist.train.config import ParallelConfig
+    from sgfm_dist.train.distributed import resolve_split_axes
+
+    kw = {"time_derivative": "periodic2"} if parallel.get("split_axes") == (0, 1) else {}
+    assert resolve_split_axes(_model_cfg(modality, **kw), ParallelConfig(**parallel)) == axes
+
+
+@pytest.mark.parametrize("modality,parallel,match", [
+    ("physics", dict(sp=2, split_axes=(0,)), r"splits t, but model.time_derivative='one_sided2'"),
+    ("text", dict(sp=4, sp_grid=(2, 2)), r"a pencil \[2, 2\] needs a 3-D field"),
+    ("text", dict(sp=2, split_axes=(2,)), r"field axis 2 does not exist; a text field has 2 axes \('t', 'x'\)"),
+])
+def test_split_axes_rejected(modality, parallel, match):
+    from sgfm_dist.train.config import ParallelConfig
+    from sgfm_dist.train.distributed import resolve_split_axes
+
+    with pytest.raises(ValueError, match=match):
+        resolve_split_axes(_model_cfg(modality), ParallelConfig(**parallel))
+
+
+@pytest.mark.parametrize("parallel,match", [
+    (dict(sp=4, sp_grid=(2, 3)), r"parallel.sp_grid: \[2, 3\] has 6 ranks but parallel.sp=4"),
+    (dict(sp=8, sp_grid=(2, 2, 2)), "expected 1 or 2 positive ints"),
+    (dict(sp=2, split_axes=(3,)), r"expected distinct field axes in 0..2"),
+    (dict(sp=4, sp_grid=(2, 2), split_axes=(1,)), r"names 1 axes but the sp grid \[2, 2\] has 2 dim"),
+])
+def test_parallel_config_rejects(parallel, match):
+    from sgfm_dist.train.config import ParallelConfig
+
+    with pytest.raises(ValueError, match=match):
+        ParallelConfig(**parallel)
+
+
+def test_shard_batch_rejects_other_extents():
+    """A batch whose field is not the one the model was split for fails instead of being cut
+    into blocks of the wrong field (the layout is read from the domain, no process group)."""
+    import torch
+
+    from sgfm_dist.parallel.mesh import FieldLayout
+
+    class _Split:  # what shard_batch reads of a SplitDomain before sharding
+        is_split = True
+        layout = FieldLayout((8, 16, 16), (3,), (2,), (0,))
+
+    with pytest.raises(ValueError, match=r"batch\['field'\]: field extents \(8, 32, 16\).*differ from the extents "
+                                         r"\(8, 16, 16\)"):
+        shard_batch({"field": torch.zeros(1, 2, 8, 32, 16)}, _Split())
