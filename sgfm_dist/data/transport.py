@@ -12,17 +12,22 @@ prefetch depth + 2) that it fills again and again:
   for its arrays (large ones are views of the slot's buffers, small ones plain arrays that
   travel pickled), ``seal(batch)`` replaces the buffer views by ``SharedArray`` references
   and attaches any buffer the main process has not seen yet (sent once, via torch);
-* main process: ``receive(batch)`` copies every referenced array out of the buffers into a
-  tensor of its own (page-locked when pinning: the copy the pin thread would make anyway)
-  and hands the slot back to the worker through a pipe.
+* main process: ``receive(batch)`` turns every reference into a tensor over the buffer (no
+  copy; when pinning, a copy into page-locked memory, the copy the pin thread would make
+  anyway) and *lends* the slot to the consumer: when the last tensor or view of that memory
+  is gone, a ``weakref.finalize`` on the batch's own numpy base sends the slot back to its
+  worker through a pipe.
 
-A batch handed to the trainer never aliases a buffer, so holding it (the evaluation batch)
-is safe. A worker whose slots are all in flight (the consumer fell behind by more than the
-prefetch depth) does not wait long: it sends that batch in one-off shared memory instead.
+So a batch stays valid for as long as anything holds it (the evaluation batch, a slab view
+of the field): its slot is simply not reused until then. A worker whose slots are all lent or
+in flight (the consumer holds more batches than the prefetch depth) waits briefly for one,
+then sends that batch in one-off shared memory instead.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,9 +64,17 @@ def _shared_bytes(nbytes: int) -> torch.Tensor:
     return torch.empty(max(nbytes, 1), dtype=torch.uint8).share_memory_()
 
 
-def torch_dtype(dtype) -> torch.dtype:
-    """The torch dtype of a numpy dtype."""
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+def as_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A page-locked copy (torch's caching host allocator reuses the memory)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
+
+def _hand_back(pipe, slot: int) -> None:
+    """Return a slot's array to its worker (the finalizer of a lent batch array)."""
+    try:
+        pipe.send(slot)  # a few bytes: one atomic pipe write, safe from any thread
+    except (OSError, ValueError):
+        pass  # the iteration is over and its workers are gone
 
 
 class BatchTransport:
@@ -82,6 +95,7 @@ class BatchTransport:
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}  # (slot, index) -> uint8 shared buffer
         self._new: dict[tuple[int, int], torch.Tensor] = {}  # buffers the main process has not seen yet
         self._slot: int | None = None
+        self._lent: dict[int, int] = {}  # slot -> its arrays the main process has not handed back yet
         self._allocated: dict[int, tuple[int, np.ndarray]] = {}  # id -> (buffer index, array) of this batch
         # main side
         self._received: dict[tuple[int, int, int], np.ndarray] = {}
@@ -94,16 +108,21 @@ class BatchTransport:
             self._free = list(range(self.slots))
         reader = self._pipes[worker][0]
         while reader.poll():
-            self._free.append(reader.recv())
-        if not self._free and reader.poll(WAIT_FOR_SLOT_S):
-            self._free.append(reader.recv())
+            self._returned(reader.recv())
+        while not self._free and reader.poll(WAIT_FOR_SLOT_S):
+            self._returned(reader.recv())
         self._slot = self._free.pop(0) if self._free else None  # None: this batch goes the one-off way
         self._allocated = {}
         return self._alloc
 
+    def _returned(self, slot: int) -> None:
+        self._lent[slot] -= 1
+        if self._lent[slot] == 0:
+            self._free.append(slot)
+
     def _alloc(self, shape: tuple, dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < SHARED_MIN_BYTES or self._slot is None:
             return np.empty(shape, dtype=dtype)
         index = len(self._allocated)
@@ -122,43 +141,45 @@ class BatchTransport:
         Large arrays that are not buffer arrays (the one-off way, or a codec that built a new
         array) become tensors, which torch hands over in one-off shared memory.
         """
-        referenced = False
+        referenced = 0
         for k, v in batch.items():
             if not isinstance(v, np.ndarray):
                 continue
             index, arr = self._allocated.get(id(v), (None, None))
             if arr is v:
                 batch[k] = SharedArray(self._worker, self._slot, index, v.shape, v.dtype.str)
-                referenced = True
+                referenced += 1
             elif v.nbytes >= SHARED_MIN_BYTES:
                 batch[k] = torch.from_numpy(v)
         if self._new:
             batch["_buffers"] = {(self._worker, s, i): buf for (s, i), buf in self._new.items()}
             self._new = {}
-        if self._slot is not None and not referenced:
-            self._free.append(self._slot)  # nothing of this batch lives in the slot: it stays ours
+        if self._slot is not None:
+            if referenced:
+                self._lent[self._slot] = referenced  # each array comes back on its own
+            else:
+                self._free.append(self._slot)  # nothing of this batch lives in the slot: it stays ours
         self._allocated = {}
         return batch
 
     # -- main side -----------------------------------------------------------------
     def receive(self, batch: dict, pin: bool) -> dict:
-        """Copy the batch's shared arrays into tensors of this process (page-locked when ``pin``)
-        and hand the slot back to its worker."""
+        """The batch with tensors over the shared buffers, each lent until it and its views are gone
+        (page-locked copies when ``pin``, whose buffers come back at once)."""
         for key, buf in batch.pop("_buffers", {}).items():
-            self._received[key] = buf.numpy()
-        slot = None
+            self._received[key] = memoryview(buf.numpy())
         for k, v in batch.items():
             if isinstance(v, SharedArray):
                 dtype = np.dtype(v.dtype)
-                nbytes = int(np.prod(v.shape, dtype=np.int64)) * dtype.itemsize
-                view = self._received[(v.worker, v.slot, v.index)][:nbytes].view(dtype).reshape(v.shape)
-                out = torch.empty(v.shape, dtype=torch_dtype(dtype), pin_memory=pin)
-                batch[k] = out.copy_(torch.from_numpy(view))
-                slot = (v.worker, v.slot)
+                # a numpy array of its own per batch (its base is the memoryview, so numpy does not
+                # collapse it away): every tensor and view made from it keeps it alive, and only it
+                holder = np.frombuffer(self._received[(v.worker, v.slot, v.index)], dtype=np.uint8,
+                                       count=math.prod(v.shape) * dtype.itemsize)
+                weakref.finalize(holder, _hand_back, self._pipes[v.worker][1], v.slot).atexit = False
+                tensor = torch.from_numpy(holder.view(dtype).reshape(v.shape))
+                batch[k] = as_pinned(tensor) if pin else tensor
             elif isinstance(v, torch.Tensor) and pin and not v.is_pinned():
                 batch[k] = v.pin_memory()
-        if slot is not None:
-            self._pipes[slot[0]][1].send(slot[1])
         return batch
 
     def close(self) -> None:

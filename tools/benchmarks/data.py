@@ -2,23 +2,35 @@
 
 For each kind (text from the built-in corpus, physics trajectories, video clips; the last two
 with random contents, since only bytes and shapes matter here) a shard set is written to a
-temporary directory, then timed in the same run:
+temporary directory, then timed in the same run, in ``--rounds`` interleaved rounds (raw,
+pipelines, raw, pipelines, ...) so that a change of load on a shared machine hits baseline
+and pipeline alike:
 
-* ``raw read``: every shard file read sequentially into memory (the baseline),
-* ``raw tar``: every member of every shard read with Python's tarfile exactly as the
-  pipeline reads them, nothing else: the floor of any tar-based loader in Python,
+* ``raw read``: every shard file read sequentially into memory (memory speed from the page cache),
+* ``raw tar (tarfile)``: every regular member's bytes read with Python's ``tarfile`` (what
+  the loader itself did before ``sgfm_dist.data.tarstream``): the issue's baseline,
+* ``raw tar (tarstream)``: every member's bytes read with the loader's own tar reader
+  (``tarstream.iter_members``, ~2x tarfile on large members, ~10x on small ones): nothing
+  but reading, the floor of this loader; the stricter baseline,
 * ``pipeline w=N``: an epoch's worth of batches (at least ``--min-batches``) from the batch
-  source with N DataLoader workers (tar parsing, shuffling, decoding, collation to
-  tensors), warm-up excluded.
+  source with N DataLoader workers (tar parsing, shuffling, decoding, collation, the hand-over
+  to this process and the final tensors), worker start-up and the first batches excluded.
 
-Reported: MB/s (shard bytes per second) and samples/s, with the ratios to both raw rates.
-The issue's target is a pipeline with 2 workers at >= 50% of the raw read rate; from the page
-cache a raw read runs at memory speed, so the raw-tar ratio is the meaningful one there.
+Reported per case: MB/s (shard bytes per second of wall time; medians over the rounds),
+samples/s, the ratio to each raw tar rate (median of the per-round ratios), and the CPU
+cost: shard MB per CPU-second of this process and its DataLoader workers together, with its
+ratio to the raw tarfile read's. On a machine shared with other jobs the wall-clock rates move
+with the load (printed at the start and end; Linux groups a session's processes for the CPU
+share, so extra workers may get no extra CPU at all); the CPU-second rates do not.
+The issue's target: a pipeline with 2 workers at >= 50% of the raw tar rate.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import statistics
+import tarfile
 import tempfile
 import time
 
@@ -29,9 +41,9 @@ from sgfm_dist.data.converters.text import TextConvertConfig, convert_text
 from sgfm_dist.data.corpus import builtin_corpus_documents
 from sgfm_dist.data.fields import build_physics_source, build_video_source
 from sgfm_dist.data.shards import TAR_OVERHEAD, PlanItem, SerialComm, json_bytes, npy_bytes
+from sgfm_dist.data.tarstream import iter_members
 from sgfm_dist.data.text import build_text_source
-from sgfm_dist.data.urls import read_manifest, tar_members
-from tools.benchmarks.common import time_call
+from sgfm_dist.data.urls import read_manifest
 
 SHAPES = {"physics": (16, 2, 64, 64), "video": (16, 64, 64, 3)}
 """Stored array per sample: physics float32 [T, 2, H, W], video uint8 [F, H, W, 3]."""
@@ -44,6 +56,7 @@ def add_args(parser) -> None:
     parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts")
     parser.add_argument("--shard-mb", type=float, default=8.0, help="MB per shard")
     parser.add_argument("--min-batches", type=int, default=60, help="time at least this many batches per case")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every case (medians)")
     parser.add_argument("--dir", default=None, help="where to write the shards (default: a temporary directory)")
 
 
@@ -74,8 +87,6 @@ def _write_text(out: str, tmp: str, mb: float, shard_mb: float) -> None:
     os.makedirs(src, exist_ok=True)
     for c in range(copies):  # distinct documents (a copy number prefix), so dedup keeps them
         with open(os.path.join(src, f"copy{c:03d}.jsonl"), "w", encoding="utf-8") as f:
-            import json
-
             for d in docs:
                 f.write(json.dumps({"text": f"[{c}] " + d.data.decode()}) + "\n")
     convert_text([src], out, TextConvertConfig(val_fraction=0.0, shard_samples=None, shard_mb=shard_mb),
@@ -90,20 +101,54 @@ def _source(kind: str, out: str, batch_size: int, workers: int):
     return build(out, "train", shuffle_buffer=16, **common)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its live children (the DataLoader workers) so far."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            except (OSError, IndexError, ValueError):
+                pass
+    return total
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one call."""
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, _cpu_seconds() - c0
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def run(args, rec) -> None:
     import torch
 
     torch.set_num_threads(1)
     root = args.dir or tempfile.mkdtemp(prefix="sgfm-bench-data-")
+    workers = [int(v) for v in args.workers.split(",")]
+    print(f"[data] load average (1/5/15 min) at start: {_load()}; {os.cpu_count()} CPUs", flush=True)
     try:
         for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
             if kind not in ("text", "physics", "video"):
                 raise ValueError(f"--kinds: unknown kind {kind!r} (text, physics, video)")
             out = os.path.join(root, kind)
-            if kind == "text":
-                _write_text(out, root, args.mb, args.shard_mb)
-            else:
-                _write_arrays(kind, out, args.mb, args.shard_mb)
+            if not os.path.exists(os.path.join(out, "manifest.json")):
+                if kind == "text":
+                    _write_text(out, root, args.mb, args.shard_mb)
+                else:
+                    _write_arrays(kind, out, args.mb, args.shard_mb)
             manifest = read_manifest(os.path.join(out, "manifest.json"))
             entries = manifest["splits"]["train"]
             files = [os.path.join(out, e["url"]) for e in entries]
@@ -115,37 +160,59 @@ def run(args, rec) -> None:
                         while f.read(1 << 20):
                             pass
 
-            def raw_tar():
+            def raw_tarfile():
+                for path in files:
+                    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                        for info in tar:
+                            if info.isreg():
+                                tar.extractfile(info).read()
+                            tar.members = []
+
+            def raw_tarstream():
                 for path in files:
                     with open(path, "rb") as f:
-                        for _ in tar_members(f, path):
+                        for _ in iter_members(f, path):
                             pass
 
-            raw_s = time_call(raw_read, warmup=1, repeat=3)
-            raw_mbs = total_mb / raw_s
-            rec.add(f"{kind} raw read {total_mb:.0f}MB", "MB_per_s", raw_mbs)
-            tar_mbs = total_mb / time_call(raw_tar, warmup=1, repeat=3)
-            rec.add(f"{kind} raw tar {total_mb:.0f}MB", "MB_per_s", tar_mbs, baseline=f"{kind} raw read",
-                    baseline_value=raw_mbs)
             # samples of one epoch as the source sees them (text: document windows)
             src = _source(kind, out, args.batch_size, 0)
-            codec = src.codec
-            n_samples = sum(1 for u in src.reader.units() for raw in src.reader.read(u) for _ in codec.expand(raw))
+            n_samples = sum(1 for u in src.reader.units() for raw in src.reader.read(u) for _ in src.codec.expand(raw))
             n_batches = max(args.min_batches, n_samples // args.batch_size)  # the stream wraps into new epochs
-            for w in [int(v) for v in args.workers.split(",")]:
+            mb_per_batch = total_mb * args.batch_size / n_samples  # shard bytes behind one batch
+
+            def pipeline(w):
                 it = iter(_source(kind, out, args.batch_size, w))
-                for _ in range(2):  # warm-up: worker start-up and the first prefetch
+                for _ in range(3):  # warm-up: worker start-up and the first prefetch
                     next(it)
-                t0 = time.perf_counter()
-                for _ in range(n_batches):
-                    next(it)
-                dt = time.perf_counter() - t0
+                wall, cpu = _timed(lambda: [next(it) for _ in range(n_batches)])
                 del it
-                mbs = total_mb * (n_batches * args.batch_size / n_samples) / dt  # shard bytes per sample x rate
-                case = f"{kind} pipeline w={w} B={args.batch_size}"
-                rec.add(case, "MB_per_s", mbs, baseline=f"{kind} raw read", baseline_value=raw_mbs)
-                rec.add(case, "MB_per_s", mbs, baseline=f"{kind} raw tar", baseline_value=tar_mbs)
-                rec.add(case, "samples_per_s", n_batches * args.batch_size / dt)
+                return n_batches * mb_per_batch / wall, n_batches * mb_per_batch / cpu
+
+            raw_tarfile()  # warm the page cache
+            rows: dict[str, list[tuple[float, float]]] = {}  # case -> [(MB/s, MB per CPU-s)] per round
+            for _ in range(args.rounds):
+                for name, fn in (("raw read", raw_read), ("raw tar (tarfile)", raw_tarfile),
+                                 ("raw tar (tarstream)", raw_tarstream)):
+                    wall, cpu = min((_timed(fn) for _ in range(3)), key=lambda r: r[0])
+                    rows.setdefault(name, []).append((total_mb / wall, total_mb / max(cpu, 1e-9)))
+                for w in workers:
+                    rows.setdefault(f"pipeline w={w}", []).append(pipeline(w))
+            med = {case: statistics.median(r[0] for r in v) for case, v in rows.items()}
+            med_cpu = {case: statistics.median(r[1] for r in v) for case, v in rows.items()}
+            extra = dict(load_avg=_load(), rounds=args.rounds, shard_mb=round(total_mb, 1))
+            for case in ("raw read", "raw tar (tarfile)", "raw tar (tarstream)"):
+                rec.add(f"{kind} {case} {total_mb:.0f}MB", "MB_per_s", med[case], **extra)
+            for w in workers:
+                case = f"pipeline w={w}"
+                label = f"{kind} pipeline w={w} B={args.batch_size}"
+                for base in ("raw tar (tarfile)", "raw tar (tarstream)"):
+                    ratio = statistics.median(p[0] / b[0] for p, b in zip(rows[case], rows[base]))
+                    rec.add(label, "MB_per_s", med[case], baseline=f"{kind} {base}", baseline_value=med[case] / ratio,
+                            **extra)
+                rec.add(label, "samples_per_s", med[case] / mb_per_batch * args.batch_size, **extra)
+                rec.add(label, "MB_per_cpu_s", med_cpu[case], baseline=f"{kind} raw tar (tarfile)",
+                        baseline_value=med_cpu["raw tar (tarfile)"], **extra)
     finally:
+        print(f"[data] load average (1/5/15 min) at end: {_load()}", flush=True)
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
