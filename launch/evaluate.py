@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: eval.sample_steps)")
     p.add_argument("--sampler", default=None, choices=["pc", "heun", "euler_maruyama"],
                    help="sampler (default: eval.sampler)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="readout temperature of the sampler's rounding to the vocabulary (default: eval.vocab_temperature)")
     p.add_argument("--val-batches", type=int, default=None, help="held-out batches (default: eval.val_batches)")
     p.add_argument("--val-source", default=None, help="held-out text (default: the run's data.val_source/source)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
                             field_shape=cfg.data.field_shape, pad_id=cfg.model.pad_id, prior_bytes=e.prior_bytes,
                             fractions=e.entropy_fractions, metric_samples=args.samples or e.metric_samples,
                             sample_steps=args.steps or e.sample_steps, sampler=args.sampler or e.sampler,
-                            physics_eta=e.physics_eta, seed=e.seed, device=device)
+                            physics_eta=e.physics_eta, seed=e.seed, device=device,
+                            vocab_temperature=args.temperature or e.vocab_temperature)
     summary.update(step=tm.step, checkpoint=tm.path)
     print(format_summary(summary))
     path = args.out or os.path.join(os.path.dirname(os.path.dirname(tm.path)), f"eval_step{tm.step}.json")

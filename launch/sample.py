@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="pc", choices=["pc", "heun", "euler_maruyama"])
     p.add_argument("--ensemble", type=int, default=1, help="samples drawn (E > 1 also writes the spread PNG)")
     p.add_argument("--physics-eta", type=float, default=0.0, help="physics-guided correction step (Eq. 24)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="readout temperature of the rounding to the vocabulary (default: the run's eval.vocab_temperature)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output text file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -140,7 +142,8 @@ def sample(args, device: str, rank: int, world: int) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)  # the same seed on every process
     out = tm.model.generate(args.ensemble, (T, L), args.steps, sampler=args.sampler,
                             prompt_tokens=prompt[None].to(device) if prompt.numel() else None,
-                            physics_eta=args.physics_eta, generator=gen)
+                            physics_eta=args.physics_eta, generator=gen,
+                            vocab_temperature=args.temperature or cfg.eval.vocab_temperature)
     tokens = out["tokens"]  # [E, T(_local), L]
     spread = None
     if args.ensemble > 1:

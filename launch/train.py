@@ -106,7 +106,7 @@ def final_evaluation(trainer, log) -> dict:
                             field_shape=cfg.data.field_shape, pad_id=cfg.model.pad_id, prior_bytes=e.prior_bytes,
                             fractions=e.entropy_fractions, metric_samples=e.metric_samples,
                             sample_steps=e.sample_steps, sampler=e.sampler, physics_eta=e.physics_eta,
-                            seed=e.seed, device=trainer.device, log=log)
+                            seed=e.seed, device=trainer.device, vocab_temperature=e.vocab_temperature, log=log)
     summary["step"] = trainer.step
     log("\n=== samples (EMA weights, %s sampler, %d steps) ===" % (e.sampler, e.sample_steps))
     for i, t in enumerate(summary["sample_texts"][: e.n_samples]):

@@ -183,17 +183,20 @@ def unigram_samples(prior: Tensor, n: int, shape: tuple[int, ...], generator: to
 @torch.no_grad()
 def generate_tokens(model, n: int, field_shape: tuple[int, ...], steps: int, sampler: str,
                     physics_eta: float = 0.0, seed: int = 0, device: str = "cpu",
-                    prompt_tokens: Tensor | None = None) -> dict:
-    """``model.generate`` with a seeded generator on ``device`` (the same samples every call)."""
+                    prompt_tokens: Tensor | None = None, vocab_temperature: float = 1.0) -> dict:
+    """``model.generate`` with a seeded generator on ``device`` (the same samples every call);
+    ``vocab_temperature`` is the readout temperature of the sampler's rounding to the vocabulary."""
     gen = torch.Generator(device=device).manual_seed(seed)
     return model.generate(n, tuple(field_shape), steps, sampler=sampler, prompt_tokens=prompt_tokens,
-                          physics_eta=physics_eta, generator=gen)
+                          physics_eta=physics_eta, generator=gen, vocab_temperature=vocab_temperature)
 
 
 def generate_texts(model, n: int, field_shape: tuple[int, ...], steps: int, sampler: str,
-                   physics_eta: float = 0.0, seed: int = 0, device: str = "cpu") -> list[str]:
+                   physics_eta: float = 0.0, seed: int = 0, device: str = "cpu",
+                   vocab_temperature: float = 1.0) -> list[str]:
     """Decoded texts of ``n`` samples."""
-    out = generate_tokens(model, n, field_shape, steps, sampler, physics_eta, seed, device)
+    out = generate_tokens(model, n, field_shape, steps, sampler, physics_eta, seed, device,
+                          vocab_temperature=vocab_temperature)
     pad = getattr(model, "pad_id", None)
     pad = model.cfg.pad_id if pad is None and hasattr(model, "cfg") else pad
     return [ids_to_text(t, -1 if pad is None else pad) for t in out["tokens"].cpu()]
@@ -235,7 +238,7 @@ def _flatten_scalars(obj, prefix: str) -> dict[str, float]:
 def evaluate_text(model, train_batches: Iterable[dict], val_batches: list[dict], *, field_shape: tuple[int, int],
                   pad_id: int, prior_bytes: int, fractions=(0.25, 0.5, 0.75), metric_samples: int = 16,
                   sample_steps: int = 64, sampler: str = "pc", physics_eta: float = 0.0, seed: int = 1234,
-                  device: str = "cpu", log=print) -> dict:
+                  device: str = "cpu", vocab_temperature: float = 1.0, log=print) -> dict:
     """The whole text evaluation; returns a JSON-able summary (see ``format_summary``)."""
     model.eval()
     stats = corpus_statistics(train_batches, prior_bytes, pad_id)
@@ -266,7 +269,8 @@ def evaluate_text(model, train_batches: Iterable[dict], val_batches: list[dict],
         log(f"  alpha_bar={alpha:.6f} (Bayes = {frac:.0%} of H): model {a_bits:.4f} vs Bayes {b_bits:.4f} bits/byte")
 
     # Samples: SGFM (EMA weights) vs i.i.d. unigram bytes with the same number of positions.
-    out = generate_tokens(model, metric_samples, field_shape, sample_steps, sampler, physics_eta, seed, device)
+    out = generate_tokens(model, metric_samples, field_shape, sample_steps, sampler, physics_eta, seed, device,
+                          vocab_temperature=vocab_temperature)
     sgfm_ids = out["tokens"].cpu()  # [n, T, L]
     uni_ids = unigram_samples(stats.prior, metric_samples, tuple(field_shape), torch.Generator().manual_seed(seed))
     sgfm_texts = [ids_to_text(t, pad_id) for t in sgfm_ids]
@@ -296,6 +300,7 @@ def evaluate_text(model, train_batches: Iterable[dict], val_batches: list[dict],
         "unigram_texts": uni_texts[:2],
         "sampler": sampler,
         "sample_steps": sample_steps,
+        "vocab_temperature": vocab_temperature,
         "checks": checks,
     }
 
@@ -329,7 +334,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  {lv['fraction']:>8.0%} {lv['alpha_bar']:>10.6f} {lv['logsnr']:>7.3f} "
                      f"{lv['model_bits']:>10.4f} {lv['bayes_bits']:>10.4f} {lv['relative']:>6.3f}")
     sm = s["samples"]
-    lines.append(f"samples ({s['sampler']}, {s['sample_steps']} steps): {'':>12} {'printable':>10} {'in-vocab words':>15}")
+    how = f"{s['sampler']}, {s['sample_steps']} steps, T={s.get('vocab_temperature', 1.0):g}"
+    lines.append(f"samples ({how}): {'':>{max(0, 26 - len(how))}} {'printable':>10} {'in-vocab words':>15}")
     for name in ("sgfm", "unigram"):
         lines.append(f"  {name:>37} {sm[name]['printable']:>10.3f} {sm[name]['in_vocabulary']:>15.3f}")
     lines.append("checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in s["checks"].items()

@@ -255,6 +255,10 @@ class EvalConfig:
     """Sampler: predictor-corrector, probability-flow ODE (Heun) or Euler-Maruyama SDE."""
     physics_eta: float = 0.0
     """Step size of the physics-guided correction c <- c - eta grad E (Eq. 24); 0 = off."""
+    vocab_temperature: float = 1.0
+    """Text: temperature of the readout softmax in the sampler's rounding to the vocabulary
+    (``SGFM.generate``). 1 follows the model's posterior; below 1 trades diversity for fewer
+    rare bytes and non-words."""
     energy_taus: tuple[float, ...] = (0.1, 0.5, 0.9)
     """Diffusion times tau in (0, 1) at which the wavelet energy per level is logged."""
     val_batches: int = 8
@@ -273,6 +277,7 @@ class EvalConfig:
         _positive("eval.n_samples", self.n_samples)
         _positive("eval.sample_steps", self.sample_steps)
         _non_negative("eval.physics_eta", self.physics_eta)
+        _positive("eval.vocab_temperature", self.vocab_temperature)
         if not self.energy_taus or not all(0.0 < t < 1.0 for t in self.energy_taus):
             raise ValueError(f"eval.energy_taus: need values in (0, 1), got {self.energy_taus}")
         _positive("eval.val_batches", self.val_batches)

@@ -121,6 +121,7 @@ def test_type_error_names_the_file(tmp_path):
     ("data.rows=16", r"data.rows: 16 cells admit only 1 levels of 'db4', model.levels=2"),
     ("model.width=0", "model.width"),                           # the model's own __post_init__
     ("diffusion.mode=sideways", "diffusion.mode"),
+    ("eval.vocab_temperature=0", "eval.vocab_temperature: must be > 0"),
 ])
 def test_validation_errors(chain, override, rule):
     with pytest.raises(ValueError, match=rule):
