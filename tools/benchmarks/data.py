@@ -132,12 +132,87 @@ def _load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def run(args, rec) -> None:
+def _raw_cases(files: list[str]) -> dict:
+    def raw_read():
+        for path in files:
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+    def raw_tarfile():
+        for path in files:
+            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    if info.isreg():
+                        tar.extractfile(info).read()
+                    tar.members = []
+
+    def raw_tarstream():
+        for path in files:
+            with open(path, "rb") as f:
+                for _ in iter_members(f, path):
+                    pass
+
+    return {"raw read": raw_read, "raw tar (tarfile)": raw_tarfile, "raw tar (tarstream)": raw_tarstream}
+
+
+def measure_case(case: str, kind: str, out: str, files: list[str], batch_size: int, n_batches: int) -> tuple:
+    """(wall s, CPU s) of one case: a raw read (best of 3) or ``n_batches`` from a pipeline."""
     import torch
 
     torch.set_num_threads(1)
+    if case.startswith("raw"):
+        fn = _raw_cases(files)[case]
+        fn()  # page cache, allocator
+        return min((_timed(fn) for _ in range(3)), key=lambda r: r[0])
+    it = iter(_source(kind, out, batch_size, int(case.split("=")[1])))
+    for _ in range(max(3, n_batches // 10)):  # warm-up: worker start-up, first shuffle buffer, first prefetch
+        next(it)
+
+    def consume():
+        for _ in range(n_batches):
+            next(it)  # and drop it, as a training step does (a held batch keeps its shared buffer lent)
+
+    return _timed(consume)
+
+
+def _in_fresh_process(ctx, *args) -> tuple:
+    """``measure_case`` in a new child of the fork server, so no case inherits another's allocator
+    state or page-cache-warm heap (the in-process w=0 rate moved 2x with what ran before it)."""
+    recv, send = ctx.Pipe(duplex=False)
+
+    proc = ctx.Process(target=_child, args=(send, args))  # not daemonic: DataLoader workers are its children
+    proc.start()
+    send.close()
+    try:
+        result = recv.recv()
+    except EOFError:
+        raise RuntimeError(f"benchmark case {args[0]!r} of {args[1]} died (exit code {proc.join() or proc.exitcode})")
+    proc.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _child(send, args) -> None:
+    import multiprocessing as mp
+
+    mp.set_start_method("fork", force=True)  # DataLoader workers as in a trainer: forks of this process
+    try:
+        send.send(measure_case(*args))
+    except BaseException as e:  # report it to the parent instead of dying silently
+        send.send(RuntimeError(f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()
+
+
+def run(args, rec) -> None:
+    import multiprocessing as mp
+
     root = args.dir or tempfile.mkdtemp(prefix="sgfm-bench-data-")
     workers = [int(v) for v in args.workers.split(",")]
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "numpy", "tools.benchmarks.data"])
     print(f"[data] load average (1/5/15 min) at start: {_load()}; {os.cpu_count()} CPUs", flush=True)
     try:
         for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
@@ -153,54 +228,22 @@ def run(args, rec) -> None:
             entries = manifest["splits"]["train"]
             files = [os.path.join(out, e["url"]) for e in entries]
             total_mb = sum(e["bytes"] for e in entries) / 1e6
-
-            def raw_read():
-                for path in files:
-                    with open(path, "rb") as f:
-                        while f.read(1 << 20):
-                            pass
-
-            def raw_tarfile():
-                for path in files:
-                    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                        for info in tar:
-                            if info.isreg():
-                                tar.extractfile(info).read()
-                            tar.members = []
-
-            def raw_tarstream():
-                for path in files:
-                    with open(path, "rb") as f:
-                        for _ in iter_members(f, path):
-                            pass
-
             # samples of one epoch as the source sees them (text: document windows)
             src = _source(kind, out, args.batch_size, 0)
             n_samples = sum(1 for u in src.reader.units() for raw in src.reader.read(u) for _ in src.codec.expand(raw))
             n_batches = max(args.min_batches, n_samples // args.batch_size)  # the stream wraps into new epochs
             mb_per_batch = total_mb * args.batch_size / n_samples  # shard bytes behind one batch
-
-            def pipeline(w):
-                it = iter(_source(kind, out, args.batch_size, w))
-                for _ in range(3):  # warm-up: worker start-up and the first prefetch
-                    next(it)
-                wall, cpu = _timed(lambda: [next(it) for _ in range(n_batches)])
-                del it
-                return n_batches * mb_per_batch / wall, n_batches * mb_per_batch / cpu
-
-            raw_tarfile()  # warm the page cache
+            cases = ["raw read", "raw tar (tarfile)", "raw tar (tarstream)"] + [f"pipeline w={w}" for w in workers]
             rows: dict[str, list[tuple[float, float]]] = {}  # case -> [(MB/s, MB per CPU-s)] per round
             for _ in range(args.rounds):
-                for name, fn in (("raw read", raw_read), ("raw tar (tarfile)", raw_tarfile),
-                                 ("raw tar (tarstream)", raw_tarstream)):
-                    wall, cpu = min((_timed(fn) for _ in range(3)), key=lambda r: r[0])
-                    rows.setdefault(name, []).append((total_mb / wall, total_mb / max(cpu, 1e-9)))
-                for w in workers:
-                    rows.setdefault(f"pipeline w={w}", []).append(pipeline(w))
+                for case in cases:
+                    wall, cpu = _in_fresh_process(ctx, case, kind, out, files, args.batch_size, n_batches)
+                    mb = total_mb if case.startswith("raw") else n_batches * mb_per_batch
+                    rows.setdefault(case, []).append((mb / wall, mb / max(cpu, 1e-9)))
             med = {case: statistics.median(r[0] for r in v) for case, v in rows.items()}
             med_cpu = {case: statistics.median(r[1] for r in v) for case, v in rows.items()}
             extra = dict(load_avg=_load(), rounds=args.rounds, shard_mb=round(total_mb, 1))
-            for case in ("raw read", "raw tar (tarfile)", "raw tar (tarstream)"):
+            for case in cases[:3]:
                 rec.add(f"{kind} {case} {total_mb:.0f}MB", "MB_per_s", med[case], **extra)
             for w in workers:
                 case = f"pipeline w={w}"
