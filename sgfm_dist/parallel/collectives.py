@@ -19,7 +19,7 @@ rank only) to count it once per sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,36 @@ class _AllReduceReplicated(torch.autograd.Function):
 def all_reduce_replicated(x: Tensor, group) -> Tensor:
     """Sum of ``x`` over ``group``, replicated on every rank (backward: identity)."""
     return _AllReduceReplicated.apply(x, group)
+
+
+@dataclass(frozen=True)
+class LinearComm:
+    """A linear communication map ``forward(x, cfg)`` and its adjoint ``adjoint(x, cfg)`` (plain
+    functions of a tensor and a config), made differentiable as a pair: the backward of each is
+    the other, so double backward works too. The halo exchange, the FFT transpose and
+    gather/shard are all such pairs."""
+
+    forward: Callable[[Tensor, object], Tensor]
+    adjoint: Callable[[Tensor, object], Tensor]
+
+    def __call__(self, x: Tensor, cfg) -> Tensor:
+        return _ApplyLinearComm.apply(x, self, cfg)
+
+    @property
+    def T(self) -> "LinearComm":
+        """The adjoint map, as a differentiable :class:`LinearComm` too."""
+        return LinearComm(self.adjoint, self.forward)
+
+
+class _ApplyLinearComm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, op: LinearComm, cfg) -> Tensor:
+        ctx.op, ctx.cfg = op, cfg
+        return op.forward(x, cfg)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return ctx.op.T(g.contiguous(), ctx.cfg), None, None
 
 
 @dataclass(frozen=True)
@@ -121,31 +151,17 @@ def _gather_forward(x: Tensor, grid: BlockGrid) -> Tensor:
     return assemble(())
 
 
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, grid: BlockGrid) -> Tensor:
-        ctx.grid = grid
-        return _gather_forward(x, grid)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return _Shard.apply(g, ctx.grid), None
+def _own_block(x: Tensor, grid: BlockGrid) -> Tensor:
+    return _slice_block(x, grid, grid.coords).clone()
 
 
-class _Shard(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, grid: BlockGrid) -> Tensor:
-        ctx.grid = grid
-        return _slice_block(x, grid, grid.coords).clone()
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return _Gather.apply(g.contiguous(), ctx.grid), None
+_GATHER = LinearComm(_gather_forward, _own_block)
+"""All-gather of the blocks; its adjoint keeps this rank's block (the replicated convention)."""
 
 
 def gather_field(x: Tensor, grid: BlockGrid) -> Tensor:
     """The global tensor from every rank's block, on every rank (backward: own block)."""
-    return _Gather.apply(x, grid)
+    return _GATHER(x, grid)
 
 
 def shard_field(x: Tensor, grid: BlockGrid) -> Tensor:
@@ -153,4 +169,4 @@ def shard_field(x: Tensor, grid: BlockGrid) -> Tensor:
     for dm, n in zip(grid.dims, grid.extents):
         if x.shape[dm] != n:
             raise ValueError(f"shard: tensor extent {x.shape[dm]} along dim {dm} is not the global extent {n}")
-    return _Shard.apply(x, grid)
+    return _GATHER.T(x, grid)

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .collectives import LinearComm
 from .comm_stats import COMM_STATS
 from .mesh import block_offset, block_sizes
 
@@ -107,20 +108,17 @@ def _transpose_forward(x: Tensor, cfg: TransposeConfig) -> Tensor:
     return torch.cat(parts, dim=cfg.gather_dim)
 
 
-class _Transpose(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, cfg: TransposeConfig) -> Tensor:
-        ctx.cfg = cfg
-        return _transpose_forward(x, cfg)
+def _transpose_adjoint(g: Tensor, cfg: TransposeConfig) -> Tensor:
+    """A transpose permutes entries between ranks: its adjoint is its inverse, the reverse transpose."""
+    return _transpose_forward(g, cfg.reversed())
 
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return _Transpose.apply(g, ctx.cfg.reversed()), None
+
+_TRANSPOSE = LinearComm(_transpose_forward, _transpose_adjoint)
 
 
 def transpose(x: Tensor, config: TransposeConfig) -> Tensor:
     """All-to-all transpose (differentiable: the backward is the reverse transpose)."""
-    return _Transpose.apply(x, config)
+    return _TRANSPOSE(x, config)
 
 
 # ---- plans ---------------------------------------------------------------------------------

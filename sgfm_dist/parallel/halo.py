@@ -16,8 +16,8 @@ matching receives. Tags distinguish the direction, so with two ranks on a period
 also issued in the same order on every rank, which is how NCCL (which ignores tags)
 matches them. The exchange is linear, and its backward is its adjoint: each ghost's
 gradient is sent back to the rank that owns the cell and added there. Forward and
-adjoint are two autograd Functions whose backwards call each other, so double backward
-works too. With one rank on the axis it wraps locally (no communication).
+adjoint are one :class:`~.collectives.LinearComm` pair (each the other's backward), so
+double backward works too. With one rank on the axis it wraps locally (no communication).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .collectives import LinearComm
 from .comm_stats import COMM_STATS
 
 _TAG_LEFTWARD = 1   # data travelling to the left neighbour
@@ -83,15 +84,26 @@ class HaloConfig:
         return self.extents[self.coord]
 
 
-# ---- forward and adjoint helpers -----------------------------------------------------------
-def _exchange(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]], group) -> None:
-    """Post all sends then all receives (same order on every rank) and wait for them."""
-    ops = [dist.P2POp(dist.isend, t, peer, group, tag) for t, peer, tag in sends]
-    ops += [dist.P2POp(dist.irecv, t, peer, group, tag) for t, peer, tag in recvs]
+# ---- forward and adjoint ---------------------------------------------------------------------
+def _swap_with_neighbours(to_prev: Tensor | None, to_next: Tensor | None, from_next: Tensor | None,
+                          from_prev: Tensor | None, cfg: HaloConfig) -> None:
+    """Send ``to_prev`` / ``to_next`` to the left / right neighbour and receive into ``from_next``
+    / ``from_prev`` (None: no such message); all posted in one ``batch_isend_irecv``, sends
+    first, in the same order on every rank, tagged by direction, then waited for."""
+    sends = [(t, peer, tag) for t, peer, tag in ((to_prev, cfg.prev_rank, _TAG_LEFTWARD),
+                                                (to_next, cfg.next_rank, _TAG_RIGHTWARD)) if t is not None]
+    recvs = [(t, peer, tag) for t, peer, tag in ((from_next, cfg.next_rank, _TAG_LEFTWARD),
+                                                (from_prev, cfg.prev_rank, _TAG_RIGHTWARD)) if t is not None]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer, cfg.group, tag) for t, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, cfg.group, tag) for t, peer, tag in recvs]
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
     COMM_STATS.add("halo", sum(t.numel() * t.element_size() for t, _, _ in sends), len(sends))
+
+
+def _empty_or_none(like: Tensor, dim: int, n: int) -> Tensor | None:
+    return like.new_empty(_with(like.shape, dim, n)) if n else None
 
 
 def _halo_forward(x: Tensor, cfg: HaloConfig) -> Tensor:
@@ -103,18 +115,10 @@ def _halo_forward(x: Tensor, cfg: HaloConfig) -> Tensor:
     if cfg.n_ranks == 1:  # whole axis: periodic wrap, possibly several times round
         idx = torch.arange(-lo, n + hi, device=x.device) % n
         return x.index_select(dim, idx)
-    sends, recvs, left, right = [], [], None, None
-    if hi:  # my first hi cells are the left neighbour's right ghosts
-        sends.append((x.narrow(dim, 0, hi).contiguous(), cfg.prev_rank, _TAG_LEFTWARD))
-    if lo:  # my last lo cells are the right neighbour's left ghosts
-        sends.append((x.narrow(dim, n - lo, lo).contiguous(), cfg.next_rank, _TAG_RIGHTWARD))
-    if hi:
-        right = x.new_empty(_with(x.shape, dim, hi))
-        recvs.append((right, cfg.next_rank, _TAG_LEFTWARD))
-    if lo:
-        left = x.new_empty(_with(x.shape, dim, lo))
-        recvs.append((left, cfg.prev_rank, _TAG_RIGHTWARD))
-    _exchange(sends, recvs, cfg.group)
+    right, left = _empty_or_none(x, dim, hi), _empty_or_none(x, dim, lo)
+    # my first hi cells are the left neighbour's right ghosts, my last lo its right neighbour's left ones
+    _swap_with_neighbours(x.narrow(dim, 0, hi) if hi else None, x.narrow(dim, n - lo, lo) if lo else None,
+                          right, left, cfg)
     return torch.cat([t for t in (left, x, right) if t is not None], dim)  # [.., lo + n + hi, ..]
 
 
@@ -130,18 +134,10 @@ def _halo_adjoint(g: Tensor, cfg: HaloConfig) -> Tensor:
         idx = torch.arange(-lo, n + hi, device=g.device) % n
         return g.new_zeros(_with(g.shape, dim, n)).index_add(dim, idx, g)
     out = g.narrow(dim, lo, n).clone()  # [.., n, ..]
-    sends, recvs, from_right, from_left = [], [], None, None
-    if lo:  # my left ghosts came from the left neighbour's last lo cells
-        sends.append((g.narrow(dim, 0, lo).contiguous(), cfg.prev_rank, _TAG_LEFTWARD))
-    if hi:  # my right ghosts came from the right neighbour's first hi cells
-        sends.append((g.narrow(dim, lo + n, hi).contiguous(), cfg.next_rank, _TAG_RIGHTWARD))
-    if lo:
-        from_right = g.new_empty(_with(g.shape, dim, lo))
-        recvs.append((from_right, cfg.next_rank, _TAG_LEFTWARD))
-    if hi:
-        from_left = g.new_empty(_with(g.shape, dim, hi))
-        recvs.append((from_left, cfg.prev_rank, _TAG_RIGHTWARD))
-    _exchange(sends, recvs, cfg.group)
+    from_right, from_left = _empty_or_none(g, dim, lo), _empty_or_none(g, dim, hi)
+    # my left ghosts came from the left neighbour's last lo cells, my right ones from the right's first hi
+    _swap_with_neighbours(g.narrow(dim, 0, lo) if lo else None, g.narrow(dim, lo + n, hi) if hi else None,
+                          from_right, from_left, cfg)
     if from_right is not None:
         out.narrow(dim, n - lo, lo).add_(from_right)
     if from_left is not None:
@@ -155,26 +151,7 @@ def _with(shape, dim: int, n: int) -> list[int]:
     return s
 
 
-class _HaloPad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, cfg: HaloConfig) -> Tensor:
-        ctx.cfg = cfg
-        return _halo_forward(x, cfg)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return _HaloAdjoint.apply(g, ctx.cfg), None
-
-
-class _HaloAdjoint(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g: Tensor, cfg: HaloConfig) -> Tensor:
-        ctx.cfg = cfg
-        return _halo_adjoint(g, cfg)
-
-    @staticmethod
-    def backward(ctx, gg: Tensor):
-        return _HaloPad.apply(gg, ctx.cfg), None
+_HALO = LinearComm(_halo_forward, _halo_adjoint)
 
 
 # ---- public functions ------------------------------------------------------------------------
@@ -182,14 +159,14 @@ def halo_exchange(x: Tensor, config: HaloConfig) -> Tensor:
     """``x`` with periodic ghost cells along ``config.dim`` (differentiable: backward is the adjoint)."""
     if config.lo == 0 and config.hi == 0:
         return x
-    return _HaloPad.apply(x, config)
+    return _HALO(x, config)
 
 
 def halo_adjoint(g: Tensor, config: HaloConfig) -> Tensor:
     """The adjoint of :func:`halo_exchange`: ghost values returned to and added at their owners."""
     if config.lo == 0 and config.hi == 0:
         return g
-    return _HaloAdjoint.apply(g, config)
+    return _HALO.T(g, config)
 
 
 def halo_pad(x: Tensor, configs: Sequence[HaloConfig]) -> Tensor:
