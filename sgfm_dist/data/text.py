@@ -74,6 +74,7 @@ class TextCodec:
 
     @property
     def window(self) -> int:
+        """Tokens per window, T * L."""
         return self.rows * self.row_len
 
     def _ids(self, raw: dict) -> np.ndarray:
@@ -93,11 +94,11 @@ class TextCodec:
         return ids
 
     def expand(self, raw: dict) -> Iterator[dict]:
-        doc_id = raw["__key__"]
+        doc_id, url = raw["__key__"], raw.get("__url__")
         ids = self._ids(raw)
-        for w in range(-(-len(ids) // self.window)):  # empty documents give no window
-            yield {"__key__": f"{doc_id}#{w}", "__url__": raw.get("__url__"), "doc_id": doc_id,
-                   "ids": ids[w * self.window:(w + 1) * self.window]}
+        n = self.rows * self.row_len
+        for w in range(-(-len(ids) // n)):  # empty documents give no window
+            yield {"__key__": f"{doc_id}#{w}", "__url__": url, "doc_id": doc_id, "ids": ids[w * n:(w + 1) * n]}
 
     def decode(self, sample: dict) -> dict:
         return {"ids": sample["ids"], "doc_id": sample["doc_id"], "sample_id": sample["__key__"]}

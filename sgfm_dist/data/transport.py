@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-SHARED_MIN_BYTES = 1 << 16
+SHARED_MIN_BYTES = 1 << 12
 """Arrays below this size travel pickled in the batch message (cheaper than any shared memory)."""
 ALIGN = 64
 WAIT_FOR_SLOT_S = 0.02

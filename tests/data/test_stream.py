@@ -42,6 +42,28 @@ def test_seeded_shuffle_is_a_permutation():
     assert out == list(seeded_shuffle(range(50), 8, np.random.default_rng(1)))
 
 
+def _shuffle_one_draw_per_sample(samples, buffer, rng):
+    """The reference: one generator call per sample (what resume positions were defined with)."""
+    buf = []
+    for s in samples:
+        if len(buf) < buffer:
+            buf.append(s)
+            continue
+        i = int(rng.integers(len(buf)))
+        out, buf[i] = buf[i], s
+        yield out
+    for i in rng.permutation(len(buf)):
+        yield buf[int(i)]
+
+
+@pytest.mark.parametrize("n", [0, 5, 8, 9, 300, 520, 1000])
+@pytest.mark.parametrize("buffer", [1, 8, 64])
+def test_seeded_shuffle_draws_ahead_exactly(n, buffer):
+    # bulk draws must give the order of one call per sample, also across the rewind at the drain
+    got = list(seeded_shuffle(range(n), buffer, np.random.default_rng([3, n, buffer])))
+    assert got == list(_shuffle_one_draw_per_sample(range(n), buffer, np.random.default_rng([3, n, buffer])))
+
+
 def test_order_is_seeded(text_shards):
     shards, _ = text_shards
     a = _ids(_source(shards), 6)
