@@ -79,7 +79,7 @@ def _read_exactly(stream, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _number(field: bytes, what: str, offset: int) -> int:
+def _number(field: bytes, what: str, name: str, offset: int) -> int:
     """A header number: NUL/space-terminated octal, or GNU base-256 (first byte 0x80 or 0xff)."""
     if field[0] in (0x80, 0xFF):
         n = int.from_bytes(field[1:], "big")
@@ -88,11 +88,14 @@ def _number(field: bytes, what: str, offset: int) -> int:
     try:
         return int(text or b"0", 8)
     except ValueError:
-        raise tarfile.ReadError(f"invalid {what} field {field!r} in the header at byte {offset}") from None
+        raise tarfile.ReadError(f"{name}: invalid {what} field {field!r} in the header at byte {offset}") from None
 
 
 def _checksum_ok(header: bytes) -> bool:
-    stored = _number(header[148:156], "checksum", 0)
+    try:
+        stored = _number(header[148:156], "checksum", "", 0)
+    except tarfile.ReadError:
+        return False
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as 8 spaces
     if stored == unsigned:
         return True
@@ -104,7 +107,7 @@ def _name(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
+def _pax_records(data: bytes, where: str) -> dict[bytes, bytes]:
     """``"%d %s=%s\\n"`` records of a pax extended header (the length counts the whole record)."""
     out = {}
     pos = 0
@@ -113,11 +116,11 @@ def _pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
         try:
             length = int(data[pos:space])
         except ValueError:
-            raise tarfile.ReadError(f"malformed pax header at byte {offset}") from None
+            raise tarfile.ReadError(f"{where}: malformed pax header") from None
         record = data[space + 1:pos + length - 1]  # without the trailing newline
         key, sep, value = record.partition(b"=")
         if not sep or length < 1:
-            raise tarfile.ReadError(f"malformed pax header at byte {offset}")
+            raise tarfile.ReadError(f"{where}: malformed pax header")
         out[key] = value
         pos += length
     return out
@@ -148,7 +151,7 @@ def iter_members(stream: BinaryIO, name: str = "<tar>") -> Iterator[tuple[str, b
         flag = head[156:157]
         if flag == b"\0" and head[:100].split(b"\0", 1)[0].endswith(b"/"):
             flag = b"5"  # the old V7 form of a directory: a regular file whose name ends in /
-        size = int(pax[b"size"]) if b"size" in pax else _number(head[124:136], "size", offset)
+        size = int(pax[b"size"]) if b"size" in pax else _number(head[124:136], "size", name, offset)
         if flag in NO_DATA:
             size_on_disk = 0
         elif flag == b"S":
@@ -163,7 +166,7 @@ def iter_members(stream: BinaryIO, name: str = "<tar>") -> Iterator[tuple[str, b
         if pad and len(_read_exactly(stream, pad)) < pad:
             raise EOFError(f"{name}: unexpected end of data (padding of the member at byte {offset})")
         if flag == b"x":
-            pax = _pax_records(data, offset)
+            pax = _pax_records(data, f"{name}: header at byte {offset}")
         elif flag == b"L":
             long_name = _name(data)
         elif flag in (b"g", b"K"):

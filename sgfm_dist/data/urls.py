@@ -9,8 +9,9 @@ on any fsspec filesystem (local paths, ``file://``, ``memory://``, ``s3://`` ...
 backend is installed). ``register_fsspec_gopen`` also teaches ``webdataset.gopen`` those
 schemes, so a plain ``webdataset.WebDataset`` can read the same URLs.
 
-Reading uses ``tarstream`` (a strict, fast reader of member bytes) and webdataset's key grouping. A shard that cannot be read
-(truncated, not a tar, fewer samples than its manifest promises) is *corrupt*: policy
+Reading uses ``tarstream`` (a strict, fast reader of member bytes) and webdataset's key
+grouping. A shard that cannot be read (truncated, not a tar, a damaged header, fewer
+samples than its manifest promises) is *corrupt*: policy
 'fail' raises ``CorruptShardError`` naming it, policy 'skip' logs a warning naming it, keeps
 the samples read before the damage and records the name (``corrupt_seen``) for the logs.
 A shard that does not exist is always an error naming it.

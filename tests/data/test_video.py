@@ -100,3 +100,37 @@ def test_bad_video_input_is_named(tmp_path):
         _convert([tmp_path / "float.npy"], tmp_path / "o6")
     with pytest.raises(ValueError, match="matches no file"):
         _convert([tmp_path / "*.avi"], tmp_path / "o7")
+
+
+def _write_mp4(path, frames: np.ndarray, fps: int) -> int:
+    """Encode uint8 [N, H, W, 3] frames as H.264 in an .mp4 with PyAV; returns the largest pixel error
+    the codec may make (0: lossless RGB, 1: lossless 4:4:4 YUV, whose RGB round trip rounds)."""
+    import av
+
+    codec, pix_fmt, tolerance = (("libx264rgb", "rgb24", 0) if "libx264rgb" in av.codecs_available
+                                 else ("libx264", "yuv444p", 1))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        stream.options = {"qp": "0"}  # lossless
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    return tolerance
+
+
+def test_mp4_round_trip(tmp_path):
+    pytest.importorskip("av", reason="decoding video files needs PyAV (pip install av, the [video] extra)")
+    t, y, x = np.meshgrid(np.arange(7), np.arange(16), np.arange(24), indexing="ij")
+    frames = np.stack([(x * 10 + t * 9) % 256, (y * 15) % 256, (x + y + t * 30) % 256], axis=-1).astype(np.uint8)
+    tolerance = _write_mp4(tmp_path / "clip.mp4", frames, fps=12)
+    _convert([tmp_path / "clip.mp4"], tmp_path / "out", frames=3, stride=2, shard_samples=2)
+    samples = [s for url in resolve_shards(str(tmp_path / "out"), "train") for s in iter_shard_samples(url)]
+    assert len(samples) == 3  # starts 0, 2, 4 of 7 frames
+    for s in samples:
+        meta = json.loads(s["json"])
+        clip = np.load(io.BytesIO(s["npy"]))
+        assert meta["fps"] == 12.0 and clip.shape == (3, 16, 24, 3)
+        start = meta["start_frame"]
+        assert np.abs(clip.astype(int) - frames[start:start + 3]).max() <= tolerance
+

@@ -170,10 +170,17 @@ def _decode_video(path: str) -> tuple[np.ndarray, float]:
     except ImportError:
         av = None
     if av is not None:
-        with fsspec.open(path, "rb") as f, av.open(f) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or 0) or 30.0
-            frames = [fr.to_ndarray(format="rgb24") for fr in container.decode(stream)]
+        try:
+            with fsspec.open(path, "rb") as f, av.open(f) as container:
+                if not container.streams.video:
+                    raise ValueError("no video stream")
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate or 0) or 30.0
+                frames = [fr.to_ndarray(format="rgb24") for fr in container.decode(stream)]
+        except (av.error.FFmpegError, ValueError) as e:
+            raise ValueError(f"{path}: cannot decode the video ({type(e).__name__}: {e})") from None
+        if not frames:
+            raise ValueError(f"{path}: the video stream holds no frame")
         return np.stack(frames), fps
     try:
         import imageio.v3 as iio  # type: ignore

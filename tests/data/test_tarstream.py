@@ -1,0 +1,103 @@
+"""tarstream.iter_members against Python's tarfile (the reference), formats, compression, damage."""
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+
+import pytest
+
+from sgfm_dist.data.tarstream import iter_members
+
+
+def _archive(fmt: int, compression: str = "") -> bytes:
+    """A tar with what shards and hand-made tars hold: files of many sizes, a directory, a symlink,
+    an empty member, non-ASCII names, and names only this format can store (prefix / long names)."""
+    rng = random.Random(fmt)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w" + (f":{compression}" if compression else ""), format=fmt) as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        d = tarfile.TarInfo("somedir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        add("s0000001.txt", b"hello")
+        add("s0000001.json", b"")
+        add("s0000002.npy", rng.randbytes(512))  # exactly one block: no padding
+        add("s0000003.npy", rng.randbytes(100_001))
+        link = tarfile.TarInfo("s0000003.lnk")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "s0000003.npy"
+        tar.addfile(link)
+        add("p" * 90 + "/" + "q" * 80 + ".bin", b"z" * 513)  # ustar: split into prefix + name
+        if fmt != tarfile.USTAR_FORMAT:
+            add("sub/" + "x" * 150 + ".txt", b"long name")  # GNU 'L' member / pax 'path' record
+            add("é✓-ünï.txt", "ünï".encode())
+    return buf.getvalue()
+
+
+def _reference(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]
+
+
+class _Trickle:
+    """A non-seekable stream that returns at most 7 bytes per read (like some network streams)."""
+
+    def __init__(self, data: bytes):
+        self.f = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(7 if n is None or n < 0 else min(n, 7))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
+def test_members_match_tarfile(fmt, compression):
+    data = _archive(fmt, compression)
+    ref = _reference(data)
+    assert len(ref) >= 5
+    assert list(iter_members(io.BytesIO(data))) == ref
+    if not compression:
+        assert list(iter_members(_Trickle(data))) == ref  # short reads are completed
+
+
+def test_empty_archive_and_end_without_zero_blocks():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w"):
+        pass
+    assert list(iter_members(io.BytesIO(buf.getvalue()))) == []
+    whole = _archive(tarfile.USTAR_FORMAT)
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        second = [m for m in tar.getmembers() if m.isreg()][1]
+    cut = whole[:second.offset_data + -(-second.size // 512) * 512]  # a member boundary, no end blocks
+    assert [n for n, _ in iter_members(io.BytesIO(cut))] == [n for n, _ in _reference(whole)[:2]]
+
+
+def test_damage_is_an_error_naming_the_shard_and_offset():
+    whole = _archive(tarfile.GNU_FORMAT)
+    with pytest.raises(tarfile.ReadError, match="shard.tar: not a tar file"):
+        list(iter_members(io.BytesIO(b"not a tar file at all" * 30), "shard.tar"))
+    with pytest.raises(tarfile.ReadError, match="not a tar file .empty"):
+        list(iter_members(io.BytesIO(b""), "shard.tar"))
+    with pytest.raises(EOFError, match="shard.tar: unexpected end of data"):
+        list(iter_members(io.BytesIO(whole[:5000]), "shard.tar"))  # inside the 100 kB member
+    with pytest.raises(EOFError, match="truncated header at byte"):
+        list(iter_members(io.BytesIO(whole[:512 * 3 + 100]), "shard.tar"))
+    damaged = bytearray(whole)
+    damaged[512 * 3 + 10] ^= 0xFF  # the name field of the third header
+    with pytest.raises(tarfile.ReadError, match="bad header checksum at byte 1536"):
+        list(iter_members(io.BytesIO(bytes(damaged)), "shard.tar"))
+    with pytest.raises((EOFError, OSError)):
+        list(iter_members(io.BytesIO(_archive(tarfile.PAX_FORMAT, "gz")[:3000]), "shard.tar.gz"))
+
+
+def test_gnu_sparse_is_refused():
+    header = tarfile.TarInfo("sparse.bin")
+    header.type = tarfile.GNUTYPE_SPARSE
+    data = header.tobuf(format=tarfile.GNU_FORMAT) + bytes(1024)
+    with pytest.raises(tarfile.ReadError, match="sparse member at byte 0 is not supported"):
+        list(iter_members(io.BytesIO(data), "s.tar"))
