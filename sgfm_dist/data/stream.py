@@ -460,6 +460,7 @@ class StreamingSource:
                 transport.close()
 
     def _consume(self, messages: Iterator[list], transport: BatchTransport | None, pin: bool) -> Iterator[dict]:
+        """Batches in round-robin worker order, positions recorded as each is yielded (module notes)."""
         cfg = self.cfg
         queued: list[collections.deque] = [collections.deque() for _ in range(cfg.workers)]
         while True:
@@ -470,7 +471,7 @@ class StreamingSource:
                 if w != due:  # the DataLoader's round robin is what the order and the resume rely on
                     raise RuntimeError(f"data: a message from worker {w} where worker {due} was due; the "
                                        f"DataLoader did not deliver round robin")
-                queued[w].extend(transport.receive(b, pin) if transport is not None else b for b in message)
+                queued[w].extend(transport.receive(b) if transport is not None else b for b in message)
             batch = queued[due].popleft()
             meta = batch.pop("_meta")
             w = meta["worker"]

@@ -24,7 +24,7 @@ def _batch(transport: BatchTransport, value: float) -> dict:
     small[:] = 7
     message = transport.seal({"field": field, "small": small, "ids": ["a", "b"]})
     assert isinstance(message["field"], SharedArray) and isinstance(message["small"], np.ndarray)
-    return transport.receive(message, pin=False)
+    return transport.receive(message)
 
 
 def test_buffers_are_reused_and_lent_until_the_batch_is_gone():
@@ -46,7 +46,7 @@ def test_buffers_are_reused_and_lent_until_the_batch_is_gone():
         field[:] = 4.0
         message = transport.seal({"field": field})
         assert isinstance(message["field"], torch.Tensor)  # one-off: torch hands it over
-        assert torch.equal(transport.receive(message, pin=False)["field"], torch.full((4, 1024), 4.0))
+        assert torch.equal(transport.receive(message)["field"], torch.full((4, 1024), 4.0))
         assert torch.equal(held, torch.full((3, 1024), 1.0)) and torch.equal(c, torch.full((4, 1024), 3.0))
         del held
         gc.collect()
@@ -89,3 +89,12 @@ def test_worker_batches_are_the_stored_arrays_while_batches_are_held(tmp_path, n
     for kept, copy in held:
         assert torch.equal(kept, copy)  # never overwritten while held
     assert json.dumps(src.state_dict())  # the position still fits a checkpoint
+
+
+@pytest.mark.gpu
+def test_worker_batches_are_pinned_with_cuda(tmp_path):
+    _write_fields(tmp_path / "shards")
+    src = build_physics_source(str(tmp_path / "shards" / "*.tar"), "train", batch_size=2, num_workers=2)
+    batch = next(iter(src))
+    assert batch["field"].is_pinned() and batch["nu"].is_pinned() and batch["field"].dtype == torch.float32
+
