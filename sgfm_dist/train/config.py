@@ -58,6 +58,15 @@ class DataConfig:
     whole stack. The spatial extents are those of the data."""
     seed: int = 0
     """Seed of the data order (shuffling); independent of ``train.seed``."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank that read and decode batches while the step runs
+    (0 = in the training process; use 2 or more on GPU nodes). Part of the resume position:
+    resume with the same value."""
+    prefetch_factor: int = 2
+    """Batches each worker keeps ready ahead of the step (with ``num_workers`` > 0)."""
+    corrupt: Literal["skip", "fail"] = "fail"
+    """A corrupt or truncated shard: 'fail' stops the run with an error naming the shard; 'skip'
+    warns naming it, goes on, and counts skipped shards/samples in the logs (``data/...``)."""
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source:
@@ -65,6 +74,10 @@ class DataConfig:
         _positive("data.rows", self.rows)
         _positive("data.row_len", self.row_len)
         _non_negative("data.frames", self.frames)
+        _non_negative("data.num_workers", self.num_workers)
+        _positive("data.prefetch_factor", self.prefetch_factor)
+        if self.corrupt not in ("skip", "fail"):
+            raise ValueError(f"data.corrupt: must be 'skip' or 'fail', got {self.corrupt!r}")
 
     @property
     def field_shape(self) -> tuple[int, int]:

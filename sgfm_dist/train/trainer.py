@@ -43,14 +43,16 @@ def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "tr
     from sgfm_dist.data import build_text_source
     from sgfm_dist.data.fields import build_physics_source, build_video_source
 
-    source = cfg.data.source if split == "train" else (cfg.data.val_source or cfg.data.source)
+    d = cfg.data
+    source = d.source if split == "train" else (d.val_source or d.source)
+    # held-out batches are drawn a few at a time: worker processes would only add start-up cost
+    loader = dict(seed=d.seed, dp_rank=dp_rank, dp_size=dp_size, corrupt=d.corrupt,
+                  num_workers=d.num_workers if split == "train" else 0, prefetch_factor=d.prefetch_factor)
     if cfg.model.modality == "text":
-        return build_text_source(source, split, batch_size=cfg.train.micro_batch, rows=cfg.data.rows,
-                                 row_len=cfg.data.row_len, pad_id=cfg.model.pad_id, seed=cfg.data.seed,
-                                 dp_rank=dp_rank, dp_size=dp_size)
+        return build_text_source(source, split, batch_size=cfg.train.micro_batch, rows=d.rows, row_len=d.row_len,
+                                 pad_id=cfg.model.pad_id, **loader)
     build = build_physics_source if cfg.model.modality == "physics" else build_video_source
-    return build(source, split, batch_size=cfg.train.micro_batch, frames=cfg.data.frames or None,
-                 seed=cfg.data.seed, dp_rank=dp_rank, dp_size=dp_size)
+    return build(source, split, batch_size=cfg.train.micro_batch, frames=d.frames or None, **loader)
 
 
 def global_field_shape(cfg: Config) -> tuple[int, ...]:
@@ -299,11 +301,14 @@ class Trainer:
     def _log_step(self, sums: dict[str, float], grad_norm: float, lr: float, window: dict) -> dict:
         """All-reduce the step's loss terms (mean over ranks) and the window's counts (sum), log on rank 0."""
         keys = sorted(sums)
-        vals = torch.tensor([sums[k] for k in keys] + [window["cells"], window["tokens"]], dtype=torch.float64)
+        data = self.source.stats() if hasattr(self.source, "stats") else {}
+        skipped = [float(data.get("corrupt_shards", 0)), float(data.get("bad_samples", 0))]
+        vals = torch.tensor([sums[k] for k in keys] + [window["cells"], window["tokens"]] + skipped,
+                            dtype=torch.float64)
         torch.distributed.all_reduce(vals)
         n = len(keys)
         means = {k: float(vals[i]) / self.world for i, k in enumerate(keys)}
-        # sp ranks of one group see the same sample: count cells once per dp group.
+        # sp ranks of one group see the same sample (and read the same shards): count once per dp group.
         sp = self.world // self.dp
         cells, tokens = float(vals[n]) / sp, float(vals[n + 1]) / sp
         dt = max(window["time"], 1e-9)
@@ -312,6 +317,9 @@ class Trainer:
                        "perf/peak_memory_bytes": peak_memory_bytes(self.device)})
         if self.cfg.model.modality == "text":
             record["perf/tokens_per_s"] = tokens / dt
+        if data:
+            record.update({"data/corrupt_shards_skipped": float(vals[n + 2]) / sp,
+                           "data/bad_samples_skipped": float(vals[n + 3]) / sp})
         self.monitor.scalars(self.step, record)
         return {"step": self.step, **record}
 

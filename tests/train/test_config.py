@@ -122,6 +122,8 @@ def test_type_error_names_the_file(tmp_path):
     ("model.width=0", "model.width"),                           # the model's own __post_init__
     ("diffusion.mode=sideways", "diffusion.mode"),
     ("eval.vocab_temperature=0", "eval.vocab_temperature: must be > 0"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.corrupt=ignore", "'data.corrupt' must be one of 'skip', 'fail'"),
 ])
 def test_validation_errors(chain, override, rule):
     with pytest.raises(ValueError, match=rule):
