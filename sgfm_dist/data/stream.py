@@ -328,8 +328,8 @@ def keep_freed_memory() -> None:
     A worker allocates and frees the same sizes over and over (member bytes, decoded arrays)
     with a shuffle buffer's worth alive. By default glibc serves blocks above a dynamic
     threshold with fresh ``mmap`` pages and trims the top of the heap, so batch after batch
-    pays first-touch page faults again: ~7 us per 4 KiB page on a VM, more than reading
-    the data (``tools/benchmark.py data``: physics 480 -> 270 us of CPU per 0.5 MB sample).
+    pays first-touch page faults again: ~7 us per 4 KiB page on this project's VMs, more than
+    reading the data (measured: physics, 480 -> 270 us of CPU per 0.5 MB sample end to end).
     Blocks up to 32 MiB (glibc's maximum threshold) now come from the heap, which is never
     trimmed: the worker keeps its peak heap. A no-op where the C library has no ``mallopt``.
     """
