@@ -38,6 +38,23 @@ def batch_to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+FAULT_ENV = "SGFM_FAIL_AT"
+"""Test hook: ``SGFM_FAIL_AT=RANK:STEP`` makes that rank raise as that step starts, to check
+that one failing rank brings the whole job down with its error (not a hang until the
+process-group timeout)."""
+
+
+def _injected_fault() -> tuple[int, int] | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    try:
+        rank, step = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected RANK:STEP, e.g. 1:3") from None
+    return rank, step
+
+
 def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "train"):
     """The batch source of ``cfg.data`` for the model's modality (``sgfm_dist.data``)."""
     from sgfm_dist.data import build_text_source
@@ -244,7 +261,10 @@ class Trainer:
                  f"{effective_precision(cfg, self.device)} on {self.device}")
         self.monitor = RunMonitor(self.out_dir, cfg.logging.tensorboard_dir, cfg.logging.progress,
                                   total_steps=last, initial_step=self.step, enabled=self.is_main)
+        fault = _injected_fault()
         while self.step < last:
+            if fault == (self.rank, self.step + 1):
+                raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {self.rank} at step {self.step + 1}")
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             cells = tokens = 0.0

@@ -6,7 +6,8 @@
   2 x 2 pencil over (y, x) (d_t reads t whole, so the spatial axes are split), ZeRO-3;
 * sampling: ``launch/sample.py`` under ``mpiexec -n 2`` (field split over 2 processes) writes
   exactly the text of the single-process run, from a checkpoint trained under ``torchrun``;
-* a field that does not split over sp with the wavelet levels fails before any step (mpiexec).
+* a field that does not split over sp with the wavelet levels fails before any step (mpiexec);
+* one rank raising during a step ends the whole job with that rank's error (deepspeed).
 
 Slow: each launch of 2-4 processes importing DeepSpeed costs 10-20 s on 2 cores."""
 from __future__ import annotations
@@ -33,8 +34,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd, timeout=400):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def _run(cmd, timeout=400, **extra_env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra_env)
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(k, None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -164,3 +165,19 @@ def test_field_not_splitting_with_levels_fails_before_any_step(shards):
     assert p.returncode != 0
     assert "local extents (6, 6)" in p.stderr + p.stdout and "2**levels = 4" in p.stderr + p.stdout
     assert not os.path.exists(shards / "bad" / "metrics.jsonl")
+
+
+def test_one_failing_rank_brings_the_job_down_with_its_error(shards):
+    """Rank 1 of a dp 2 job raises at step 3 (``SGFM_FAIL_AT``): the launcher must end the whole
+    job with that rank's error, long before the 600 s process-group timeout would."""
+    import time
+
+    cfg = _config(shards, sp=1)
+    t0 = time.monotonic()
+    p = _run(["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), TRAIN, "--config", cfg,
+              "--out", str(shards / "run_fault"), "--no-eval"], timeout=300, SGFM_FAIL_AT="1:3")
+    elapsed = time.monotonic() - t0
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert "injected fault (SGFM_FAIL_AT) on rank 1 at step 3" in out, out[-3000:]
+    assert elapsed < 200, f"the job took {elapsed:.0f} s to come down"
