@@ -18,9 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sgfm_dist.data.converters.common import print_summary  # noqa: E402
+from sgfm_dist.data.converters.common import add_output_arguments, run_tool  # noqa: E402
 from sgfm_dist.data.converters.text import TextConvertConfig, convert_text  # noqa: E402
-from sgfm_dist.data.shards import get_comm, run_guarded  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,26 +34,16 @@ def main(argv=None) -> int:
     p.add_argument("--min-length", type=int, default=1, help="drop documents shorter than this many bytes")
     p.add_argument("--on-bad-utf8", choices=["replace", "fail"], default="replace")
     p.add_argument("--allow-empty", action="store_true", help="skip empty input files instead of failing")
-    p.add_argument("--shard-samples", type=int, default=10000, help="max documents per shard (0: no limit)")
-    p.add_argument("--shard-mb", type=float, default=256.0, help="approximate MB per shard (0: no limit)")
     p.add_argument("--tokenizer", default=None, help="'module:function' str -> list[int]; adds .ids.npy")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier conversion")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_arguments(p, "documents", 10000, 256.0)
     args = p.parse_args(argv)
     sep = args.doc_separator.encode().decode("unicode_escape") if args.doc_separator else None
     cfg = TextConvertConfig(text_field=args.text_field, doc_separator=sep, val_fraction=args.val_fraction,
                             dedup=not args.no_dedup, min_length=args.min_length, on_bad_utf8=args.on_bad_utf8,
                             allow_empty=args.allow_empty, shard_samples=args.shard_samples or None,
                             shard_mb=args.shard_mb or None, tokenizer=args.tokenizer)
-    comm = get_comm()
-
-    def go() -> int:
-        summary = convert_text(args.inputs, args.out, cfg, comm, overwrite=args.overwrite,
-                               progress=not args.no_progress)
-        print_summary(comm, summary)
-        return 0
-
-    return run_guarded(comm, go)
+    return run_tool(lambda comm: convert_text(args.inputs, args.out, cfg, comm, overwrite=args.overwrite,
+                                              progress=not args.no_progress))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sgfm_dist.data.converters.common import print_summary  # noqa: E402
+from sgfm_dist.data.converters.common import add_output_arguments, run_tool  # noqa: E402
 from sgfm_dist.data.converters.video import VideoConvertConfig, convert_video  # noqa: E402
-from sgfm_dist.data.shards import get_comm, run_guarded  # noqa: E402
 
 
 def parse_size(text: str | None):
@@ -46,23 +45,13 @@ def main(argv=None) -> int:
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of image directories and arrays")
     p.add_argument("--npz-key", default=None, help="array name in .npz inputs")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of videos in 'val' (name hash)")
-    p.add_argument("--shard-samples", type=int, default=1000, help="max clips per shard (0: no limit)")
-    p.add_argument("--shard-mb", type=float, default=512.0, help="approximate MB per shard (0: no limit)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier conversion")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p, "clips", 1000, 512.0)
     args = p.parse_args(argv)
     cfg = VideoConvertConfig(frames=args.frames, stride=args.stride, frame_step=args.frame_step, size=args.size,
                              resize=args.resize, fps=args.fps, npz_key=args.npz_key, val_fraction=args.val_fraction,
                              shard_samples=args.shard_samples or None, shard_mb=args.shard_mb or None)
-    comm = get_comm()
-
-    def go() -> int:
-        summary = convert_video(args.inputs, args.out, cfg, comm, overwrite=args.overwrite,
-                                progress=not args.no_progress)
-        print_summary(comm, summary)
-        return 0
-
-    return run_guarded(comm, go)
+    return run_tool(lambda comm: convert_video(args.inputs, args.out, cfg, comm, overwrite=args.overwrite,
+                                               progress=not args.no_progress))
 
 
 if __name__ == "__main__":

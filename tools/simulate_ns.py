@@ -20,9 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sgfm_dist.data.converters.common import print_summary  # noqa: E402
+from sgfm_dist.data.converters.common import add_output_arguments, run_tool  # noqa: E402
 from sgfm_dist.data.converters.physics import NSConfig, simulate_ns  # noqa: E402
-from sgfm_dist.data.shards import get_comm, run_guarded  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,11 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--trajectories", type=int, default=d.trajectories)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--shard-samples", type=int, default=d.shard_samples, help="trajectories per shard (0: no limit)")
-    p.add_argument("--shard-mb", type=float, default=d.shard_mb, help="approximate MB per shard (0: no limit)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier run")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p, "trajectories", d.shard_samples, d.shard_mb)
     args = p.parse_args(argv)
     cfg = NSConfig(dims=args.dims, grid=args.grid, frames=args.frames, dt=args.dt, save_every=args.save_every,
                    nu=args.nu, nu_max=args.nu_max, k_min=args.k_min, k_max=args.k_max, u_rms=args.u_rms,
@@ -64,14 +60,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    comm = get_comm()
-
-    def go() -> int:
-        summary = simulate_ns(args.out, cfg, comm, overwrite=args.overwrite, progress=not args.no_progress)
-        print_summary(comm, summary)
-        return 0
-
-    return run_guarded(comm, go)
+    return run_tool(lambda comm: simulate_ns(args.out, cfg, comm, overwrite=args.overwrite,
+                                             progress=not args.no_progress))
 
 
 if __name__ == "__main__":

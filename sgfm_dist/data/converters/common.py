@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from ..shards import (PlanItem, Producer, check_plan, cut_shards, gather_stats, merge_items, plan_fingerprint,
-                      progress_bar, write_manifest, write_shards)
+from ..shards import (PlanItem, Producer, check_plan, cut_shards, gather_stats, get_comm, merge_items,
+                      plan_fingerprint, progress_bar, run_guarded, write_manifest, write_shards)
 
 Scanner = Callable[[int, dict], list[PlanItem]]
 """``scan(input_index, stats)``: the items of one input (and counters added to ``stats``)."""
@@ -63,3 +63,25 @@ def print_summary(comm, summary: dict) -> None:
           f"({s['shards_written']} written, {s['shards_skipped']} already finished) on {s['ranks']} rank(s), "
           f"{s['samples_written']} samples written, {s['bytes'] / 1e6:.2f} MB, {s['seconds']:.1f} s")
     print("  " + ", ".join(f"{k}={v}" for k, v in sorted(s["stats"].items())))
+
+
+# ----------------------------------------------------------------------------- command lines
+def add_output_arguments(parser, unit: str, shard_samples: int | None, shard_mb: float | None) -> None:
+    """The shard-size, overwrite and progress options every conversion tool shares."""
+    parser.add_argument("--shard-samples", type=int, default=shard_samples,
+                        help=f"max {unit} per shard (0: no limit)")
+    parser.add_argument("--shard-mb", type=float, default=shard_mb, help="approximate MB per shard (0: no limit)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier conversion")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_tool(convert: Callable[..., dict]) -> int:
+    """Run ``convert(comm)`` on every MPI rank (or alone), print rank 0's summary; one rank's
+    error ends all ranks with that error (``run_guarded``). Returns the exit code."""
+    comm = get_comm()
+
+    def go() -> int:
+        print_summary(comm, convert(comm))
+        return 0
+
+    return run_guarded(comm, go)
