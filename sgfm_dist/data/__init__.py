@@ -16,7 +16,7 @@ shard writing, P-independent conversion plans, manifests, MPI ranks), ``converte
 text / video / physics converters behind ``tools/``), ``inspect`` (``tools/inspect_shards.py``).
 """
 from .corpus import Document, builtin_corpus_documents, builtin_corpus_path, read_documents, split_of
-from .fields import FrameStackCodec, build_physics_source, build_video_source
+from .fields import FrameStackCodec, build_physics_source, build_video_source, frames_to_field
 from .stream import BatchSource, CorruptShardError, LoaderConfig, StreamingSource
 from .text import BYTE_VOCAB_SIZE, PAD_ID, TextCodec, build_text_source, decode_bytes, encode_bytes
 from .urls import register_fsspec_gopen, resolve_shards
@@ -26,5 +26,5 @@ __all__ = [
     "BYTE_VOCAB_SIZE", "PAD_ID", "encode_bytes", "decode_bytes", "TextCodec", "build_text_source",
     "Document", "builtin_corpus_path", "builtin_corpus_documents", "read_documents", "split_of",
     "resolve_shards", "register_fsspec_gopen",
-    "FrameStackCodec", "build_video_source", "build_physics_source",
+    "FrameStackCodec", "build_video_source", "build_physics_source", "frames_to_field",
 ]

@@ -3,8 +3,12 @@
 Both are stored as one ``.npy`` per sample (plus ``.json`` metadata) and become the model's
 field ``[C, T, *S]`` with t the first field axis (DESIGN.md section 1):
 
-* video (``tools/convert_video.py``): uint8 ``[F, H, W, 3]`` -> float32 ``[3, T, H, W]``
-  scaled to [-1, 1]; batches ``{"field" [B, 3, T, H, W], "fps" [B], "sample_ids"}``.
+* video (``tools/convert_video.py``): uint8 ``[F, H, W, 3]``; batches ``{"frames" uint8
+  [B, T, H, W, 3], "fps" [B], "sample_ids"}``: the clips as stored, and ``frames_to_field``
+  turns them into the model's float32 field ``[B, 3, T, H, W]`` in [-1, 1] *after* the copy
+  to the device (``sgfm_dist.train.trainer.batch_to_device`` does it for every batch). On the
+  host the float conversion cost twice the raw read of the clip and made the batch 4x larger
+  (docs/data.md); on an accelerator it is one cheap elementwise pass.
 * physics (``tools/simulate_ns.py``): float32 ``[T, k, *S]`` velocity (k = 2 or 3
   components along the spatial axes, in axis order) -> ``[k, T, *S]``; batches
   ``{"field" [B, k, T, *S], "nu" [B], "dt" [B], "sample_ids"}`` (``dt`` is the time
@@ -70,12 +74,41 @@ def npy_view(data: bytes) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+VIDEO_LEVELS = np.subtract(np.divide(np.arange(256, dtype=np.uint8), np.float32(127.5), dtype=np.float32),
+                           np.float32(1.0))
+"""float32 [256]: the field value of pixel level v, ``float32(v / 127.5) - 1`` in float32 arithmetic."""
+_levels_on: dict[torch.device, torch.Tensor] = {}
+
+
+def frames_to_field(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 video frames ``[B, T, H, W, C]`` -> the model's float32 field ``[B, C, T, H, W]`` in
+    [-1, 1], on the frames' device (call it after the host->device copy: ``batch_to_device``).
+
+    Level v becomes ``VIDEO_LEVELS[v]``, bit for bit on every device: on the CPU by the same
+    IEEE float32 division and subtraction numpy does; elsewhere by a gather from the 256
+    levels, because CUDA divides by a Python scalar as a multiplication by its reciprocal,
+    which can differ in the last bit.
+    """
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.ndim != 5:
+        raise ValueError(f"frames: expected a uint8 tensor [B, T, H, W, C], got "
+                         f"{f'{frames.dtype} {tuple(frames.shape)}' if isinstance(frames, torch.Tensor) else type(frames).__name__}")
+    channels_first = frames.permute(0, 4, 1, 2, 3)  # [B, C, T, H, W] view
+    if frames.device.type == "cpu":
+        # the transpose on 1-byte values, then the arithmetic on contiguous memory (vectorized)
+        return channels_first.contiguous().to(torch.float32).div_(127.5).sub_(1.0)
+    levels = _levels_on.get(frames.device)
+    if levels is None:
+        levels = _levels_on[frames.device] = torch.from_numpy(VIDEO_LEVELS).to(frames.device)
+    return levels[channels_first.long()].contiguous()
+
+
 @dataclass
 class FrameStackCodec:
-    """A stored frame stack -> windows of ``frames`` frames -> ``[C, T, *S]`` float32 fields."""
+    """A stored frame stack -> windows of ``frames`` frames -> batch arrays (video: uint8 frames
+    as stored; physics: ``[C, T, *S]`` float32 fields)."""
 
     kind: Literal["video", "physics"]
-    """'video': uint8 [F, H, W, C] scaled to [-1, 1]; 'physics': float [T, C, *S] as stored."""
+    """'video': uint8 [F, H, W, C] handed out as they are; 'physics': float [T, C, *S] as stored."""
     frames: int | None = None
     """T: frames per window (None: the whole stack)."""
     frame_stride: int | None = None
@@ -113,26 +146,26 @@ class FrameStackCodec:
         if self.kind == "video":
             if arr.dtype != np.uint8:
                 raise ValueError(f"sample {sample['__key__']!r}: video frames must be uint8, got {arr.dtype}")
-            return {"field": arr.transpose(3, 0, 1, 2), "fps": float(meta.get("fps", 0.0)),  # [C, T, H, W] view
-                    "sample_id": sample["__key__"]}
+            return {"frames": arr, "fps": float(meta.get("fps", 0.0)), "sample_id": sample["__key__"]}  # [T, H, W, C]
         if arr.dtype.kind != "f":
             raise ValueError(f"sample {sample['__key__']!r}: physics fields must be floating point, got {arr.dtype}")
         return {"field": np.swapaxes(arr, 0, 1), "nu": float(meta.get("nu", float("nan"))),  # [C, T, *S] view
                 "dt": float(meta.get("dt", float("nan"))), "sample_id": sample["__key__"]}
 
     def collate(self, samples: list[dict], alloc: Alloc) -> dict:
-        shapes = {s["field"].shape for s in samples}
+        key = "frames" if self.kind == "video" else "field"
+        shapes = {s[key].shape for s in samples}
         if len(shapes) != 1:
-            raise ValueError(f"batch: samples have different field shapes {sorted(shapes)}; convert with one "
+            raise ValueError(f"batch: samples have different {key} shapes {sorted(shapes)}; convert with one "
                              f"--size / grid, or set frames")
-        field = alloc((len(samples), *samples[0]["field"].shape), np.float32)  # [B, C, T, *S]
-        for i, s in enumerate(samples):  # the one copy of the data: stored layout -> [C, T, *S] float32
-            if self.kind == "video":  # uint8 -> [-1, 1]; ~3x the cost of reading the clip (docs/data.md)
-                np.divide(s["field"], np.float32(127.5), out=field[i], dtype=np.float32)
-                np.subtract(field[i], np.float32(1.0), out=field[i])  # while field[i] is in cache
-            else:
-                field[i] = s["field"]
-        out = {"field": field, "sample_ids": [s["sample_id"] for s in samples]}
+        # the one copy of the data. video: uint8 in the stored layout [B, T, H, W, C], a plain
+        # memcpy per clip (the channel transpose alone cost 8x that; it is done on the device);
+        # physics: [T, C, *S] -> [B, C, T, *S] float32
+        first = samples[0][key]
+        batch = alloc((len(samples), *first.shape), np.uint8 if self.kind == "video" else np.float32)
+        for i, s in enumerate(samples):
+            batch[i] = s[key]
+        out = {key: batch, "sample_ids": [s["sample_id"] for s in samples]}
         for name in ("fps", "nu", "dt"):
             if name in samples[0]:
                 out[name] = [s[name] for s in samples]
@@ -142,7 +175,10 @@ class FrameStackCodec:
         return None  # frame sizes are in the shards; fields are large enough for one batch per message anyway
 
     def finalize(self, batch: dict, pin: bool) -> dict:
-        batch["field"] = as_tensor(batch["field"], torch.float32, pin)  # [B, C, T, *S]
+        if self.kind == "video":
+            batch["frames"] = as_tensor(batch["frames"], torch.uint8, pin)  # [B, T, H, W, C]
+        else:
+            batch["field"] = as_tensor(batch["field"], torch.float32, pin)  # [B, C, T, *S]
         for name in ("fps", "nu", "dt"):
             if name in batch:
                 batch[name] = as_tensor(batch[name], torch.float32, pin)  # [B]
@@ -165,8 +201,9 @@ def build_video_source(source: str, split: Literal["train", "val", "all"], batch
                        dp_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 64, units_per_block: int = 1,
                        corrupt: Literal["skip", "fail"] = "fail", shuffle: bool = True, prefetch_factor: int = 2,
                        pin_memory: bool = True) -> StreamingSource:
-    """Video batches ``{"field" [B, 3, T, H, W] in [-1, 1], "fps" [B], "sample_ids"}`` from
-    ``tools/convert_video.py`` shards (manifest, directory, .tar URL, brace pattern or glob)."""
+    """Video batches ``{"frames" uint8 [B, T, H, W, 3], "fps" [B], "sample_ids"}`` from
+    ``tools/convert_video.py`` shards (manifest, directory, .tar URL, brace pattern or glob);
+    ``frames_to_field`` (on the device, after the copy) gives the model's ``[B, 3, T, H, W]``."""
     return _build("video", source, split, batch_size, frames, frame_stride, seed, dp_rank, dp_size, num_workers,
                   shuffle_buffer, units_per_block, corrupt, shuffle, prefetch_factor, pin_memory)
 

@@ -147,7 +147,9 @@ class SGFM(nn.Module):
         else:
             if "field" not in batch:
                 raise ValueError(f"batch: a {cfg.modality} batch needs key 'field' ([B, C, T, H, W]); "
-                                 f"got keys {sorted(batch)}")
+                                 f"got keys {sorted(batch)}" + ("; a loader's uint8 'frames' become the field in "
+                                 "sgfm_dist.train.trainer.batch_to_device (data.fields.frames_to_field)"
+                                 if "frames" in batch else ""))
             x = batch["field"]
             want = cfg.data_channels if cfg.modality == "video" else cfg.channels
             if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 5 or x.shape[1] != want:

@@ -34,8 +34,15 @@ from sgfm_dist.train.monitor import RunMonitor, peak_memory_bytes
 
 
 def batch_to_device(batch: dict, device: str) -> dict:
-    """Tensors to ``device``; lists / metadata as they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Tensors to ``device``; lists / metadata as they are. Video ``frames`` (uint8, as the loader
+    hands them out) become the model's float ``field`` here, after the copy: a quarter of the
+    bytes cross to the device and the conversion runs there (``sgfm_dist.data.fields.frames_to_field``)."""
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if "frames" in out:
+        from sgfm_dist.data.fields import frames_to_field
+
+        out["field"] = frames_to_field(out.pop("frames"))  # [B, C, T, H, W] in [-1, 1]
+    return out
 
 
 FAULT_ENV = "SGFM_FAIL_AT"
@@ -79,7 +86,7 @@ def global_field_shape(cfg: Config) -> tuple[int, ...]:
     position is untouched)."""
     if cfg.model.modality == "text":
         return cfg.data.field_shape
-    field = next(iter(build_train_source(cfg, 0, 1)))["field"]  # [B, C, T, *S]
+    field = batch_to_device(next(iter(build_train_source(cfg, 0, 1))), "cpu")["field"]  # [B, C, T, *S]
     return tuple(int(n) for n in field.shape[2:])
 
 

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from sgfm_dist.data.converters.video import VideoConvertConfig, convert_video, resize_frame
-from sgfm_dist.data.fields import build_video_source
+from sgfm_dist.data.fields import VIDEO_LEVELS, build_video_source, frames_to_field
 from sgfm_dist.data.shards import SerialComm
 from sgfm_dist.data.urls import iter_shard_samples, resolve_shards
+from sgfm_dist.train.trainer import batch_to_device
 
 
 def _frames(n, h=6, w=10, seed=0):
@@ -69,13 +70,43 @@ def test_source_batches_and_frame_step(tmp_path):
     _convert([tmp_path / "in" / "b.npy"], tmp_path / "out", frames=2, frame_step=2, size=(4, 4), resize="stretch")
     src = build_video_source(str(tmp_path / "out"), "train", batch_size=2, shuffle=False, shuffle_buffer=1)
     batch = next(iter(src))
-    assert batch["field"].shape == (2, 3, 2, 4, 4) and batch["field"].dtype == torch.float32
-    assert batch["field"].min() >= -1 and batch["field"].max() <= 1
+    assert "field" not in batch  # uint8 frames as stored; the float field is made on the device
+    assert batch["frames"].shape == (2, 2, 4, 4, 3) and batch["frames"].dtype == torch.uint8
     assert batch["fps"].tolist() == [15.0, 15.0]  # every other frame of a 30 fps input
     first = resize_frame(vids["b"][0], (4, 4), "stretch")
     ids = batch["sample_ids"]
     b = ids.index("v000000-000000@0")
-    torch.testing.assert_close(batch["field"][b, :, 0], torch.from_numpy(first).permute(2, 0, 1).float() / 127.5 - 1)
+    np.testing.assert_array_equal(batch["frames"][b, 0].numpy(), first)
+    field = batch_to_device(batch, "cpu")["field"]  # what the trainer feeds the model
+    assert field.shape == (2, 3, 2, 4, 4) and field.dtype == torch.float32
+    assert field.min() >= -1 and field.max() <= 1
+    torch.testing.assert_close(field[b, :, 0], torch.from_numpy(first).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def _host_float_field(frames: np.ndarray) -> np.ndarray:
+    """The loader's conversion before it handed out uint8 (commit bedea33), the reference:
+    uint8 [B, T, H, W, C] -> float32 [B, C, T, H, W] in [-1, 1] with numpy on the host."""
+    out = np.empty((frames.shape[0], frames.shape[4], *frames.shape[1:4]), np.float32)
+    for i, clip in enumerate(frames):
+        np.divide(clip.transpose(3, 0, 1, 2), np.float32(127.5), out=out[i], dtype=np.float32)
+        np.subtract(out[i], np.float32(1.0), out=out[i])
+    return out
+
+
+def test_frames_to_field_is_bitwise_the_host_conversion():
+    levels = np.arange(256, dtype=np.uint8)
+    frames = np.random.default_rng(1).integers(0, 256, (2, 3, 8, 6, 3), dtype=np.uint8)  # [B, T, H, W, C]
+    frames.reshape(-1)[:256] = levels  # every level occurs
+    assert set(np.unique(frames).tolist()) == set(range(256))
+    want = _host_float_field(frames)
+    got = frames_to_field(torch.from_numpy(frames))
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    np.testing.assert_array_equal(got.numpy().view(np.int32), want.view(np.int32))  # bit for bit
+    # the gather other devices use: the level table is the host arithmetic, level by level
+    np.testing.assert_array_equal(VIDEO_LEVELS.view(np.int32), _host_float_field(
+        np.broadcast_to(levels.reshape(1, 1, 1, 256, 1), (1, 1, 1, 256, 3)).copy())[0, 0, 0, 0].view(np.int32))
+    with pytest.raises(ValueError, match="frames: expected a uint8 tensor"):
+        frames_to_field(torch.from_numpy(want))
 
 
 def test_bad_video_input_is_named(tmp_path):
