@@ -101,3 +101,19 @@ def test_gnu_sparse_is_refused():
     data = header.tobuf(format=tarfile.GNU_FORMAT) + bytes(1024)
     with pytest.raises(tarfile.ReadError, match="sparse member at byte 0 is not supported"):
         list(iter_members(io.BytesIO(data), "s.tar"))
+
+
+def test_group_members_is_webdatasets_grouping():
+    from webdataset.tariterators import group_by_keys
+
+    from sgfm_dist.data.urls import group_members
+
+    names = ["s1.txt", "s1.JSON", "s1.ids.npy", "d/s2.txt", "d/s2.json", "a.b/s3.txt", "s4", "__meta__",
+             "d/__meta__", "x/.hidden", "a/b/.txt", "a/b/.json", ".txt", "s5.txt", "s5.__bad__", "s6.TXT",
+             "s6.npy", "s7..txt", "s1.txt"]
+    members = [(n, f"{i}:{n}".encode()) for i, n in enumerate(names)]
+    want = list(group_by_keys({"fname": n, "data": d, "__url__": "u.tar"} for n, d in members
+                              if not ("/" not in n and n.startswith("__") and n.endswith("__"))))
+    assert len(want) == 8 and list(group_members(members, "u.tar")) == want
+    with pytest.raises(ValueError, match="s1.TXT: duplicate file name"):
+        list(group_members([("s1.txt", b""), ("s1.TXT", b"")], "u.tar"))
