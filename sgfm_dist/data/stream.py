@@ -66,8 +66,10 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """glibc ``mallopt`` parameters (malloc.h)."""
 DRAW_AHEAD = 256
 """Shuffle-buffer indices drawn per call to the generator (see ``seeded_shuffle``)."""
-MESSAGE_BYTES = 1 << 18
-"""A worker message carries about this many bytes of batches (at least one batch, at most MAX_MESSAGE_BATCHES)."""
+MESSAGE_BYTES = 1 << 21
+"""A worker message carries about this many bytes of batches (at least one batch, at most MAX_MESSAGE_BATCHES).
+The arrays stay in the worker's shared buffers (the message holds references), so this bounds the
+shared memory per worker, ``(prefetch_factor + 2) * MESSAGE_BYTES``, not what is pickled."""
 MAX_MESSAGE_BATCHES = 16
 
 

@@ -89,6 +89,8 @@ class TextCodec:
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise ValueError(f"sample {raw.get('__key__')!r}: .ids.npy must be a 1-D integer array, "
                              f"got {ids.dtype} {ids.shape}")
+        if ids.dtype == np.uint64 and len(ids) and int(ids.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"sample {raw.get('__key__')!r}: .ids.npy holds ids beyond int64")
         if (ids == self.pad_id).any():
             raise ValueError(f"sample {raw.get('__key__')!r}: token id {self.pad_id} equals pad_id")
         return ids
@@ -106,33 +108,29 @@ class TextCodec:
         return sample  # expand's windows are decoded already (views, nothing to check)
 
     def collate(self, samples: list[dict], alloc: Alloc) -> dict:
-        if self.tokenizer == "bytes":
-            dtype = np.int16  # ids 0..255 and PAD_ID: a quarter of int64's bytes through the worker queue
-        else:
-            lo = min([self.pad_id] + [int(s["ids"].min()) for s in samples if len(s["ids"])])
-            hi = max([self.pad_id] + [int(s["ids"].max()) for s in samples if len(s["ids"])])
-            dtype = next(t for t in (np.int16, np.int32, np.int64)
-                         if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
-        tokens = alloc((len(samples), self.rows, self.row_len), dtype)  # [B, T, L]
+        # the final arrays, written where they are read (a worker's reused shared buffers): the
+        # consumer only wraps them. Widening to int64 and the mask in the consumer cost it
+        # ~40 us a batch, mostly first touches of freshly allocated pages.
+        tokens = alloc((len(samples), self.rows, self.row_len), np.int64)  # [B, T, L]
         windows = [s["ids"] for s in samples]
         if all(len(w) == self.window for w in windows):  # the common case: no padding, one copy
-            np.concatenate(windows, out=tokens.reshape(-1), casting="unsafe")  # dtype holds every id (above)
+            np.concatenate(windows, out=tokens.reshape(-1))
         else:
             tokens.fill(self.pad_id)
             flat = tokens.reshape(len(samples), self.window)  # [B, T*L] view
             for i, w in enumerate(windows):
                 flat[i, :len(w)] = w
-        return {"tokens": tokens, "doc_ids": [s["doc_id"] for s in samples],
+        pad_mask = alloc(tokens.shape, np.bool_)  # [B, T, L]
+        np.not_equal(tokens, self.pad_id, out=pad_mask)  # a window's ids never hold pad_id (_ids checks)
+        return {"tokens": tokens, "pad_mask": pad_mask, "doc_ids": [s["doc_id"] for s in samples],
                 "sample_ids": [s["__key__"] for s in samples]}
 
     def batch_nbytes(self, batch_size: int) -> int:
-        return batch_size * self.window * (2 if self.tokenizer == "bytes" else 4)  # collated ids, see collate
+        return batch_size * self.window * 9  # int64 tokens and a bool mask, see collate
 
     def finalize(self, batch: dict, pin: bool) -> dict:
-        ids = batch["tokens"]
-        ids = ids.numpy() if isinstance(ids, torch.Tensor) else ids  # [B, T, L] compact ids
-        batch["tokens"] = as_tensor(ids.astype(np.int64), pin=pin)  # [B, T, L] int64 (numpy: ~2x torch's copy_)
-        batch["pad_mask"] = as_tensor(ids != self.pad_id, pin=pin)  # [B, T, L]: a window's ids never hold pad_id
+        batch["tokens"] = as_tensor(batch["tokens"], torch.int64, pin)  # [B, T, L]
+        batch["pad_mask"] = as_tensor(batch["pad_mask"], torch.bool, pin)  # [B, T, L]
         return batch
 
 

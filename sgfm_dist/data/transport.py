@@ -69,7 +69,7 @@ def _shared_bytes(nbytes: int) -> torch.Tensor:
 def _hand_back(pipe, slot: int) -> None:
     """Return a slot's array to its worker (the finalizer of a lent batch array)."""
     try:
-        pipe.send(slot)  # a few bytes: one atomic pipe write, safe from any thread
+        pipe.send_bytes(slot.to_bytes(4, "little"))  # one atomic pipe write, safe from any thread; no pickling
     except (OSError, ValueError):
         pass  # the iteration is over and its workers are gone
 
@@ -105,9 +105,9 @@ class BatchTransport:
             self._free = list(range(self.slots))
         reader = self._pipes[worker][0]
         while reader.poll():
-            self._returned(reader.recv())
+            self._returned(int.from_bytes(reader.recv_bytes(), "little"))
         while not self._free and reader.poll(WAIT_FOR_SLOT_S):
-            self._returned(reader.recv())
+            self._returned(int.from_bytes(reader.recv_bytes(), "little"))
         self._slot = self._free.pop(0) if self._free else None  # None: this batch goes the one-off way
         self._allocated = {}
         return self._alloc
