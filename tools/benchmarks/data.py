@@ -23,6 +23,10 @@ ratio to the raw tarfile read's. On a machine shared with other jobs the wall-cl
 with the load (printed at the start and end; Linux groups a session's processes for the CPU
 share, so extra workers may get no extra CPU at all); the CPU-second rates do not.
 The issue's target: a pipeline with 2 workers at >= 50% of the raw tar rate.
+
+Video batches leave the loader as uint8 frames; the float field is made after the copy to the
+device (``frames_to_field``). What that conversion costs where there is no accelerator (the
+trainer's own process pays it on the CPU) is reported too, as ``video frames_to_field (host)``.
 """
 from __future__ import annotations
 
@@ -176,6 +180,21 @@ def measure_case(case: str, kind: str, out: str, files: list[str], batch_size: i
     return _timed(consume)
 
 
+def _host_conversion_ms(batch_size: int) -> float:
+    """Milliseconds (best of 5) of ``frames_to_field`` on the CPU for one batch of benchmark clips."""
+    import torch
+
+    from sgfm_dist.data.fields import frames_to_field
+
+    frames = torch.randint(0, 256, (batch_size, *SHAPES["video"]), dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the pipeline cases
+    try:
+        return min(_timed(lambda: frames_to_field(frames))[0] for _ in range(5)) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _in_fresh_process(ctx, *args) -> tuple:
     """``measure_case`` in a new child of the fork server, so no case inherits another's allocator
     state or page-cache-warm heap (the in-process w=0 rate moved 2x with what ran before it)."""
@@ -255,6 +274,9 @@ def run(args, rec) -> None:
                 rec.add(label, "samples_per_s", med[case] / mb_per_batch * args.batch_size, **extra)
                 rec.add(label, "MB_per_cpu_s", med_cpu[case], baseline=f"{kind} raw tar (tarfile)",
                         baseline_value=med_cpu["raw tar (tarfile)"], **extra)
+            if kind == "video":
+                rec.add(f"video frames_to_field (host) B={args.batch_size}", "ms_per_batch",
+                        _host_conversion_ms(args.batch_size), **extra)
     finally:
         print(f"[data] load average (1/5/15 min) at end: {_load()}", flush=True)
         if args.dir is None:
