@@ -109,6 +109,15 @@ def test_frames_to_field_is_bitwise_the_host_conversion():
         frames_to_field(torch.from_numpy(want))
 
 
+@pytest.mark.gpu
+def test_frames_to_field_on_cuda_is_bitwise_the_host_conversion():
+    frames = np.random.default_rng(2).integers(0, 256, (2, 4, 8, 8, 3), dtype=np.uint8)
+    frames.reshape(-1)[:256] = np.arange(256, dtype=np.uint8)
+    got = frames_to_field(torch.from_numpy(frames).cuda())
+    assert got.is_cuda and got.dtype == torch.float32
+    np.testing.assert_array_equal(got.cpu().numpy().view(np.int32), _host_float_field(frames).view(np.int32))
+
+
 def test_bad_video_input_is_named(tmp_path):
     (tmp_path / "mixed").mkdir()
     Image.fromarray(_frames(1)[0]).save(tmp_path / "mixed" / "0.png")
