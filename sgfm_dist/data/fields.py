@@ -92,8 +92,9 @@ def frames_to_field(frames: torch.Tensor) -> torch.Tensor:
     differ in the last bit.
     """
     if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.ndim != 5:
-        raise ValueError(f"frames: expected a uint8 tensor [B, T, H, W, C], got "
-                         f"{f'{frames.dtype} {tuple(frames.shape)}' if isinstance(frames, torch.Tensor) else type(frames).__name__}")
+        got = (f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, torch.Tensor)
+               else type(frames).__name__)
+        raise ValueError(f"frames: expected a uint8 tensor [B, T, H, W, C], got {got}")
     channels_first = frames.permute(0, 4, 1, 2, 3)  # [B, C, T, H, W] view
     if frames.device.type == "cpu":
         field = torch.empty(channels_first.shape, dtype=torch.float32)

@@ -10,10 +10,11 @@ backend is installed). ``register_fsspec_gopen`` also teaches ``webdataset.gopen
 schemes, so a plain ``webdataset.WebDataset`` can read the same URLs.
 
 Reading uses ``tarstream`` (a strict, fast reader of member bytes) and ``group_members``
-(webdataset's key grouping, without its per-member overhead). A shard that cannot be read (truncated, not a tar, a damaged header, fewer
-samples than its manifest promises) is *corrupt*: policy
-'fail' raises ``CorruptShardError`` naming it, policy 'skip' logs a warning naming it, keeps
-the samples read before the damage and records the name (``corrupt_seen``) for the logs.
+(webdataset's key grouping, without its per-member overhead). A shard that cannot be read
+(truncated, not a tar, a damaged header, fewer samples than its manifest promises) is
+*corrupt*: policy 'fail' raises ``CorruptShardError`` naming it, policy 'skip' logs a warning
+naming it, keeps the samples read before the damage and records the name (``corrupt_seen``)
+for the logs.
 A shard that does not exist is always an error naming it.
 """
 from __future__ import annotations
