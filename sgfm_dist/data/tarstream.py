@@ -11,7 +11,8 @@ on text shards (3 kB members), 1.6-2x on 0.2-0.5 MB members.
 Formats: ustar (with its name prefix), GNU (long names ``L``; long link names ``K`` are
 skipped) and POSIX pax (per-member ``path`` and ``size``; global ``g`` headers are skipped:
 no WebDataset writer emits them). gzip, bzip2 and xz compressed tars are recognised by
-their magic bytes and decompressed on the fly. GNU sparse members are refused.
+their magic bytes and decompressed on the fly; a first block that is a valid tar header
+is a plain tar even when its member name starts with such bytes (``BZh_0001.txt``). GNU sparse members are refused.
 
 Damage is an exception (``tarfile.ReadError`` or ``EOFError``, both in ``urls.READ_ERRORS``)
 whose message says what and where: a bad header checksum, a truncated header, member data
@@ -132,8 +133,9 @@ def iter_members(stream: BinaryIO, name: str = "<tar>") -> Iterator[tuple[str, b
     ``name`` (the shard URL) goes into error messages. See the module notes for formats and errors.
     """
     head = _read_exactly(stream, BLOCK)
+    plain = len(head) == BLOCK and _checksum_ok(head)  # a plain tar whose first name starts like a magic
     for magic, opener in COMPRESSED_MAGIC:
-        if head.startswith(magic):
+        if not plain and head.startswith(magic):
             stream = opener(_Replay(head, stream))
             head = _read_exactly(stream, BLOCK)
             break

@@ -117,3 +117,22 @@ def test_group_members_is_webdatasets_grouping():
     assert len(want) == 8 and list(group_members(members, "u.tar")) == want
     with pytest.raises(ValueError, match="s1.TXT: duplicate file name"):
         list(group_members([("s1.txt", b""), ("s1.TXT", b"")], "u.tar"))
+
+
+@pytest.mark.parametrize("first", ["BZh_0001.txt", "\x1f\x8b-gz.txt", "\xfd7zXZ"])
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_a_first_name_that_starts_like_a_compression_magic(first, compression):
+    # the name's bytes are the magic's, at byte 0 (GNU format; the NUL ending "\xfd7zXZ" is the xz magic's)
+    name = first.encode("latin-1").decode("utf-8", "surrogateescape")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w" + (f":{compression}" if compression else ""),
+                      format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for member, data in ((name, b"first"), ("s2.txt", b"second")):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    assert compression or data.startswith(first.encode("latin-1"))
+    with tarfile.open(fileobj=io.BytesIO(data), encoding="utf-8", errors="surrogateescape") as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    assert want[0][0] == name and list(iter_members(io.BytesIO(data), "s.tar")) == want
