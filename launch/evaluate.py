@@ -32,7 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--val-batches", type=int, default=None, help="held-out batches (default: eval.val_batches)")
     p.add_argument("--val-source", default=None, help="held-out text (default: the run's data.val_source/source)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.temperature is not None and not args.temperature > 0:
+        p.error(f"--temperature: must be > 0, got {args.temperature}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
                             fractions=e.entropy_fractions, metric_samples=args.samples or e.metric_samples,
                             sample_steps=args.steps or e.sample_steps, sampler=args.sampler or e.sampler,
                             physics_eta=e.physics_eta, seed=e.seed, device=device,
-                            vocab_temperature=args.temperature or e.vocab_temperature)
+                            vocab_temperature=e.vocab_temperature if args.temperature is None else args.temperature)
     summary.update(step=tm.step, checkpoint=tm.path)
     print(format_summary(summary))
     path = args.out or os.path.join(os.path.dirname(os.path.dirname(tm.path)), f"eval_step{tm.step}.json")

@@ -49,7 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--sp", type=int, default=None,
                    help="processes that split the field (default: all launched processes; must equal them)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.temperature is not None and not args.temperature > 0:
+        p.error(f"--temperature: must be > 0, got {args.temperature}")
+    return args
 
 
 def field_rows(length: int, row_len: int, levels: int) -> tuple[int, bool]:
@@ -82,9 +85,9 @@ def main(argv=None) -> int:
     try:
         return sample(args, device, rank, world)
     finally:
-        if world > 1:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        if dist.is_initialized():  # a launcher may start a one-process group too
             dist.destroy_process_group()
 
 
@@ -143,7 +146,8 @@ def sample(args, device: str, rank: int, world: int) -> int:
     out = tm.model.generate(args.ensemble, (T, L), args.steps, sampler=args.sampler,
                             prompt_tokens=prompt[None].to(device) if prompt.numel() else None,
                             physics_eta=args.physics_eta, generator=gen,
-                            vocab_temperature=args.temperature or cfg.eval.vocab_temperature)
+                            vocab_temperature=cfg.eval.vocab_temperature if args.temperature is None
+                            else args.temperature)
     tokens = out["tokens"]  # [E, T(_local), L]
     spread = None
     if args.ensemble > 1:

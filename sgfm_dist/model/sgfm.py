@@ -530,7 +530,9 @@ class SGFM(nn.Module):
     def _round_to_vocab(self, c0: Tensor, logsnr: Tensor, shape: tuple[int, ...], temperature: float) -> Tensor:
         """``W sum_b p(b | u_hat) e_b`` for ``u_hat = W^-1 c0`` read out at noise level ``logsnr [n]``,
         ``p`` the readout softmax at ``temperature``."""
-        logits = self.text.logits(self.to_field(c0, shape), logsnr) / temperature
+        logits = self.text.logits(self.to_field(c0, shape), logsnr)
+        if temperature != 1.0:
+            logits = logits / temperature
         p = torch.softmax(logits, dim=-1)  # [n, T, L, V]
         u = torch.einsum("n...v,vc->nc...", p, self.text.vectors().to(p.dtype))  # [n, C, T, L]
         return self.to_coeffs(u)

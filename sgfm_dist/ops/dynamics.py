@@ -222,11 +222,11 @@ def time_derivative(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
     if spec.time_axis is None:
         raise ValueError("spec.time_axis: d_t u needs a time axis in the field; got time_axis=None")
     if spec.time_derivative == "flow":
-        length = None if spec.lengths is None else (spec.lengths[spec.flow_axes.index(spec.time_axis)],)
+        length = 2 * math.pi if spec.lengths is None else spec.lengths[spec.flow_axes.index(spec.time_axis)]
         if spec.derivative == "spectral":
-            return spectral.derivative(u, spec.time_axis, 1, length[0] if length else 2 * math.pi, domain=domain)
-        return finite_diff.fd_gradient(u, (spec.time_axis,), length, accuracy=_FD_ACCURACY[spec.derivative],
-                                       domain=domain)
+            return spectral.derivative(u, spec.time_axis, 1, length, domain=domain)
+        return finite_diff.fd_derivative(u, spec.time_axis, 1, _FD_ACCURACY[spec.derivative],
+                                         length / domain.global_extent(u, spec.time_axis), domain)
     kind, accuracy = spec.time_derivative[:-1], int(spec.time_derivative[-1])
     boundary = "periodic" if kind == "periodic" else "one_sided"
     return finite_diff.fd_derivative(u, spec.time_axis, order=1, accuracy=accuracy, spacing=spec.dt,

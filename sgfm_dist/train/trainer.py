@@ -62,8 +62,10 @@ def _injected_fault() -> tuple[int, int] | None:
     return rank, step
 
 
-def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "train"):
-    """The batch source of ``cfg.data`` for the model's modality (``sgfm_dist.data``)."""
+def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "train",
+                       num_workers: int | None = None):
+    """The batch source of ``cfg.data`` for the model's modality (``sgfm_dist.data``);
+    ``num_workers`` overrides ``data.num_workers`` (None: the config's for "train", 0 otherwise)."""
     from sgfm_dist.data import build_text_source
     from sgfm_dist.data.fields import build_physics_source, build_video_source
 
@@ -71,7 +73,8 @@ def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "tr
     source = d.source if split == "train" else (d.val_source or d.source)
     # held-out batches are drawn a few at a time: worker processes would only add start-up cost
     loader = dict(seed=d.seed, dp_rank=dp_rank, dp_size=dp_size, corrupt=d.corrupt,
-                  num_workers=d.num_workers if split == "train" else 0, prefetch_factor=d.prefetch_factor)
+                  num_workers=num_workers if num_workers is not None else d.num_workers if split == "train" else 0,
+                  prefetch_factor=d.prefetch_factor)
     if cfg.model.modality == "text":
         return build_text_source(source, split, batch_size=cfg.train.micro_batch, rows=d.rows, row_len=d.row_len,
                                  pad_id=cfg.model.pad_id, **loader)
@@ -86,8 +89,10 @@ def global_field_shape(cfg: Config) -> tuple[int, ...]:
     position is untouched)."""
     if cfg.model.modality == "text":
         return cfg.data.field_shape
-    field = batch_to_device(next(iter(build_train_source(cfg, 0, 1))), "cpu")["field"]  # [B, C, T, *S]
-    return tuple(int(n) for n in field.shape[2:])
+    batch = next(iter(build_train_source(cfg, 0, 1, num_workers=0)))  # one batch: no worker processes
+    if "frames" in batch:  # video as stored, uint8 [B, T, H, W, 3]
+        return tuple(int(n) for n in batch["frames"].shape[1:4])
+    return tuple(int(n) for n in batch["field"].shape[2:])  # [B, C, T, *S]
 
 
 def checkpoint_dir(cfg: Config) -> str:
@@ -250,7 +255,7 @@ class Trainer:
                 src = build_train_source(self.cfg, 0, 1, split="val")
             except ValueError as e:  # e.g. a small shard set without a val split
                 self.log(f"evaluation batch from the train split ({e})")
-                src = build_train_source(self.cfg, 0, 1, split="train")
+                src = build_train_source(self.cfg, 0, 1, split="train", num_workers=0)
             self._eval_batch = next(iter(src))
         return self._eval_batch
 

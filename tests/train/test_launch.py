@@ -152,3 +152,10 @@ def test_evaluate_runs_on_checkpoint(runs):
         assert lv["bayes_bits"] == pytest.approx(lv["fraction"] * s["unigram_entropy_bits"], rel=1e-4)
     assert {"printable", "in_vocabulary"} <= set(s["samples"]["sgfm"])
     assert "bits/byte" in stdout
+
+
+@pytest.mark.parametrize("script", [SAMPLE, EVALUATE])
+def test_nonpositive_temperature_is_an_error_not_the_default(script):
+    # parse_args alone: 0 must not fall back to eval.vocab_temperature
+    proc = run([sys.executable, script, "--ckpt", "unused", "--temperature", "0"])
+    assert proc.returncode == 2 and "--temperature: must be > 0, got 0.0" in proc.stderr
