@@ -451,15 +451,19 @@ class StreamingSource:
             messages = iter(_SlotDataset(self.reader, self.codec, cfg, positions, first))
         else:
             k = batches_per_message(self.codec, cfg.batch_size)
-            # in flight per worker: prefetch_factor messages queued, one being filled, one being copied out
-            transport = BatchTransport(cfg.num_workers, slots=(cfg.prefetch_factor + 2) * k)
+            # in flight per worker: prefetch_factor messages queued, one being filled, one being consumed
+            transport = BatchTransport(cfg.num_workers, slots=cfg.prefetch_factor + 2, batches_per_slot=k)
             dataset = _SlotDataset(self.reader, self.codec, cfg, positions, first, transport, k)
             messages = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers,
                                        prefetch_factor=cfg.prefetch_factor, pin_memory=False))
         try:
             yield from self._consume(messages, transport, pin)
         finally:
-            del messages  # stops the workers before their pipes close
+            # the last reference to the DataLoader iterator on a normal end or close(): the workers
+            # stop before their pipes close. When an exception propagates, its traceback still holds
+            # _consume's frame and the iterator with it; the workers stop when that is freed, and
+            # hand-backs to the closed pipes meanwhile are ignored (_hand_back)
+            del messages
             if transport is not None:
                 transport.close()
 

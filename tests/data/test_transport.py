@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
+from sgfm_dist.data import build_text_source
 from sgfm_dist.data.fields import build_physics_source
 from sgfm_dist.data.shards import json_bytes, npy_bytes
 from sgfm_dist.data.transport import SHARED_MIN_BYTES, BatchTransport, SharedArray
@@ -54,6 +56,49 @@ def test_buffers_are_reused_and_lent_until_the_batch_is_gone():
         assert torch.equal(e, torch.full((4, 1024), 5.0)) and torch.equal(c, torch.full((4, 1024), 3.0))
     finally:
         transport.close()
+
+
+def test_a_message_outgrowing_its_slot_chains_a_segment_then_gets_one():
+    transport = BatchTransport(workers=1, slots=1, batches_per_slot=3)
+    try:
+        for message in range(3):
+            batches = []
+            for i, n in enumerate((1024, 1024, 16384)):  # the last batch does not fit what the first sized
+                alloc = transport.begin(0)
+                field = alloc((n,), np.float32)
+                field[:] = 10 * message + i
+                batches.append(transport.receive(transport.seal({"field": field})))
+            for i, (b, n) in enumerate(zip(batches, (1024, 1024, 16384))):
+                assert torch.equal(b["field"], torch.full((n,), 10.0 * message + i))
+            segments = {key for key in transport._received if key[1] == 0}
+            assert len(transport._segments[0]) == len(segments) == (2 if message == 0 else 1)
+            del batches, b
+            gc.collect()  # every array back: the slot is free for the next message
+    finally:
+        transport.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_open_file_descriptors_stay_about_one_per_slot(text_shards):
+    """torch's file_descriptor sharing keeps one open fd per shared segment received: one segment per
+    slot (a message of up to 16 batches, two shared arrays each here) keeps the count small."""
+    shards, _ = text_shards
+    workers, prefetch = 2, 2
+    base = _open_fds()
+    src = build_text_source(str(shards), "train", batch_size=2, rows=4, row_len=512, num_workers=workers,
+                            prefetch_factor=prefetch, shuffle_buffer=4)  # tokens 32 KiB, mask 4 KiB: both shared
+    it = iter(src)
+    held = next(it)  # the evaluation batch, kept
+    peak = 0
+    for _ in range(120):
+        batch = next(it)
+        peak = max(peak, _open_fds())
+    assert held["tokens"].shape == batch["tokens"].shape == (2, 4, 512)
+    assert peak <= base + 4 * (prefetch + 2) * workers, (base, peak)
 
 
 def _write_fields(root, n_shards: int = 3, per_shard: int = 5) -> dict[str, np.ndarray]:
