@@ -85,9 +85,11 @@ MAX_STEP_RATIO = 0.5
 """Default trust region of :func:`physics_correction`: a step is at most this fraction of ``||x||``."""
 
 
-def _sample_norms(x: Tensor, domain) -> Tensor:
-    """Per-sample Euclidean norm over the whole (possibly split) state, broadcastable ``[B, 1, ...]``."""
-    return domain.sum(x.flatten(1).pow(2).sum(1)).sqrt().reshape((-1,) + (1,) * (x.ndim - 1))
+def _sample_norms(domain, *xs: Tensor) -> tuple[Tensor, ...]:
+    """Per-sample Euclidean norms of each state over the whole (possibly split) domain, each
+    broadcastable ``[B, 1, ...]``; one reduction over the split for all of them."""
+    sq = torch.stack([x.flatten(1).pow(2).sum(1) for x in xs])  # [len(xs), B]
+    return tuple(n.reshape((-1,) + (1,) * (x.ndim - 1)) for n, x in zip(domain.sum(sq).sqrt(), xs))
 
 
 def physics_correction(x: Tensor, energy: Callable[[Tensor], Tensor], eta: float, domain=LOCAL,
@@ -107,8 +109,8 @@ def physics_correction(x: Tensor, energy: Callable[[Tensor], Tensor], eta: float
         if not max_step_ratio > 0:
             raise ValueError(f"max_step_ratio: must be > 0 or None, got {max_step_ratio}")
         # a continuous shrink factor (no branch), so rounding differences cannot flip a decision
-        limit = max_step_ratio * _sample_norms(x, domain)
-        step = step * (limit / _sample_norms(step, domain).clamp(min=torch.finfo(x.dtype).tiny)).clamp(max=1.0)
+        x_norm, step_norm = _sample_norms(domain, x, step)
+        step = step * (max_step_ratio * x_norm / step_norm.clamp(min=torch.finfo(x.dtype).tiny)).clamp(max=1.0)
     return x - step
 
 
@@ -225,7 +227,8 @@ def sample_pc(model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_args=None, 
         for _ in range(corrector_steps):
             eps_c = net(x, tau_next)
             z = _noise(x, noise_fn, generator)
-            step = 2 * (snr * _sample_norms(z, domain) / _sample_norms(eps_c, domain).clamp(min=1e-12)) ** 2
+            z_norm, eps_norm = _sample_norms(domain, z, eps_c)
+            step = 2 * (snr * z_norm / eps_norm.clamp(min=1e-12)) ** 2
             # preconditioned Langevin: x += step * M * score + sqrt(2 step M) z, M = 1 - a,
             # score = -eps / sqrt(1 - a)
             x = x - step * var.sqrt() * eps_c + (2 * step * var).sqrt() * z
