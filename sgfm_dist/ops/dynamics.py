@@ -310,9 +310,9 @@ def project(v: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
 
 
 def _rhs_hat(u: Tensor, spec: FlowSpec, forcing: Forcing, domain, viscous: bool = True
-             ) -> tuple[Tensor, list[Tensor]]:
-    """Spectrum over the flow axes of -(u.grad)u [+ nu Lap u] + f(u), unprojected, and the
-    Nyquist-zeroed wavenumbers that project it.
+             ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    """Spectrum over the flow axes of -(u.grad)u [+ nu Lap u] + f(u), unprojected, the
+    Nyquist-zeroed wavenumbers that project it, and u's own spectrum (None with FD derivatives).
 
     Why fused: with spectral derivatives one forward FFT of u serves both the velocity gradient
     and the Laplacian, and the caller projects in Fourier space: a drift costs two forward and two
@@ -329,7 +329,7 @@ def _rhs_hat(u: Tensor, spec: FlowSpec, forcing: Forcing, domain, viscous: bool 
             rhs = rhs + viscous_term(u, spec, domain)
         if f is not None:
             rhs = rhs + f
-        return domain.rfft(rhs, axes), ks_odd
+        return domain.rfft(rhs, axes), ks_odd, None
     u_hat = domain.rfft(u, axes)                                          # [B, C, *spectral]
     adv = _advection_unfiltered(u, spec, domain, mask, u_hat, ks_odd)    # [B, G*k, *S]
     if mask is None:
@@ -341,7 +341,7 @@ def _rhs_hat(u: Tensor, spec: FlowSpec, forcing: Forcing, domain, viscous: bool 
     if viscous and spec.nu != 0:
         ks = domain.wavenumbers(u, axes, spec.lengths)                    # Nyquist kept: -k^2 is real
         rhs_hat = rhs_hat + spec.nu * spectral.laplacian_hat(u_hat, ks)
-    return rhs_hat, ks_odd
+    return rhs_hat, ks_odd, u_hat
 
 
 def projected_drift(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
@@ -351,7 +351,7 @@ def projected_drift(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=L
     learned forcing network), evaluated at u.
     """
     _check_field(u, spec)
-    rhs_hat, ks_odd = _rhs_hat(u, spec, forcing, domain)
+    rhs_hat, ks_odd, _ = _rhs_hat(u, spec, forcing, domain)
     return domain.irfft(spectral.leray_project_hat(rhs_hat, ks_odd), spec.flow_axes, u.shape)
 
 
@@ -381,8 +381,13 @@ def projected_residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domai
     if spec.time_axis is None:
         raise ValueError("spec.time_axis: the residual R(u) = d_t u + ... (Eq. 41) needs a time axis "
                          "in the field; got time_axis=None")
-    rhs_hat, ks_odd = _rhs_hat(u, spec, forcing, domain)
-    r_hat = domain.rfft(time_derivative(u, spec, domain), spec.flow_axes) - rhs_hat
+    rhs_hat, ks_odd, u_hat = _rhs_hat(u, spec, forcing, domain)
+    if u_hat is not None and spec.time_derivative == "flow":
+        # d_t is the gradient's own component along t: read it off u's spectrum (no FFT pair)
+        dt_hat = spectral.derivative_hat(u_hat, ks_odd[spec.flow_axes.index(spec.time_axis)])
+    else:
+        dt_hat = domain.rfft(time_derivative(u, spec, domain), spec.flow_axes)
+    r_hat = dt_hat - rhs_hat
     return domain.irfft(spectral.leray_project_hat(r_hat, ks_odd), spec.flow_axes, u.shape)
 
 
@@ -529,7 +534,7 @@ def etdrk4_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing = None, d
     def nonlinear_hat(v_hat: Tensor) -> Tensor:
         """Spectrum of P[-(v.grad)v + f(v)], the drift without its viscous part."""
         v = domain.irfft(v_hat, axes, shape) + grad_part                 # [B, G*k, *S]
-        rhs_hat, ks_odd = _rhs_hat(v, spec, forcing, domain, viscous=False)
+        rhs_hat, ks_odd, _ = _rhs_hat(v, spec, forcing, domain, viscous=False)
         return spectral.leray_project_hat(rhs_hat, ks_odd)               # spectral layout
 
     n_v = nonlinear_hat(v_hat)

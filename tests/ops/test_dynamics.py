@@ -554,3 +554,17 @@ def test_flow_time_derivative_is_the_gradients_own_d_t(derivative):
 def test_flow_time_derivative_needs_the_time_axis_among_flow_axes():
     with pytest.raises(ValueError, match="time_derivative: 'flow'"):
         FlowSpec(flow_axes=(3, 4), time_axis=2, time_derivative="flow")
+
+
+@pytest.mark.parametrize("derivative", ["spectral", "fd4"])
+def test_flow_projected_residual_is_the_projection_of_the_residual(derivative):
+    """The fused P R(u) (spectral 'flow' d_t read off u's spectrum) equals P applied to the
+    term-by-term residual."""
+    from sgfm_dist.ops import dynamics as dyn
+    torch.manual_seed(1)
+    spec = FlowSpec(flow_axes=(2, 3), time_axis=2, lengths=(3.0, 5.0), nu=0.05, derivative=derivative,
+                    time_derivative="flow")
+    u = torch.randn(2, 4, 16, 32, dtype=torch.float64)
+    f = torch.randn(2, 4, 16, 32, dtype=torch.float64)
+    expected = dyn.project(dyn.residual(u, spec, f), spec)
+    torch.testing.assert_close(dyn.projected_residual(u, spec, f), expected, rtol=1e-12, atol=1e-12)
