@@ -28,7 +28,7 @@ The real FFT halves the *last* axis of ``axes`` (``torch.fft.rfftn`` convention)
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -65,6 +65,59 @@ def check_real_field(u: Tensor, name: str = "u") -> None:
         raise ValueError(f"{name}: expected a real floating-point tensor (float32/float64), got dtype {u.dtype}")
     if u.ndim < 3:
         raise ValueError(f"{name}: expected shape [B, C, *S] with 1 <= d <= 3 field axes, got {tuple(u.shape)}")
+
+
+@runtime_checkable
+class Domain(Protocol):
+    """What an operator may ask of the domain its field lives on (see the module docstring).
+
+    ``LocalDomain`` (below) is the whole field on one device; ``sgfm_dist.parallel.domain.SplitDomain``
+    is a field split over the sp ranks of a process mesh. Shapes passed in and out are *local*
+    (this rank's block); ``global_extent`` / ``numel`` / ``sum`` speak for the whole field."""
+
+    is_split: bool
+    """True when the field is divided between ranks."""
+
+    def pad(self, x: Tensor, widths: Sequence[tuple[int, int]]) -> Tensor:
+        """Periodic ghost cells ``widths[i] = (left, right)`` on field axis i."""
+        ...
+
+    def rfft(self, x: Tensor, axes: Sequence[int]) -> Tensor:
+        """Forward real FFT over tensor dims ``axes`` into this domain's spectral layout."""
+        ...
+
+    def irfft(self, xh: Tensor, axes: Sequence[int], shape: Sequence[int]) -> Tensor:
+        """Inverse of ``rfft``; ``shape`` is the real field's local shape."""
+        ...
+
+    def global_extent(self, x: Tensor, axis: int) -> int:
+        """Extent of tensor dim ``axis`` over the whole field."""
+        ...
+
+    def wavenumbers(self, x: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None,
+                    zero_nyquist: bool = False) -> list[Tensor]:
+        """Angular wavenumbers per axis, broadcasting against ``rfft(x, axes)``."""
+        ...
+
+    def hermitian_weight(self, x: Tensor, axes: Sequence[int]) -> Tensor:
+        """Multiplicity (1 or 2) of each stored rfft cell, broadcasting against ``rfft(x, axes)``."""
+        ...
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Sum over all ranks of a locally reduced tensor (identity backward)."""
+        ...
+
+    def numel(self, x: Tensor, axes: Sequence[int] | None = None) -> int:
+        """Cells over ``axes`` (default all field axes) in the whole field."""
+        ...
+
+    def shard(self, x_global: Tensor) -> Tensor:
+        """This rank's block of a global field."""
+        ...
+
+    def gather(self, x_local: Tensor) -> Tensor:
+        """The whole field from this rank's block."""
+        ...
 
 
 class LocalDomain:
@@ -116,17 +169,17 @@ class LocalDomain:
         against ``self.rfft(x, axes)``. ``zero_nyquist`` sets the Nyquist mode of even-length
         axes to 0: it has no sign, so odd derivatives must drop it to stay real."""
         axes = normalize_axes(axes, x.ndim)
-        lengths = _lengths(lengths, len(axes))
+        lengths = box_lengths(lengths, len(axes))
         ks = []
         for i, (a, L) in enumerate(zip(axes, lengths)):
             n = x.shape[a]
             last = i == len(axes) - 1
-            k = _freqs(n, last, x.device) * (TWO_PI / L)
+            k = fft_frequencies(n, last, x.device) * (TWO_PI / L)
             if zero_nyquist and n % 2 == 0:
                 k = torch.where(k.abs() == (n // 2) * (TWO_PI / L), torch.zeros_like(k), k)
             shape = [1] * x.ndim
             shape[a] = k.numel()
-            ks.append(k.to(_real_dtype(x)).reshape(shape))
+            ks.append(k.to(real_dtype(x)).reshape(shape))
         return ks
 
     def hermitian_weight(self, x: Tensor, axes: Sequence[int]) -> Tensor:
@@ -135,7 +188,7 @@ class LocalDomain:
         a = axes[-1]
         n = x.shape[a]
         m = n // 2 + 1
-        w = torch.full((m,), 2.0, dtype=_real_dtype(x), device=x.device)
+        w = torch.full((m,), 2.0, dtype=real_dtype(x), device=x.device)
         w[0] = 1.0
         if n % 2 == 0:
             w[-1] = 1.0
@@ -162,7 +215,8 @@ class LocalDomain:
         return x_local
 
 
-def _lengths(lengths, n: int) -> tuple[float, ...]:
+def box_lengths(lengths, n: int) -> tuple[float, ...]:
+    """Physical box lengths of ``n`` axes (default ``2*pi`` each, so wavenumbers are integers), checked."""
     if lengths is None:
         return (TWO_PI,) * n
     lengths = tuple(float(v) for v in lengths)
@@ -173,15 +227,16 @@ def _lengths(lengths, n: int) -> tuple[float, ...]:
     return lengths
 
 
-def _freqs(n: int, halved: bool, device) -> Tensor:
+def fft_frequencies(n: int, halved: bool, device) -> Tensor:
     """Integer frequencies in torch.fft order: fftfreq*n, or rfftfreq*n for the halved axis."""
     if halved:
         return torch.arange(n // 2 + 1, device=device, dtype=torch.float64)
     return torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=torch.float64).round()
 
 
-def _real_dtype(x: Tensor) -> torch.dtype:
+def real_dtype(x: Tensor) -> torch.dtype:
+    """The real dtype of ``x`` (float32 for complex64, ...)."""
     return x.real.dtype if x.is_complex() else x.dtype
 
 
-LOCAL = LocalDomain()
+LOCAL: Domain = LocalDomain()

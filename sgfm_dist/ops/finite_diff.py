@@ -27,7 +27,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from .domain import LOCAL, TWO_PI, _lengths, check_real_field
+from .domain import LOCAL, TWO_PI, box_lengths, check_real_field
 from .spectral import axis_dim, flow_axes, vector_components
 
 Boundary = Literal["periodic", "one_sided"]
@@ -151,7 +151,7 @@ def fd_derivative(u: Tensor, axis: int, order: int = 1, accuracy: int = 2, spaci
 
 
 def _spacings(u: Tensor, dims: Sequence[int], lengths, domain) -> list[float]:
-    lengths = _lengths(lengths, len(dims))
+    lengths = box_lengths(lengths, len(dims))
     return [L / domain.global_extent(u, d) for d, L in zip(dims, lengths)]
 
 

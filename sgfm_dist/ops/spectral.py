@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .domain import LOCAL, TWO_PI, _lengths, check_real_field, normalize_axes
+from .domain import LOCAL, TWO_PI, box_lengths, check_real_field, normalize_axes
 
 SpectralFn = Callable[[Tensor, list[Tensor]], Tensor]
 """``fn(u_hat, ks) -> out_hat``: a Fourier-space kernel; ``ks[i]`` broadcasts against ``u_hat``."""
@@ -153,7 +153,7 @@ def spectral_apply(u: Tensor, axes: Sequence[int], fn: SpectralFn, lengths: Sequ
     """
     check_real_field(u, "u")
     dims = flow_axes(axes, u.ndim)
-    lengths = _lengths(lengths, len(dims))
+    lengths = box_lengths(lengths, len(dims))
     order = sorted(range(len(dims)), key=lambda i: dims[i])  # the FFT wants increasing dims
     sorted_dims = [dims[i] for i in order]
     ks_sorted = domain.wavenumbers(u, sorted_dims, [lengths[i] for i in order], zero_nyquist=zero_nyquist)
@@ -243,7 +243,7 @@ def energy_spectrum(u: Tensor, axes: Sequence[int], lengths: Sequence[float] | N
     """
     check_real_field(u, "u")
     dims = flow_axes(axes, u.ndim)
-    lengths = _lengths(lengths, len(dims))
+    lengths = box_lengths(lengths, len(dims))
     dk = TWO_PI / min(lengths)
     # the largest |k| is the corner mode (n_i // 2 on every axis): K fixed by global extents
     k_max = math.sqrt(sum(((domain.global_extent(u, a) // 2) * TWO_PI / L) ** 2 for a, L in zip(dims, lengths)))

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..ops.domain import TWO_PI, _freqs, _lengths, _real_dtype, field_axes, normalize_axes
+from ..ops.domain import TWO_PI, fft_frequencies, box_lengths, real_dtype, field_axes, normalize_axes
 from .collectives import BlockGrid, all_reduce_replicated, gather_field, shard_field
 from .fft import FFTPlan, make_plan, plan_irfft, plan_rfft, spectral_blocks
 from .halo import HaloConfig, halo_pad
@@ -176,19 +176,19 @@ class SplitDomain:
                     zero_nyquist: bool = False) -> list[Tensor]:
         """Angular wavenumbers of this rank's spectral block, broadcastable against ``rfft(x, axes)``."""
         axes = normalize_axes(axes, x.ndim)
-        lengths = _lengths(lengths, len(axes))
+        lengths = box_lengths(lengths, len(axes))
         plan, off = self.plan(x, axes), self._offset(x)
         blocks = spectral_blocks(plan, self.layout.coords)
         ks = []
         for j, (a, L) in enumerate(zip(axes, lengths)):
             n = plan.extents[a - off]
-            k = _freqs(n, j == len(axes) - 1, x.device) * (TWO_PI / L)
+            k = fft_frequencies(n, j == len(axes) - 1, x.device) * (TWO_PI / L)
             if zero_nyquist and n % 2 == 0:
                 k = torch.where(k.abs() == (n // 2) * (TWO_PI / L), torch.zeros_like(k), k)
             o, m = blocks[a - off]
             shape = [1] * x.ndim
             shape[a] = m
-            ks.append(k[o:o + m].to(_real_dtype(x)).reshape(shape))
+            ks.append(k[o:o + m].to(real_dtype(x)).reshape(shape))
         return ks
 
     def hermitian_weight(self, x: Tensor, axes: Sequence[int]) -> Tensor:
@@ -197,7 +197,7 @@ class SplitDomain:
         plan, off = self.plan(x, axes), self._offset(x)
         a = axes[-1]
         n = plan.extents[a - off]
-        w = torch.full((n // 2 + 1,), 2.0, dtype=_real_dtype(x), device=x.device)
+        w = torch.full((n // 2 + 1,), 2.0, dtype=real_dtype(x), device=x.device)
         w[0] = 1.0
         if n % 2 == 0:
             w[-1] = 1.0
