@@ -131,11 +131,12 @@ def sample(args, device: str, rank: int, world: int) -> int:
             f"(rows of the trained length L={L}; T divisible by 2**levels={2 ** levels})")
     domain = None
     if sp > 1:
+        from sgfm_dist.parallel.parallelize import parallelize_for_sampling
         from sgfm_dist.train.config import ParallelConfig
-        from sgfm_dist.train.distributed import resolve_split_axes, setup_split_sampling
+        from sgfm_dist.train.setup import resolve_split_axes
 
         try:
-            domain = setup_split_sampling(tm.model, world, sp, (T, L), cfg.model.wavelet, levels,
+            domain = parallelize_for_sampling(tm.model, world, sp, (T, L), cfg.model.wavelet, levels,
                                           resolve_split_axes(cfg.model, ParallelConfig(sp=sp)))
         except ValueError as e:
             raise SystemExit(f"--sp {sp}: the field of T={T} rows x L={L} does not split over {sp} processes: {e}")

@@ -19,7 +19,9 @@ Several nodes (a DeepSpeed hostfile lists "hostname slots=N" per node):
 Options: ``--set section.key=value`` (repeatable; YAML values), ``--resume`` (continue from
 the newest complete checkpoint in the run's checkpoint directory), ``--out DIR`` (run
 directory; same as ``--set train.out_dir=DIR``), ``--no-eval`` (skip the final evaluation).
-Only rank 0 prints and writes logs; rank r draws its diffusion noise from seed + r.
+Only rank 0 prints and writes logs. Every rank starts from the same weights (``train.seed``);
+the diffusion noise comes from a generator per data-parallel group (``train.seed * 1_000_003 +
+dp_rank``), so the sp ranks that share a sample noise it identically.
 """
 from __future__ import annotations
 
@@ -47,17 +49,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
 
-    from sgfm_dist.train.config import load_config, config_to_dict
+    from sgfm_dist.train.config_loader import load_config, config_to_dict
 
     try:
         cfg = load_config(args.config, overrides)  # every rank validates; errors before any process group
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
 
-    import torch
     import yaml
 
-    from sgfm_dist.train.engine import resolve_device, setup_distributed, teardown_distributed
+    from sgfm_dist.parallel import runtime
+    from sgfm_dist.train.engine import resolve_device
     from sgfm_dist.train.trainer import Trainer, resume_checkpoint
 
     if args.resume:
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--resume: {e}")
 
     device = resolve_device(cfg.train.device)
-    rank, world, _ = setup_distributed(device)
+    rank, _, _ = runtime.setup_distributed(device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if master:
@@ -77,22 +79,21 @@ def main(argv=None) -> int:
 
     trainer = None
     try:
-        seed_offset = rank  # every rank draws its own diffusion noise; the weights start equal
-        trainer = Trainer(cfg, rank, world, device, resume=args.resume, seed_offset=seed_offset, log=log)
+        trainer = Trainer(cfg, device, resume=args.resume, log=log)
         trainer.fit()
         trainer.close()
         if master and not args.no_eval:
             final_evaluation(trainer, log)
-        torch.distributed.barrier()  # the other ranks wait for rank 0's evaluation
+        runtime.barrier()  # the other ranks wait for rank 0's evaluation
     finally:
-        teardown_distributed(trainer.engine if trainer is not None else None)
+        runtime.teardown_distributed(trainer.engine if trainer is not None else None)
     return 0
 
 
 def final_evaluation(trainer, log) -> dict:
     """Rank 0: a few samples printed, then the issue's text evaluation (EMA weights)."""
     from sgfm_dist.eval.text_metrics import evaluate_text, format_summary
-    from sgfm_dist.train.trainer import batch_to_device, build_train_source
+    from sgfm_dist.train.batches import batch_to_device, build_train_source
 
     cfg = trainer.cfg
     e = cfg.eval

@@ -2,21 +2,27 @@
 (torchtitan's ``parallelize_llama`` style: ``apply_*`` functions in turn, each logging what
 it did; the model itself never branches on distribution).
 
-    mesh = ProcessMesh.create(sp=cfg.parallel.sp)
+    mesh = ProcessMesh.create(dp=-1, sp=cfg.parallel.sp)
     layout = mesh.layout(field_shape, split_axes=(2,))        # slab along t
-    plan = parallelize(model, mesh, layout, ParallelizeConfig(wavelet=..., levels=..., ...))
-    batch = shard_batch(batch, plan.domain)                    # sgfm_dist.train.distributed
+    plan = parallelize(model, mesh, layout, ParallelizeConfig(wavelet=..., levels=..., zero_stage=...,
+                                                               micro_batch=..., grad_accum=...),
+                       ds_config=base_deepspeed_config)
+    engine = deepspeed.initialize(model, config=plan.ds_config, ...)
+    loss = engine(plan.shard(batch)); engine.backward(plan.backward_loss(loss))
 
 * :func:`apply_domain_split`: checks the split against the wavelet levels (every local
   extent divisible by ``2**levels``, halos no wider than a neighbour's block), builds the
   :class:`SplitDomain` and swaps it into every layer (``model.set_domain``): halo-padded
   convolutions, distributed spectral layers, distributed DWT, projection and reductions.
+  With one sp rank the model keeps the ``LocalDomain``.
 * :func:`apply_activation_checkpointing`: recomputes each residual block (every entry of an
   ``nn.ModuleList`` named ``blocks``) in backward.
 * :func:`apply_zero`: the DeepSpeed side: ZeRO stage over all ``dp * sp`` ranks, batch sizes
-  as DeepSpeed counts them (see ``sgfm_dist/train/distributed.py`` for why this is exact).
+  as DeepSpeed counts them (``sgfm_dist/parallel/batch.py`` says why this is exact).
 
-Everything here is checked before any step runs, with errors naming the numbers.
+The same call serves one process (dp = sp = 1), data parallelism, domain parallelism and
+split sampling (no DeepSpeed config): there is no second path. Everything is checked before
+any step runs, with errors naming the numbers.
 """
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
+from ..ops.domain import LOCAL, Domain
+from .batch import BatchAccounting, backward_scale, shard_batch
 from .domain import SplitDomain
 from .mesh import FieldLayout, ProcessMesh
 from .wavelets import check_dwt_split
@@ -45,6 +53,10 @@ class ParallelizeConfig:
     """Recompute each residual block in backward instead of storing its activations."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0 off, 1 optimizer state, 2 + gradients, 3 + parameters), over all ranks."""
+    micro_batch: int = 1
+    """Samples per data-parallel group per forward (DeepSpeed's ``train_micro_batch_size_per_gpu``)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
 
     def __post_init__(self):
         if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
@@ -57,18 +69,39 @@ class ParallelizeConfig:
 
 @dataclass
 class ParallelPlan:
-    """What ``parallelize`` did (the engine and trainer read it)."""
+    """What ``parallelize`` did; the trainer shards batches and scales losses through it."""
 
-    domain: object
+    mesh: ProcessMesh
+    """The dp x sp process mesh."""
+    domain: Domain
     """The domain now in the model: a ``SplitDomain`` (sp > 1) or ``LOCAL``."""
+    accounting: BatchAccounting
+    """True and DeepSpeed batch sizes."""
     checkpointed_blocks: int
     """Residual blocks recomputed in backward (0 when off)."""
-    zero_stage: int
-    """ZeRO stage the engine must use."""
-    dp: int
-    """Data-parallel groups."""
-    sp: int
-    """Ranks per sample."""
+    ds_config: dict | None
+    """The complete DeepSpeed config (ZeRO stage and batch sizes for this mesh), or None when
+    ``parallelize`` was given none (sampling)."""
+
+    @property
+    def dp(self) -> int:
+        return self.mesh.dp
+
+    @property
+    def sp(self) -> int:
+        return self.mesh.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.dp_rank
+
+    def shard(self, batch: dict) -> dict:
+        """This rank's block of a batch that every sp rank of the group read whole."""
+        return shard_batch(batch, self.domain)
+
+    def backward_loss(self, loss: Tensor) -> Tensor:
+        """The tensor to back-propagate: ``sp * loss`` (``parallel/batch.py``); exact (``* 1.0``) at sp = 1."""
+        return loss * backward_scale(self.mesh.sp)
 
 
 def check_parallel_setup(world_size: int, dp: int, sp: int, field_shape: Sequence[int], split_axes: Sequence[int],
@@ -80,8 +113,7 @@ def check_parallel_setup(world_size: int, dp: int, sp: int, field_shape: Sequenc
     from .mesh import MeshConfig
 
     dp, sp, grid = MeshConfig(dp=dp, sp=sp, sp_grid=tuple(sp_grid)).resolve(world_size)
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {zero_stage!r}")
+    ParallelizeConfig(wavelet=wavelet, levels=levels, zero_stage=zero_stage)  # its own checks
     split_axes = tuple(split_axes)
     if len(split_axes) != len(grid):
         raise ValueError(f"split_axes: {split_axes} names {len(split_axes)} axes but the sp grid {grid} has "
@@ -92,12 +124,10 @@ def check_parallel_setup(world_size: int, dp: int, sp: int, field_shape: Sequenc
     return dp, sp
 
 
-def apply_domain_split(model: nn.Module, mesh: ProcessMesh, layout: FieldLayout, wavelet: str, levels: int):
+def apply_domain_split(model: nn.Module, mesh: ProcessMesh, layout: FieldLayout, wavelet: str, levels: int) -> Domain:
     """Swap a :class:`SplitDomain` of ``layout`` into every layer of ``model`` (after checking the
     split fits ``levels`` levels of ``wavelet``); with one sp rank the model keeps ``LOCAL``.
     Returns the domain in use."""
-    from ..ops.domain import LOCAL
-
     if tuple(layout.ranks) != tuple(mesh.sp_grid):
         raise ValueError(f"layout: splits over {layout.ranks} ranks per axis but the mesh's sp_grid is "
                          f"{mesh.sp_grid} (sp = {mesh.sp})")
@@ -143,32 +173,61 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return wrapped
 
 
-def apply_zero(ds_config: dict, mesh: ProcessMesh, micro_batch: int, grad_accum: int, zero_stage: int) -> dict:
-    """The DeepSpeed config for ZeRO ``zero_stage`` on ``mesh``: stage set, batch sizes as
-    DeepSpeed counts them (all ``dp * sp`` ranks data-parallel). Returns a new dict."""
-    from ..train.distributed import BatchAccounting, deepspeed_config_for_mesh
-
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {zero_stage!r}")
-    acc = BatchAccounting(micro_batch, grad_accum, mesh.dp, mesh.sp)
+def apply_zero(ds_config: dict, mesh: ProcessMesh, accounting: BatchAccounting, zero_stage: int) -> dict:
+    """The DeepSpeed config for ZeRO ``zero_stage`` on ``mesh``: a copy of ``ds_config`` (optimizer,
+    precision, clipping) with the stage set and the batch sizes as DeepSpeed counts them (every
+    one of the ``dp * sp`` ranks a data-parallel replica, no ``mesh_param``), checked."""
+    if not isinstance(ds_config, dict):
+        raise ValueError(f"ds_config: expected a dict, got {type(ds_config).__name__}")
+    if "mesh_param" in ds_config:
+        raise ValueError("ds_config: 'mesh_param' must not be set; the dp x sp mesh is handled by giving DeepSpeed "
+                         "all ranks as data-parallel world (exact for ZeRO 0-3; mesh_param is exact only for ZeRO-3 "
+                         "on DeepSpeed 0.19.8)")
+    for key, want in (("train_micro_batch_size_per_gpu", accounting.micro_batch),
+                      ("gradient_accumulation_steps", accounting.grad_accum)):
+        if key in ds_config and ds_config[key] != want:
+            raise ValueError(f"ds_config: {key}={ds_config[key]} disagrees with the plan's {want}")
     cfg = dict(ds_config)
     cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": zero_stage}
-    cfg["train_micro_batch_size_per_gpu"] = micro_batch
-    cfg["gradient_accumulation_steps"] = grad_accum
-    cfg = deepspeed_config_for_mesh(cfg, acc)
+    cfg["train_micro_batch_size_per_gpu"] = accounting.micro_batch
+    cfg["gradient_accumulation_steps"] = accounting.grad_accum
+    cfg["train_batch_size"] = accounting.deepspeed_train_batch_size
     sharded = {0: "nothing", 1: "optimizer state", 2: "optimizer state and gradients",
                3: "optimizer state, gradients and parameters"}[zero_stage]
     logger.info("ZeRO-%d: %s sharded over all %d ranks (dp %d x sp %d); DeepSpeed train_batch_size %d, "
                 "true global batch %d", zero_stage, sharded, mesh.world_size, mesh.dp, mesh.sp,
-                acc.deepspeed_train_batch_size, acc.global_batch)
+                accounting.deepspeed_train_batch_size, accounting.global_batch)
     return cfg
 
 
-def parallelize(model: nn.Module, mesh: ProcessMesh, layout: FieldLayout, cfg: ParallelizeConfig) -> ParallelPlan:
-    """Apply the domain split and activation checkpointing to ``model`` in place; return the plan
-    (the engine then uses ``apply_zero`` with ``plan.zero_stage``)."""
+def parallelize(model: nn.Module, mesh: ProcessMesh, layout: FieldLayout, cfg: ParallelizeConfig,
+                ds_config: dict | None = None) -> ParallelPlan:
+    """Apply the domain split and activation checkpointing to ``model`` in place and complete
+    ``ds_config`` (the engine's optimizer / precision / clipping settings) with ZeRO and this
+    mesh's batch sizes; return the plan. ``ds_config=None``: no engine follows (sampling)."""
     if not isinstance(cfg, ParallelizeConfig):
         raise ValueError(f"cfg: expected a ParallelizeConfig, got {type(cfg).__name__}")
+    accounting = BatchAccounting(cfg.micro_batch, cfg.grad_accum, mesh.dp, mesh.sp)
     domain = apply_domain_split(model, mesh, layout, cfg.wavelet, cfg.levels)
     n = apply_activation_checkpointing(model) if cfg.activation_checkpointing else 0
-    return ParallelPlan(domain=domain, checkpointed_blocks=n, zero_stage=cfg.zero_stage, dp=mesh.dp, sp=mesh.sp)
+    full = apply_zero(ds_config, mesh, accounting, cfg.zero_stage) if ds_config is not None else None
+    logger.info("mesh: %s; true global batch %d", mesh.describe(), accounting.global_batch)
+    return ParallelPlan(mesh=mesh, domain=domain, accounting=accounting, checkpointed_blocks=n, ds_config=full)
+
+
+def parallelize_for_sampling(model: nn.Module, world_size: int, sp: int, field_shape: Sequence[int], wavelet: str,
+                             levels: int, split_axes: Sequence[int], sp_grid: Sequence[int] = ()) -> Domain:
+    """Split ``model`` over all ``world_size`` ranks (``sp`` must equal it) for sampling one field
+    of global ``field_shape``; returns the domain (``generate`` then draws its noise globally and
+    shards it, so the samples equal the single-process ones for the same seed). Every sp rank
+    must call ``generate`` with identically seeded generators. Checked from numbers first."""
+    if sp != world_size:
+        # dp groups would each draw the whole ensemble again (the noise of member i depends on
+        # the ensemble size, so it cannot be dealt out over groups without changing the samples)
+        raise ValueError(f"sp: sampling splits one field over all ranks; got sp={sp} on {world_size} processes "
+                         f"(launch {sp} processes, or pass --sp {world_size})")
+    field_shape = tuple(int(n) for n in field_shape)
+    check_parallel_setup(world_size, 1, sp, field_shape, split_axes, wavelet, levels, 0, sp_grid)
+    mesh = ProcessMesh.create(dp=1, sp=sp, sp_grid=sp_grid)
+    return parallelize(model, mesh, mesh.layout(field_shape, tuple(split_axes)),
+                       ParallelizeConfig(wavelet=wavelet, levels=levels)).domain

@@ -1,31 +1,19 @@
-"""The DeepSpeed engine around an SGFM model: process group, precision, ZeRO, optimizer,
+"""The DeepSpeed engine around an SGFM model: its config (optimizer, precision, clipping), the
 LR schedule, and the full-weight view the EMA and evaluation need.
 
-``setup_distributed`` makes one code path serve every launch:
-
-* ``deepspeed launch/train.py`` / ``torchrun`` set RANK, WORLD_SIZE, MASTER_ADDR/PORT: used as is;
-* ``mpiexec -n N python launch/train.py``: MPI discovery (mpi4py) fills them in;
-* plain ``python launch/train.py``: a one-rank gloo group on 127.0.0.1 and a free port, so the
-  same ``deepspeed.initialize`` engine (ZeRO, clipping, checkpoint format) runs on one process.
-
-The process group itself comes from ``sgfm_dist.parallel.mesh.init_distributed`` (the one
-module that creates groups); DeepSpeed only wraps it.
-
-On CPU the DeepSpeed communication backend would JIT-compile its shared-memory all-reduce
-kernel (about a minute on 2 cores, and a C++ toolchain on the machine) on first use; we mark
-it unavailable so plain gloo is used and nothing is compiled, like ``torch_adam`` does for
-the optimizer.
+ZeRO and the batch sizes of the dp x sp mesh are not set here: ``parallelize``
+(``sgfm_dist/parallel/parallelize.py``) completes the config this module starts
+(:func:`deepspeed_config`), and :func:`build_engine` initializes DeepSpeed with the result.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from sgfm_dist.train.config import Config, to_deepspeed_config
+from sgfm_dist.train.config import Config, OptimConfig, effective_precision
 from sgfm_dist.train.schedule import lr_scheduler_factory
 
 
@@ -38,31 +26,41 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
-def setup_distributed(device: str) -> tuple[int, int, int]:
-    """Start the process group (``sgfm_dist.parallel.mesh.init_distributed``: env://, mpiexec
-    discovery or a lone process) and DeepSpeed's communication layer on top of it; returns
-    (rank, world size, local rank). Idempotent."""
-    import deepspeed
-    import deepspeed.ops
+def deepspeed_config(cfg: Config, device: str) -> dict:
+    """The DeepSpeed config of ``cfg`` on ``device`` ("cpu"/"cuda") before ``parallelize`` adds the
+    ZeRO stage and the mesh's batch sizes.
 
-    from sgfm_dist.parallel.mesh import init_distributed
-
-    if device == "cpu":
-        # No JIT-compiled shared-memory all-reduce on CPU: gloo does the job for our sizes.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    rank, world = init_distributed(backend="nccl" if device == "cuda" else "gloo")
-    # Finds the existing group and only wraps it (DeepSpeed's `cdb`).
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    return rank, world, local_rank
-
-
-def teardown_distributed(engine=None) -> None:
-    """Release the engine's hooks/buffers and the process group (safe to call twice)."""
-    if engine is not None:
-        engine.destroy()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    The LR schedule is not in here: :func:`build_engine` passes its own warmup+cosine ``LambdaLR``
+    (``sgfm_dist.train.schedule``) to ``deepspeed.initialize``, which steps it once per optimizer
+    step and saves it with the checkpoint.
+    """
+    o = cfg.optim
+    on_gpu = device == "cuda"
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                # torch.optim.AdamW instead of DeepSpeed's (Fused/CPU)Adam: nothing to JIT-compile.
+                "torch_adam": not (on_gpu and o.fused_adam),
+            },
+        },
+        "steps_per_print": 10**9,  # our own logging; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if effective_precision(cfg, device) != "fp32":
+        # torch.autocast inside the engine's forward, parameters and optimizer stay fp32:
+        # only Linear/Conv run in half precision, the FFT/wavelet math keeps its fp32 inputs
+        # (torch.fft has no bf16 kernels), and float batches need no casting.
+        ds["torch_autocast"] = {"enabled": True,
+                                "dtype": "bfloat16" if effective_precision(cfg, device) == "bf16" else "float16"}
+    return ds
 
 
 class TrainingLoss(nn.Module):
@@ -80,10 +78,10 @@ class TrainingLoss(nn.Module):
         return self.model.training_loss(batch, generator=generator)
 
 
-def build_engine(model: nn.Module, cfg: Config, device: str, world: int, adapt_config=None):
-    """``deepspeed.initialize`` on ``TrainingLoss(model)`` with the config's ZeRO stage,
-    precision, clipping, AdamW and warmup+cosine LambdaLR. ``adapt_config(ds_config)`` may rewrite
-    the DeepSpeed dict (the dp x sp mesh counts sp ranks in its batch). Returns the engine."""
+def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig, total_steps: int, device: str):
+    """``deepspeed.initialize`` on ``TrainingLoss(model)`` with ``ds_config`` (completed by
+    ``parallelize``: ZeRO stage, batch sizes) and the warmup+cosine LambdaLR of ``optim`` over
+    ``total_steps``. Returns the engine."""
     import deepspeed
 
     scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
@@ -92,15 +90,12 @@ def build_engine(model: nn.Module, cfg: Config, device: str, world: int, adapt_c
         # initialize, which fails on 0-dim tensors ("self.dim() cannot be 0 to view Float as Byte").
         raise ValueError(f"model: 0-dim parameters {scalars} cannot be trained under DeepSpeed (its parameter "
                          f"broadcast views each parameter as bytes); give them shape [1]")
-    ds_config = to_deepspeed_config(cfg, world, device)
-    if adapt_config is not None:
-        ds_config = adapt_config(ds_config)
     wrapper = TrainingLoss(model).to(device)
     engine, _, _, _ = deepspeed.initialize(
         model=wrapper,
         model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
         config=ds_config,
-        lr_scheduler=lr_scheduler_factory(cfg.optim, cfg.train.steps),
+        lr_scheduler=lr_scheduler_factory(optim, total_steps),
     )
     return engine
 

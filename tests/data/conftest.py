@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sgfm_dist.data.converters.text import TextConvertConfig, convert_text
-from sgfm_dist.data.shards import SerialComm
+from sgfm_dist.parallel.mpi import SerialComm
 
 
 @pytest.fixture(autouse=True)

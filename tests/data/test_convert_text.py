@@ -16,7 +16,7 @@ import pytest
 
 from sgfm_dist.data import build_text_source, split_of
 from sgfm_dist.data.converters import text as text_converter
-from sgfm_dist.data.shards import SerialComm
+from sgfm_dist.parallel.mpi import SerialComm
 from sgfm_dist.data.urls import iter_shard_samples, read_manifest, resolve_shards
 
 from .conftest import convert, make_corpus

@@ -11,7 +11,7 @@ import torch
 
 from sgfm_dist.data.converters.physics import NSConfig, initial_velocity, simulate_ns, simulate_trajectory
 from sgfm_dist.data.fields import build_physics_source
-from sgfm_dist.data.shards import SerialComm
+from sgfm_dist.parallel.mpi import SerialComm
 from sgfm_dist.data.urls import iter_shard_samples, resolve_shards
 
 

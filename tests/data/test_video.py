@@ -11,7 +11,7 @@ from PIL import Image
 
 from sgfm_dist.data.converters.video import VideoConvertConfig, convert_video, resize_frame
 from sgfm_dist.data.fields import VIDEO_LEVELS, build_video_source, frames_to_field
-from sgfm_dist.data.shards import SerialComm
+from sgfm_dist.parallel.mpi import SerialComm
 from sgfm_dist.data.urls import iter_shard_samples, resolve_shards
 from sgfm_dist.train.trainer import batch_to_device
 

@@ -44,7 +44,8 @@ from sgfm_dist.data.converters.common import run_conversion
 from sgfm_dist.data.converters.text import TextConvertConfig, convert_text
 from sgfm_dist.data.corpus import builtin_corpus_documents
 from sgfm_dist.data.fields import build_physics_source, build_video_source
-from sgfm_dist.data.shards import TAR_OVERHEAD, PlanItem, SerialComm, json_bytes, npy_bytes
+from sgfm_dist.data.shards import TAR_OVERHEAD, PlanItem, json_bytes, npy_bytes
+from sgfm_dist.parallel.mpi import SerialComm
 from sgfm_dist.data.tarstream import iter_members
 from sgfm_dist.data.text import build_text_source
 from sgfm_dist.data.urls import read_manifest

@@ -4,8 +4,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from ..shards import (PlanItem, Producer, check_plan, cut_shards, gather_stats, get_comm, merge_items,
-                      plan_fingerprint, progress_bar, run_guarded, write_manifest, write_shards)
+from ...parallel.mpi import get_comm, run_guarded
+from ..shards import (PlanItem, Producer, check_plan, cut_shards, gather_stats, merge_items, plan_fingerprint,
+                      progress_bar, write_manifest, write_shards)
 
 Scanner = Callable[[int, dict], list[PlanItem]]
 """``scan(input_index, stats)``: the items of one input (and counters added to ``stats``)."""
