@@ -4,41 +4,19 @@ wavelet-space diffusion and composite loss (``DiffusionConfig``).
 One dataclass per concern, every field typed, defaulted and documented, choices as
 ``Literal``, invariants checked in ``__post_init__`` (torchtitan style). YAML gives lists
 where tuples are meant; ``__post_init__`` normalises them, so a config loaded from YAML
-equals one built in Python.
+equals one built in Python. The checks are ``sgfm_dist.validation``'s, shared with the run
+config (``sgfm_dist.train.config``); ``train/config_loader.py`` reads them from YAML.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import pywt
 
-_MODALITIES = ("text", "video", "physics")
-
-
-def _int_or_tuple(value, name: str) -> int | tuple[int, ...]:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: expected an int or a list of ints, got {value!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"{name}: must be >= 1, got {value}")
-        return value
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        value = tuple(value)
-        if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-            raise ValueError(f"{name}: expected positive ints, got {value!r}")
-        return value
-    raise ValueError(f"{name}: expected an int or a list of ints, got {value!r}")
-
-
-def _positive(value, name: str, strict: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= 0 if strict else value < 0):
-        raise ValueError(f"{name}: must be {'> 0' if strict else '>= 0'}, got {value!r}")
-
-
-def _choice(value, choices, name: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: must be one of {list(choices)}, got {value!r}")
+from ..ops.dynamics import DerivativeKind, TimeDerivativeKind
+from ..validation import (check, check_fields, length, non_negative, non_negative_int, odd, positive,
+                          positive_int, positive_ints)
 
 
 @dataclass
@@ -114,11 +92,13 @@ class ModelConfig:
     lengths: tuple[float, ...] | None = None
     """Periodic box length per field axis (None: 2*pi each, integer wavenumbers)."""
 
-    derivative: Literal["spectral", "fd2", "fd4"] = "spectral"
-    """How the residual takes spatial derivatives (passed to ``ops.dynamics.FlowSpec``)."""
+    derivative: DerivativeKind = "spectral"
+    """How the residual takes spatial derivatives: "spectral", "fd2" or "fd4" (passed to
+    ``ops.dynamics.FlowSpec``)."""
 
-    time_derivative: str = "one_sided2"
-    """How the residual takes d_t (passed to ``ops.dynamics.FlowSpec``)."""
+    time_derivative: TimeDerivativeKind = "one_sided2"
+    """How the residual takes d_t: "periodic2", "periodic4", "one_sided2", "one_sided4" or "flow"
+    (passed to ``ops.dynamics.FlowSpec``; text, whose t is a flow axis, always uses "flow")."""
 
     fourier_features: int = 16
     """Fourier features per scalar conditioning input (tau per level, lambda)."""
@@ -127,50 +107,42 @@ class ModelConfig:
     """Width of the conditioning vector that drives every FiLM layer."""
 
     def __post_init__(self):
-        _choice(self.modality, _MODALITIES, "model.modality")
-        _choice(self.flow, ("auto", "all", "spatial"), "model.flow")
-        _choice(self.derivative, ("spectral", "fd2", "fd4"), "model.derivative")
+        check_fields(self, "model")
         for name in ("vocab_size", "channels", "data_channels", "width", "n_blocks", "mlp_ratio",
                      "forcing_width", "levels", "fourier_features", "cond_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"model.{name}: must be a positive int, got {v!r}")
+            positive_int(f"model.{name}", getattr(self, name))
         for name in ("forcing_blocks", "forcing_noise_channels"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"model.{name}: must be an int >= 0, got {v!r}")
-        if self.fourier_features % 2:
-            raise ValueError(f"model.fourier_features: must be even (sin/cos pairs), got {self.fourier_features}")
-        if self.modality == "text" and not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"model.pad_id: must be an id in [0, vocab_size={self.vocab_size}), got {self.pad_id}")
+            non_negative_int(f"model.{name}", getattr(self, name))
+        check(self.fourier_features % 2 == 0, "model.fourier_features",
+              f"must be even (sin/cos pairs), got {self.fourier_features}")
+        if self.modality == "text":
+            check(0 <= self.pad_id < self.vocab_size, "model.pad_id",
+                  f"must be an id in [0, vocab_size={self.vocab_size}), got {self.pad_id}")
         if self.kernel_size is None:
             self.kernel_size = (1, 7) if self.modality == "text" else 3
         if self.spectral_modes is None:
             self.spectral_modes = (4, 8) if self.modality == "text" else 4
-        self.kernel_size = _int_or_tuple(self.kernel_size, "model.kernel_size")
-        ks = (self.kernel_size,) if isinstance(self.kernel_size, int) else self.kernel_size
-        if any(k % 2 == 0 for k in ks):
-            raise ValueError(f"model.kernel_size: must be odd (centred periodic stencil), got {self.kernel_size}")
-        self.spectral_modes = _int_or_tuple(self.spectral_modes, "model.spectral_modes")
-        if self.wavelet not in pywt.wavelist(kind="discrete") or not pywt.Wavelet(self.wavelet).orthogonal:
-            raise ValueError(f"model.wavelet: must be an orthogonal pywt wavelet (e.g. 'haar', 'db2', 'db4', "
-                             f"'sym4', 'coif2'), got {self.wavelet!r}")
-        _positive(self.nu, "model.nu", strict=False)
-        _positive(self.forcing_strength, "model.forcing_strength", strict=False)
-        _positive(self.dt, "model.dt")
+        positive_ints("model.kernel_size", self.kernel_size)
+        odd("model.kernel_size", self.kernel_size, "centred periodic stencil")
+        positive_ints("model.spectral_modes", self.spectral_modes)
+        check(self.wavelet in pywt.wavelist(kind="discrete") and pywt.Wavelet(self.wavelet).orthogonal,
+              "model.wavelet", f"must be an orthogonal pywt wavelet (e.g. 'haar', 'db2', 'db4', 'sym4', "
+                               f"'coif2'), got {self.wavelet!r}")
+        non_negative("model.nu", self.nu)
+        non_negative("model.forcing_strength", self.forcing_strength)
+        positive("model.dt", self.dt)
         if self.lengths is not None:
-            self.lengths = tuple(float(v) for v in self.lengths)
-            if any(v <= 0 for v in self.lengths):
-                raise ValueError(f"model.lengths: box lengths must be positive, got {self.lengths}")
+            check(all(v > 0 for v in self.lengths), "model.lengths",
+                  f"box lengths must be positive, got {self.lengths}")
         d = self.field_ndim
         for name in ("kernel_size", "spectral_modes", "lengths"):
             v = getattr(self, name)
-            if isinstance(v, tuple) and len(v) != d:
-                raise ValueError(f"model.{name}: has {len(v)} entries but a {self.modality} field has {d} field axes")
+            if isinstance(v, tuple):
+                length(f"model.{name}", v, d, f"a {self.modality} field has {d} field axes")
         k = len(self.flow_axes())
-        if self.channels % k:
-            raise ValueError(f"model.channels: C={self.channels} must be a multiple of the number of flow axes "
-                             f"k={k} ({self.modality}, flow={self.flow!r}): vector fields group channels as C = G*k")
+        check(self.channels % k == 0, "model.channels",
+              f"C={self.channels} must be a multiple of the number of flow axes k={k} ({self.modality}, "
+              f"flow={self.flow!r}): vector fields group channels as C = G*k")
 
     @property
     def field_ndim(self) -> int:
@@ -230,17 +202,9 @@ class DiffusionConfig:
     """t-slices at t = 0 that L_BC compares with the data (the initial condition u0)."""
 
     def __post_init__(self):
-        _choice(self.schedule, ("cosine", "linear"), "diffusion.schedule")
-        _choice(self.mode, ("joint", "cascade"), "diffusion.mode")
-        _choice(self.parameterization, ("eps", "v"), "diffusion.parameterization")
-        for name in ("logsnr_shift", "level_shift", "logsnr_min", "logsnr_max"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"diffusion.{name}: must be a number, got {v!r}")
-        if not self.logsnr_min < self.logsnr_max:
-            raise ValueError(f"diffusion.logsnr_min/logsnr_max: need logsnr_min < logsnr_max, "
-                             f"got {self.logsnr_min} and {self.logsnr_max}")
+        check_fields(self, "diffusion")
+        check(self.logsnr_min < self.logsnr_max, "diffusion.logsnr_min",
+              f"need logsnr_min < logsnr_max, got {self.logsnr_min} and {self.logsnr_max}")
         for name in ("lambda_R", "lambda_B", "lambda_ce"):
-            _positive(getattr(self, name), f"diffusion.{name}", strict=False)
-        if isinstance(self.bc_rows, bool) or not isinstance(self.bc_rows, int) or self.bc_rows < 1:
-            raise ValueError(f"diffusion.bc_rows: must be a positive int, got {self.bc_rows!r}")
+            non_negative(f"diffusion.{name}", getattr(self, name))
+        positive_int("diffusion.bc_rows", self.bc_rows)

@@ -1,5 +1,6 @@
-"""Typed run configuration: one dataclass per concern, YAML files with ``base:`` inheritance,
-``--set a.b=value`` overrides, validated at load.
+"""Typed run configuration: one dataclass per concern, every field typed, defaulted and
+documented, choices as ``Literal``, invariants checked in ``__post_init__`` with the helpers of
+``sgfm_dist.validation`` (torchtitan style).
 
 A run is described by a :class:`Config` with the sections
 
@@ -12,29 +13,18 @@ A run is described by a :class:`Config` with the sections
     logging     LoggingConfig    TensorBoard, JSON-lines metrics, progress bar
     eval        EvalConfig       samples, held-out denoising CE, Bayes baseline
 
-Loading (``load_config``) goes YAML file -> its ``base:`` chain (paths relative to the file
-that names them, recursive, cycles rejected) -> deep merge (child wins) -> ``--set``
-overrides -> key check (an unknown key is a ValueError naming the file, the key and the
-closest valid key) -> type check against the dataclass annotations -> the dataclasses'
-``__post_init__`` validation. Every error names where the offending value came from.
-
-YAML 1.1 reads ``3e-4`` as a string (it wants ``3.0e-4``); float fields accept such
-strings because everybody writes them.
+Reading YAML files (``base:`` inheritance, ``--set`` overrides, unknown-key suggestions) is
+``sgfm_dist.train.config_loader``; this module only defines the dataclasses.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
 from sgfm_dist.model.config import DiffusionConfig, ModelConfig
+from sgfm_dist.validation import (all_in_range, check, check_fields, in_range, multiple_of, non_empty_str,
+                                  non_negative, non_negative_int, positive, positive_int)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -69,15 +59,13 @@ class DataConfig:
     warns naming it, goes on, and counts skipped shards/samples in the logs (``data/...``)."""
 
     def __post_init__(self):
-        if not isinstance(self.source, str) or not self.source:
-            raise ValueError(f"data.source: must be a non-empty string, got {self.source!r}")
-        _positive("data.rows", self.rows)
-        _positive("data.row_len", self.row_len)
-        _non_negative("data.frames", self.frames)
-        _non_negative("data.num_workers", self.num_workers)
-        _positive("data.prefetch_factor", self.prefetch_factor)
-        if self.corrupt not in ("skip", "fail"):
-            raise ValueError(f"data.corrupt: must be 'skip' or 'fail', got {self.corrupt!r}")
+        check_fields(self, "data")
+        non_empty_str("data.source", self.source)
+        positive_int("data.rows", self.rows)
+        positive_int("data.row_len", self.row_len)
+        non_negative_int("data.frames", self.frames)
+        non_negative_int("data.num_workers", self.num_workers)
+        positive_int("data.prefetch_factor", self.prefetch_factor)
 
     @property
     def field_shape(self) -> tuple[int, int]:
@@ -110,15 +98,14 @@ class OptimConfig:
     CPU runs always use torch's AdamW (``torch_adam``) so nothing is compiled."""
 
     def __post_init__(self):
-        _positive("optim.lr", self.lr)
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        _non_negative("optim.warmup_steps", self.warmup_steps)
-        _non_negative("optim.weight_decay", self.weight_decay)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optim.betas: need two values in [0, 1), got {self.betas}")
-        _positive("optim.eps", self.eps)
-        _non_negative("optim.grad_clip", self.grad_clip)
+        check_fields(self, "optim")
+        positive("optim.lr", self.lr)
+        in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        non_negative_int("optim.warmup_steps", self.warmup_steps)
+        non_negative("optim.weight_decay", self.weight_decay)
+        all_in_range("optim.betas", self.betas, 0.0, 1.0, hi_open=True, n=2)
+        positive("optim.eps", self.eps)
+        non_negative("optim.grad_clip", self.grad_clip)
 
 
 @dataclass
@@ -160,22 +147,19 @@ class TrainConfig:
     """Sample texts and log wavelet energies every this many steps (0 = only at the end)."""
 
     def __post_init__(self):
-        _positive("train.steps", self.steps)
-        _non_negative("train.stop_at", self.stop_at)
-        if self.stop_at > self.steps:
-            raise ValueError(f"train.stop_at: {self.stop_at} is beyond train.steps={self.steps}")
-        _positive("train.micro_batch", self.micro_batch)
-        _positive("train.grad_accum", self.grad_accum)
-        _non_negative("train.threads", self.threads)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
-        if not self.out_dir:
-            raise ValueError("train.out_dir: must be a non-empty path")
-        if not self.ckpt_dir:
-            raise ValueError("train.ckpt_dir: must be a non-empty path")
-        _non_negative("train.ckpt_interval", self.ckpt_interval)
-        _non_negative("train.keep_checkpoints", self.keep_checkpoints)
-        _non_negative("train.eval_interval", self.eval_interval)
+        check_fields(self, "train")
+        positive_int("train.steps", self.steps)
+        non_negative_int("train.stop_at", self.stop_at)
+        check(self.stop_at <= self.steps, "train.stop_at", f"{self.stop_at} is beyond train.steps={self.steps}")
+        positive_int("train.micro_batch", self.micro_batch)
+        positive_int("train.grad_accum", self.grad_accum)
+        non_negative_int("train.threads", self.threads)
+        in_range("train.ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
+        non_empty_str("train.out_dir", self.out_dir)
+        non_empty_str("train.ckpt_dir", self.ckpt_dir)
+        non_negative_int("train.ckpt_interval", self.ckpt_interval)
+        non_negative_int("train.keep_checkpoints", self.keep_checkpoints)
+        non_negative_int("train.eval_interval", self.eval_interval)
 
     @property
     def last_step(self) -> int:
@@ -201,35 +185,28 @@ class ParallelConfig:
     video/physics: t, y, x). ``()`` = automatic: t for text (a periodic flow axis, no FFT
     transpose); the spatial axes (y, then x) for video/physics, whose d_t is a one-sided
     stencil that reads t whole (``train/distributed.py: resolve_split_axes``)."""
-    zero_stage: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters."""
     activation_checkpointing: bool = False
     """Recompute each network block in the backward pass instead of storing its activations."""
 
     def __post_init__(self):
+        check_fields(self, "parallel")
         if self.dp != -1:
-            _positive("parallel.dp", self.dp)
-        _positive("parallel.sp", self.sp)
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
-        self.sp_grid, self.split_axes = tuple(self.sp_grid), tuple(self.split_axes)
+            positive_int("parallel.dp", self.dp)
+        positive_int("parallel.sp", self.sp)
         if self.sp_grid:
-            if len(self.sp_grid) > 2 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1
-                                            for p in self.sp_grid):
-                raise ValueError(f"parallel.sp_grid: expected 1 or 2 positive ints (slab or pencil), "
-                                 f"got {list(self.sp_grid)}")
-            if math.prod(self.sp_grid) != self.sp:
-                raise ValueError(f"parallel.sp_grid: {list(self.sp_grid)} has {math.prod(self.sp_grid)} ranks "
-                                 f"but parallel.sp={self.sp}")
+            check(len(self.sp_grid) <= 2 and all(p >= 1 for p in self.sp_grid), "parallel.sp_grid",
+                  f"expected 1 or 2 positive ints (slab or pencil), got {list(self.sp_grid)}")
+            check(math.prod(self.sp_grid) == self.sp, "parallel.sp_grid",
+                  f"{list(self.sp_grid)} has {math.prod(self.sp_grid)} ranks but parallel.sp={self.sp}")
         if self.split_axes:
-            if any(isinstance(a, bool) or not isinstance(a, int) or not 0 <= a <= 2 for a in self.split_axes) \
-                    or len(set(self.split_axes)) != len(self.split_axes):
-                raise ValueError(f"parallel.split_axes: expected distinct field axes in 0..2 (0 = t), "
-                                 f"got {list(self.split_axes)}")
+            check(all(0 <= a <= 2 for a in self.split_axes) and len(set(self.split_axes)) == len(self.split_axes),
+                  "parallel.split_axes", f"expected distinct field axes in 0..2 (0 = t), got {list(self.split_axes)}")
             dims = len(self.sp_grid) or 1
-            if len(self.split_axes) != dims:
-                raise ValueError(f"parallel.split_axes: {list(self.split_axes)} names {len(self.split_axes)} axes "
-                                 f"but the sp grid {list(self.sp_grid or (self.sp,))} has {dims} dim(s)")
+            check(len(self.split_axes) == dims, "parallel.split_axes",
+                  f"{list(self.split_axes)} names {len(self.split_axes)} axes but the sp grid "
+                  f"{list(self.sp_grid or (self.sp,))} has {dims} dim(s)")
 
     def mesh(self, world: int) -> tuple[int, int]:
         """(dp, sp) for ``world`` ranks, checked."""
@@ -253,7 +230,8 @@ class LoggingConfig:
     """tqdm progress bar with rate and ETA."""
 
     def __post_init__(self):
-        _positive("logging.log_interval", self.log_interval)
+        check_fields(self, "logging")
+        positive_int("logging.log_interval", self.log_interval)
 
 
 @dataclass
@@ -287,17 +265,16 @@ class EvalConfig:
     """Seed of evaluation noise and samples, so evaluations are comparable across steps."""
 
     def __post_init__(self):
-        _positive("eval.n_samples", self.n_samples)
-        _positive("eval.sample_steps", self.sample_steps)
-        _non_negative("eval.physics_eta", self.physics_eta)
-        _positive("eval.vocab_temperature", self.vocab_temperature)
-        if not self.energy_taus or not all(0.0 < t < 1.0 for t in self.energy_taus):
-            raise ValueError(f"eval.energy_taus: need values in (0, 1), got {self.energy_taus}")
-        _positive("eval.val_batches", self.val_batches)
-        _positive("eval.prior_bytes", self.prior_bytes)
-        if not self.entropy_fractions or not all(0.0 < f < 1.0 for f in self.entropy_fractions):
-            raise ValueError(f"eval.entropy_fractions: need values in (0, 1), got {self.entropy_fractions}")
-        _positive("eval.metric_samples", self.metric_samples)
+        check_fields(self, "eval")
+        positive_int("eval.n_samples", self.n_samples)
+        positive_int("eval.sample_steps", self.sample_steps)
+        non_negative("eval.physics_eta", self.physics_eta)
+        positive("eval.vocab_temperature", self.vocab_temperature)
+        all_in_range("eval.energy_taus", self.energy_taus, 0.0, 1.0, lo_open=True, hi_open=True)
+        positive_int("eval.val_batches", self.val_batches)
+        positive_int("eval.prior_bytes", self.prior_bytes)
+        all_in_range("eval.entropy_fractions", self.entropy_fractions, 0.0, 1.0, lo_open=True, hi_open=True)
+        positive_int("eval.metric_samples", self.metric_samples)
 
 
 @dataclass
@@ -322,6 +299,7 @@ class Config:
     """Evaluation."""
 
     def __post_init__(self):
+        check_fields(self, "")
         # Cross-section rule: the wavelet transform halves every field axis `levels` times and
         # each level's input must hold the filter (ops.wavelets.max_levels).
         from sgfm_dist.ops.wavelets import max_levels
@@ -329,278 +307,15 @@ class Config:
         levels, wavelet = self.model.levels, self.model.wavelet
         if self.model.modality == "text":
             step = 2 ** levels
-            for name, n in (("data.rows", self.data.rows), ("data.row_len", self.data.row_len)):
-                if n % step:
-                    raise ValueError(f"{name}: {n} is not divisible by 2**model.levels = {step} "
-                                     f"(the wavelet transform halves every field axis model.levels={levels} times)")
-                if max_levels(n, wavelet) < levels:
-                    raise ValueError(f"{name}: {n} cells admit only {max_levels(n, wavelet)} levels of "
-                                     f"{wavelet!r}, model.levels={levels} (each level's input needs at least "
-                                     f"2 x (filter length - 1) cells); use more cells, fewer levels or a "
-                                     f"shorter wavelet")
-        if self.optim.warmup_steps > self.train.steps:
-            raise ValueError(f"optim.warmup_steps: {self.optim.warmup_steps} exceeds train.steps={self.train.steps}")
-
-
-# ----------------------------------------------------------------------------- loading
-def load_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read ``path`` (with its ``base:`` chain), apply ``--set`` style ``overrides``
-    (``"a.b=value"``, value parsed as YAML), check keys and types, validate."""
-    raw, origin = _read_with_bases(os.path.abspath(os.fspath(path)), stack=())
-    for item in overrides:
-        keys, value = parse_override(item)
-        where = f"--set {item}"
-        _check_keys(_nest(keys, value), Config, where, prefix="")
-        _set_nested(raw, keys, value)
-        origin[".".join(keys)] = where
-    return config_from_dict(raw, origin=origin, default_source=os.fspath(path))
-
-
-def config_from_dict(raw: dict, origin: dict[str, str] | None = None,
-                     default_source: str = "<dict>") -> Config:
-    """Build a validated :class:`Config` from a nested dict (e.g. a checkpoint's ``config``).
-
-    ``origin`` maps dotted keys to where they were set, for error messages."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{default_source}: the config must be a mapping, got {type(raw).__name__}")
-    _check_keys(raw, Config, default_source, prefix="")
-    return _build(Config, raw, prefix="", origin=origin or {}, default_source=default_source)
-
-
-def config_to_dict(cfg) -> dict:
-    """Plain nested dict (tuples as lists) that ``config_from_dict`` and YAML round-trip."""
-    def plain(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(cfg)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"optim.lr=3e-4"`` -> (["optim", "lr"], 0.0003); values are YAML (``[1, 2]``, ``true``, ``null``)."""
-    if "=" not in item:
-        raise ValueError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
-    key, text = item.split("=", 1)
-    keys = key.strip().split(".")
-    if not all(keys):
-        raise ValueError(f"--set {item!r}: the key {key!r} has an empty part")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as e:
-        raise ValueError(f"--set {item!r}: the value is not valid YAML ({e})") from None
-    return keys, value
-
-
-def _read_with_bases(path: str, stack: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
-    """The merged dict of ``path`` and its ``base:`` chain, plus each leaf key's source file."""
-    if path in stack:
-        chain = " -> ".join(stack + (path,))
-        raise ValueError(f"{path}: 'base:' inheritance cycle: {chain}")
-    if not os.path.isfile(path):
-        where = f" (named by base: in {stack[-1]})" if stack else ""
-        raise ValueError(f"config file {path} does not exist{where}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    bases = data.pop("base", None)
-    # Each file's keys are checked on their own, so an unknown key names the file it is in.
-    _check_keys(data, Config, path, prefix="")
-    merged: dict = {}
-    origin: dict[str, str] = {}
-    if bases is not None:
-        for base in [bases] if isinstance(bases, str) else bases:
-            if not isinstance(base, str):
-                raise ValueError(f"{path}: 'base:' must be a path or a list of paths, got {base!r}")
-            base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
-            sub, sub_origin = _read_with_bases(base_path, stack + (path,))
-            _merge(merged, sub)
-            origin.update(sub_origin)
-    _merge(merged, data)
-    origin.update({k: path for k in _leaf_keys(data)})
-    return merged, origin
-
-
-def _merge(into: dict, new: dict) -> None:
-    """Deep merge: mappings merge key by key, anything else is replaced."""
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = v
-
-
-def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.extend(_leaf_keys(v, key + ".") if isinstance(v, dict) else [key])
-    return out
-
-
-def _nest(keys: list[str], value) -> dict:
-    d: Any = value
-    for k in reversed(keys):
-        d = {k: d}
-    return d
-
-
-def _set_nested(d: dict, keys: list[str], value) -> None:
-    for k in keys[:-1]:
-        if not isinstance(d.get(k), dict):
-            d[k] = {}
-        d = d[k]
-    d[keys[-1]] = value
-
-
-def _check_keys(raw: dict, cls, where: str, prefix: str) -> None:
-    """Unknown keys -> ValueError naming ``where``, the key and the closest valid key."""
-    hints = _hints(cls)
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in hints:
-            valid = [f"{prefix}{k}" for k in hints]
-            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.0)
-            suggestion = f"; did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"{where}: unknown config key '{dotted}'{suggestion} "
-                             f"(valid keys here: {', '.join(valid)})")
-        sub = _dataclass_in(hints[key])
-        if sub is not None and isinstance(value, dict):
-            _check_keys(value, sub, where, prefix=dotted + ".")
-
-
-def _build(cls, raw: dict, prefix: str, origin: dict[str, str], default_source: str):
-    hints = _hints(cls)
-    kwargs = {}
-    for name, tp in hints.items():
-        if name not in raw:
-            continue
-        dotted = f"{prefix}{name}"
-        where = origin.get(dotted, default_source)
-        sub = _dataclass_in(tp)
-        if sub is not None:
-            value = raw[name]
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: '{dotted}' is a section and needs a mapping, got {value!r}")
-            kwargs[name] = _build(sub, value, dotted + ".", origin, default_source)
-        else:
-            kwargs[name] = _coerce(raw[name], tp, dotted, where)
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        # __post_init__ messages name the field; add the file(s) the section was set in.
-        files = sorted({origin.get(k, default_source) for k in origin if k.startswith(prefix)} or {default_source})
-        raise ValueError(f"{', '.join(files)}: {e}") from None
-    except TypeError as e:  # a section without defaults missing a required key
-        raise ValueError(f"{default_source}: section '{prefix.rstrip('.') or 'config'}': {e}") from None
-
-
-def _hints(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _dataclass_in(tp):
-    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
-
-
-def _coerce(value, tp, dotted: str, where: str):
-    """Check ``value`` against annotation ``tp`` (int/float/bool/str/Literal/Optional/tuple/list/dict)."""
-    def fail(expected: str):
-        raise ValueError(f"{where}: '{dotted}' must be {expected}, got {value!r} ({type(value).__name__})")
-
-    origin_tp = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin_tp is Literal:
-        if value not in args:
-            fail("one of " + ", ".join(repr(a) for a in args))
-        return value
-    if origin_tp in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, dotted, where)
-            except ValueError as e:
-                errors.append(str(e))
-        fail(" or ".join(_type_name(a) for a in args))
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail("true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail("an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                fail("a number")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail("a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            fail("a string")
-        return value
-    if origin_tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            fail(f"a list ({_type_name(tp)})")
-        if origin_tp is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [_coerce(v, args[0], f"{dotted}[{i}]", where) for i, v in enumerate(value)]
-        elif origin_tp is tuple and args:
-            if len(value) != len(args):
-                fail(f"a list of {len(args)} items ({_type_name(tp)})")
-            items = [_coerce(v, a, f"{dotted}[{i}]", where) for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            inner = args[0] if args else Any
-            items = [_coerce(v, inner, f"{dotted}[{i}]", where) for i, v in enumerate(value)]
-        return tuple(items) if origin_tp is tuple else list(items)
-    if origin_tp is dict or tp is dict:
-        if not isinstance(value, dict):
-            fail("a mapping")
-        return dict(value)
-    if isinstance(tp, type):
-        if not isinstance(value, tp):
-            fail(f"a {tp.__name__}")
-        return value
-    return value
-
-
-def _type_name(tp) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type) and not typing.get_args(tp):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _positive(name: str, v) -> None:
-    if not v > 0:
-        raise ValueError(f"{name}: must be > 0, got {v}")
-
-
-def _non_negative(name: str, v) -> None:
-    if not v >= 0:
-        raise ValueError(f"{name}: must be >= 0, got {v}")
+            for key, n in (("data.rows", self.data.rows), ("data.row_len", self.data.row_len)):
+                multiple_of(key, n, step, f"2**model.levels = {step} (the wavelet transform halves every "
+                                          f"field axis model.levels={levels} times)")
+                check(max_levels(n, wavelet) >= levels, key,
+                      f"{n} cells admit only {max_levels(n, wavelet)} levels of {wavelet!r}, model.levels={levels} "
+                      f"(each level's input needs at least 2 x (filter length - 1) cells); use more cells, "
+                      f"fewer levels or a shorter wavelet")
+        check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",
+              f"{self.optim.warmup_steps} exceeds train.steps={self.train.steps}")
 
 
 # ----------------------------------------------------------------------------- DeepSpeed

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from sgfm_dist.train import checkpoint as ckpt
-from sgfm_dist.train.config import Config, config_from_dict
+from sgfm_dist.train.config import Config
+from sgfm_dist.train.config_loader import config_from_dict
 
 
 @dataclass

@@ -1,14 +1,23 @@
-"""Config system: base: inheritance, --set overrides, key/type/validation errors, DeepSpeed dict."""
+"""Config system: base: inheritance, --set overrides, key/type/validation errors naming the key,
+Literal choices, the loader apart from the dataclasses, DeepSpeed dict."""
 from __future__ import annotations
 
+import ast
 import glob
 import os
+import re
+import sys
+import typing
+from typing import Literal
 
 import pytest
 import yaml
 
-from sgfm_dist.train.config import (Config, config_from_dict, config_to_dict, load_config, parse_override,
-                                    to_deepspeed_config)
+from sgfm_dist.model.config import DiffusionConfig, ModelConfig
+from sgfm_dist.train.config import (Config, DataConfig, EvalConfig, LoggingConfig, OptimConfig, ParallelConfig,
+                                    TrainConfig, to_deepspeed_config)
+from sgfm_dist.train.config_loader import config_from_dict, config_to_dict, load_config, parse_override
+from sgfm_dist.validation import field_types
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -112,22 +121,154 @@ def test_type_error_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("override, rule", [
-    ("train.steps=0", "train.steps: must be > 0"),
-    ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio: must be in \[0, 1\]"),
-    ("parallel.zero_stage=4", "zero_stage: must be 0, 1, 2 or 3"),
-    ("train.ema_decay=1.0", "ema_decay"),
-    ("train.stop_at=1000", "beyond train.steps"),
-    ("data.rows=18", r"data.rows: 18 is not divisible by 2\*\*model.levels"),
+    ("train.steps=0", r"--set train.steps=0: train.steps: must be a positive int, got 0"),
+    ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio: must be in \[0.0, 1.0\], got 1.5"),
+    ("parallel.zero_stage=4", "parallel.zero_stage: must be one of 0, 1, 2, 3, got 4"),
+    ("train.ema_decay=1.0", r"train.ema_decay: must be in \[0.0, 1.0\), got 1.0"),
+    ("train.stop_at=1000", "train.stop_at: 1000 is beyond train.steps"),
+    ("data.rows=18", r"--set data.rows=18: data.rows: 18 is not divisible by 2\*\*model.levels"),
     ("data.rows=16", r"data.rows: 16 cells admit only 1 levels of 'db4', model.levels=2"),
-    ("model.width=0", "model.width"),                           # the model's own __post_init__
-    ("diffusion.mode=sideways", "diffusion.mode"),
+    ("model.width=0", "model.width: must be a positive int"),       # the model's own __post_init__
+    ("diffusion.mode=sideways", "diffusion.mode: must be one of 'joint', 'cascade', got 'sideways'"),
     ("eval.vocab_temperature=0", "eval.vocab_temperature: must be > 0"),
-    ("data.num_workers=-1", "data.num_workers"),
-    ("data.corrupt=ignore", "'data.corrupt' must be one of 'skip', 'fail'"),
+    ("data.num_workers=-1", "data.num_workers: must be an int >= 0, got -1"),
+    ("data.corrupt=ignore", "--set data.corrupt=ignore: data.corrupt: must be one of 'skip', 'fail', got 'ignore'"),
+    ("optim.warmup_steps=60", "--set optim.warmup_steps=60: optim.warmup_steps: 60 exceeds train.steps=50"),
 ])
 def test_validation_errors(chain, override, rule):
     with pytest.raises(ValueError, match=rule):
         load_config(chain, [override])
+
+
+# A wrong type and an out-of-range value for fields of every section: the dataclass (built in
+# Python) and the loader (--set) both give a ValueError that names the dotted key.
+BAD_VALUES = [
+    # section, field, wrong type, out of range
+    ("model", "width", "wide", 0),
+    ("model", "forcing_blocks", 1.5, -1),
+    ("model", "nu", "viscous", -1e-3),
+    ("model", "kernel_size", "3", [1, 4]),                     # even: no centred stencil
+    ("model", "lengths", [1.0, "x"], [1.0, -2.0]),
+    ("model", "pad_id", "pad", 999),
+    ("diffusion", "logsnr_min", [1], 20.0),
+    ("diffusion", "lambda_R", True, -0.5),
+    ("diffusion", "bc_rows", 1.0, 0),
+    ("data", "rows", "many", -16),
+    ("data", "source", 3, ""),
+    ("data", "prefetch_factor", None, 0),
+    ("optim", "lr", "fast", 0.0),
+    ("optim", "betas", [0.9, "x"], [0.9, 1.0]),
+    ("optim", "min_lr_ratio", [0.1], -0.1),
+    ("optim", "fused_adam", "yes", None),
+    ("train", "micro_batch", "eight", 0),
+    ("train", "ema_decay", "slow", -0.1),
+    ("train", "out_dir", 5, ""),
+    ("train", "ema_warmup", 1, None),
+    ("parallel", "sp", 2.0, 0),
+    ("parallel", "dp", "all", -2),
+    ("parallel", "sp_grid", 2, [2, 0]),
+    ("parallel", "split_axes", ["t"], [3]),
+    ("parallel", "activation_checkpointing", "no", None),
+    ("logging", "log_interval", "often", 0),
+    ("logging", "tensorboard_dir", 1, None),
+    ("logging", "progress", "on", None),
+    ("eval", "n_samples", 4.5, 0),
+    ("eval", "energy_taus", 0.5, [0.5, 1.0]),
+    ("eval", "physics_eta", "x", -1.0),
+    ("eval", "entropy_fractions", ["half"], []),
+]
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "optim": OptimConfig,
+            "train": TrainConfig, "parallel": ParallelConfig, "logging": LoggingConfig, "eval": EvalConfig}
+
+
+def test_bad_values_cover_every_section():
+    assert {section for section, *_ in BAD_VALUES} == set(SECTIONS)
+
+
+BAD_CASES = [(section, name, kind, value) for section, name, *values in BAD_VALUES
+             for kind, value in zip(("type", "range"), values) if value is not None]   # bools, free strings: no range
+
+
+@pytest.mark.parametrize("section, name, kind, value", BAD_CASES,
+                         ids=[f"{s}.{n}-{k}" for s, n, k, _ in BAD_CASES])
+def test_bad_value_names_the_key(chain, section, name, kind, value):
+    key = f"{section}.{name}"
+    with pytest.raises(ValueError, match=re.escape(key)) as e:          # the dataclass itself
+        SECTIONS[section](**{name: value})
+    if kind == "type":
+        assert "must be" in str(e.value), str(e.value)
+    override = f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+    with pytest.raises(ValueError, match=re.escape(key)) as e:          # the loader, naming the --set
+        load_config(chain, [override])
+    assert f"--set {override}" in str(e.value), str(e.value)
+
+
+def _literal_fields():
+    out = []
+    for section, cls in SECTIONS.items():
+        for name, tp in field_types(cls).items():
+            if typing.get_origin(tp) is Literal:
+                out.append((section, name, typing.get_args(tp)))
+    return out
+
+
+LITERAL_FIELDS = _literal_fields()
+
+
+def test_every_choice_field_is_a_literal():
+    assert {f"{s}.{n}" for s, n, _ in LITERAL_FIELDS} == {
+        "model.modality", "model.flow", "model.derivative", "model.time_derivative",
+        "diffusion.schedule", "diffusion.mode", "diffusion.parameterization",
+        "data.corrupt", "optim.schedule", "train.precision", "train.device", "parallel.zero_stage",
+        "eval.sampler"}
+    # no plain str field left whose default is one of a few fixed words the code branches on
+    for section, cls in SECTIONS.items():
+        for name, tp in field_types(cls).items():
+            if tp is str:
+                assert name in {"source", "val_source", "out_dir", "ckpt_dir", "tensorboard_dir", "wavelet"}, \
+                    f"{section}.{name}"
+
+
+@pytest.mark.parametrize("section, name, allowed", LITERAL_FIELDS,
+                         ids=[f"{s}.{n}" for s, n, _ in LITERAL_FIELDS])
+def test_literal_rejects_bad_choice_listing_valid_ones(chain, section, name, allowed):
+    key = f"{section}.{name}"
+    listed = ", ".join(repr(a) for a in allowed)
+    for bad in ("bogus", 7, True):
+        with pytest.raises(ValueError) as e:
+            SECTIONS[section](**{name: bad})
+        assert f"{key}: must be one of {listed}, got {bad!r}" in str(e.value), str(e.value)
+    with pytest.raises(ValueError) as e:
+        load_config(chain, [f"{key}=bogus"])
+    assert f"--set {key}=bogus: {key}: must be one of {listed}, got 'bogus'" in str(e.value), str(e.value)
+    for good in allowed:                                               # and every listed value is accepted
+        assert getattr(SECTIONS[section](**{name: good}), name) == good
+
+
+def test_python_construction_normalises_like_yaml():
+    assert OptimConfig(betas=[0.8, 0.9]) == OptimConfig(betas=(0.8, 0.9))
+    assert OptimConfig(lr="3e-4").lr == 3e-4 and type(ModelConfig(nu=0).nu) is float
+    assert ParallelConfig(sp=4, sp_grid=[2, 2]).sp_grid == (2, 2)
+    assert EvalConfig(energy_taus=[0.5]).energy_taus == (0.5,)
+
+
+def test_config_modules_do_not_import_the_loader():
+    """The dataclasses know nothing of YAML or the loader; the checks are one stdlib-only module."""
+    def imported(rel):
+        modules = set()
+        for n in ast.walk(ast.parse(open(os.path.join(REPO, rel)).read())):
+            if isinstance(n, ast.Import):
+                modules |= {a.name for a in n.names}
+            elif isinstance(n, ast.ImportFrom):
+                module = "." * n.level + (n.module or "")
+                modules |= {module} | {f"{module}.{a.name}" for a in n.names}
+        return modules
+
+    for rel in ("sgfm_dist/train/config.py", "sgfm_dist/model/config.py"):
+        modules = imported(rel)
+        assert not any("yaml" in m or "config_loader" in m for m in modules), (rel, modules)
+    top = {m.split(".")[0] for m in imported("sgfm_dist/validation.py")}
+    assert top <= set(sys.stdlib_module_names) | {"__future__"}, top
 
 
 def test_base_cycle_and_missing_base(tmp_path):

@@ -136,7 +136,7 @@ def _step_fn(model, batch, device):
 def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None]:
     """(seconds per step, peak bytes) of one case, built and run in this process."""
     from sgfm_dist.model.sgfm import build_model
-    from sgfm_dist.train.config import load_config
+    from sgfm_dist.train.config_loader import load_config
 
     device = opts["device"]
     if opts["threads"] and device == "cpu":
@@ -178,7 +178,7 @@ def _slope(ns, ts) -> float:
 def run(args, rec) -> None:
     import multiprocessing as mp
 
-    from sgfm_dist.train.config import load_config
+    from sgfm_dist.train.config_loader import load_config
 
     device = args.device
     cfg = load_config(args.config, [f"model.width={args.width}"])
