@@ -173,8 +173,8 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return wrapped
 
 
-def apply_zero(ds_config: dict, mesh: ProcessMesh, accounting: BatchAccounting, zero_stage: int) -> dict:
-    """The DeepSpeed config for ZeRO ``zero_stage`` on ``mesh``: a copy of ``ds_config`` (optimizer,
+def apply_zero(ds_config: dict, accounting: BatchAccounting, zero_stage: int) -> dict:
+    """The DeepSpeed config for ZeRO ``zero_stage`` on the mesh of ``accounting``: a copy of ``ds_config`` (optimizer,
     precision, clipping) with the stage set and the batch sizes as DeepSpeed counts them (every
     one of the ``dp * sp`` ranks a data-parallel replica, no ``mesh_param``), checked."""
     if not isinstance(ds_config, dict):
@@ -195,7 +195,7 @@ def apply_zero(ds_config: dict, mesh: ProcessMesh, accounting: BatchAccounting, 
     sharded = {0: "nothing", 1: "optimizer state", 2: "optimizer state and gradients",
                3: "optimizer state, gradients and parameters"}[zero_stage]
     logger.info("ZeRO-%d: %s sharded over all %d ranks (dp %d x sp %d); DeepSpeed train_batch_size %d, "
-                "true global batch %d", zero_stage, sharded, mesh.world_size, mesh.dp, mesh.sp,
+                "true global batch %d", zero_stage, sharded, accounting.dp * accounting.sp, accounting.dp, accounting.sp,
                 accounting.deepspeed_train_batch_size, accounting.global_batch)
     return cfg
 
@@ -210,7 +210,7 @@ def parallelize(model: nn.Module, mesh: ProcessMesh, layout: FieldLayout, cfg: P
     accounting = BatchAccounting(cfg.micro_batch, cfg.grad_accum, mesh.dp, mesh.sp)
     domain = apply_domain_split(model, mesh, layout, cfg.wavelet, cfg.levels)
     n = apply_activation_checkpointing(model) if cfg.activation_checkpointing else 0
-    full = apply_zero(ds_config, mesh, accounting, cfg.zero_stage) if ds_config is not None else None
+    full = apply_zero(ds_config, accounting, cfg.zero_stage) if ds_config is not None else None
     logger.info("mesh: %s; true global batch %d", mesh.describe(), accounting.global_batch)
     return ParallelPlan(mesh=mesh, domain=domain, accounting=accounting, checkpointed_blocks=n, ds_config=full)
 

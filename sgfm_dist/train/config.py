@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from sgfm_dist.model.config import DiffusionConfig, ModelConfig
 from sgfm_dist.validation import (all_in_range, check, check_fields, in_range, multiple_of, non_empty_str,
@@ -184,7 +184,7 @@ class ParallelConfig:
     """Field axes split over the sp grid, one per grid dim, counted from 0 = t (text: t, x;
     video/physics: t, y, x). ``()`` = automatic: t for text (a periodic flow axis, no FFT
     transpose); the spatial axes (y, then x) for video/physics, whose d_t is a one-sided
-    stencil that reads t whole (``train/distributed.py: resolve_split_axes``)."""
+    stencil that reads t whole (``sgfm_dist.train.setup.resolve_split_axes``)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters."""
     activation_checkpointing: bool = False
@@ -316,48 +316,6 @@ class Config:
                       f"fewer levels or a shorter wavelet")
         check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds train.steps={self.train.steps}")
-
-
-# ----------------------------------------------------------------------------- DeepSpeed
-def to_deepspeed_config(cfg: Config, world: int, device: str = "cpu") -> dict:
-    """The DeepSpeed config dict for ``cfg`` on ``world`` ranks and ``device`` ("cpu"/"cuda").
-
-    The LR schedule is not in here: the engine passes its own warmup+cosine ``LambdaLR``
-    (``sgfm_dist.train.schedule``) to ``deepspeed.initialize``, which steps it once per
-    optimizer step and saves it with the checkpoint.
-    """
-    dp, _sp = cfg.parallel.mesh(world)
-    t, o = cfg.train, cfg.optim
-    on_gpu = device == "cuda"
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        # DeepSpeed checks micro * accum * world == train_batch_size; until issue 7 the sp
-        # ranks of a group are not separate data-parallel replicas, so world = dp here.
-        "train_batch_size": t.micro_batch * t.grad_accum * dp,
-        "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": o.lr,
-                "betas": list(o.betas),
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
-                # torch.optim.AdamW instead of DeepSpeed's (Fused/CPU)Adam: nothing to JIT-compile.
-                "torch_adam": not (on_gpu and o.fused_adam),
-            },
-        },
-        "steps_per_print": 10**9,  # our own logging; keep DeepSpeed quiet
-        "wall_clock_breakdown": False,
-    }
-    precision = effective_precision(cfg, device)
-    if precision != "fp32":
-        # torch.autocast inside the engine's forward, parameters and optimizer stay fp32:
-        # only Linear/Conv run in half precision, the FFT/wavelet math keeps its fp32 inputs
-        # (torch.fft has no bf16 kernels), and float batches need no casting.
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
-    return ds
 
 
 def effective_precision(cfg: Config, device: str) -> str:

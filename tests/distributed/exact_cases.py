@@ -1,17 +1,26 @@
 """One training step on a dp x sp mesh vs the single-process step on the same global batch,
-for ZeRO 1, 2 and 3, batched into one spawned job per world size.
+through the functions ``launch/train.py`` runs (``build_training`` and ``train_step``), for
+ZeRO 0-3, text and physics fields, joint and cascade diffusion; batched into one spawned
+job per world size.
 
 ``run_job(world_size)`` runs on every rank (via ``run_distributed``): for every mesh
-``(dp, sp)`` of that world size and every ZeRO stage it builds the same small text SGFM
-(same seed), parallelizes it, takes one SGD step through DeepSpeed on this rank's share of a
-fixed global batch, and compares with a reference computed on the rank itself on one device
-(``LocalDomain``, plain autograd, no DeepSpeed): loss, gradient norm and updated parameters.
+``(dp, sp)`` of that world size, every field / mode and every ZeRO stage it builds the same
+small SGFM (same seed and perturbation), hands it to ``build_training`` with a typed
+``Config``, takes one ``train_step`` on this rank's dp group's share of a fixed global batch,
+and compares with a reference computed on the rank itself on one device (``LocalDomain``,
+plain autograd and ``torch.optim.AdamW``, no DeepSpeed): loss, gradient norm, updated
+parameters and the EMA.
 
 The reference loss is the mean over the dp groups of each group's loss, every group drawing
-its diffusion times and noise from a generator seeded by its dp rank (exactly what the
+its diffusion times and noise from ``noise_generator(cfg, dp_rank)`` (exactly what the
 distributed ranks do: the sp ranks of a group share the generator, dynamics.white_noise
 draws the global field and shards it), so the two compute the same function of the same
 random numbers and must agree to rounding.
+
+Adam's epsilon is 1 here: the first Adam update is ``lr * g / (|g| + eps)``, which with the
+usual tiny epsilon is ``lr * sign(g)`` and would turn a rounding-level difference of a
+near-zero gradient component into a full ``2 lr`` step; with eps = 1 the update is a smooth
+function of the gradient, so comparing parameters after the step checks the gradient.
 """
 from __future__ import annotations
 
@@ -19,36 +28,52 @@ import torch
 import torch.distributed as dist
 
 GLOBAL_BATCH = 2
-FIELD = (32, 16)  # (T, L): split along t, 32 / 4 ranks = 8 rows, divisible by 2**levels
 LR = 0.5
-STAGES = (1, 2, 3)
+STAGES = (0, 1, 2, 3)
 SEED = 1234
+# field extents per kind: text (T, L) split along t; physics (T, Y, X) split along y
+FIELDS = {"text": (32, 16), "physics": (16, 32, 16)}
+VARIANTS = ("text-joint", "text-cascade", "physics-joint", "physics-cascade")
 
 
 def meshes(world_size: int) -> list[tuple[int, int]]:
     return {1: [(1, 1)], 2: [(1, 2), (2, 1)], 4: [(2, 2), (1, 4)]}[world_size]
 
 
-def case_ids(world_size: int) -> list[str]:
-    return [f"dp{dp}-sp{sp}-zero{z}" for dp, sp in meshes(world_size) for z in STAGES]
+def case_id(variant: str, dp: int, sp: int, stage: int) -> str:
+    return f"{variant}-dp{dp}-sp{sp}-zero{stage}"
 
 
-def small_model(dtype=torch.float32):
+def make_config(variant: str, dp: int = 1, sp: int = 1, stage: int = 0):
+    """The typed run config of one case (what a YAML file would give)."""
     from sgfm_dist.model.config import DiffusionConfig, ModelConfig
+    from sgfm_dist.train.config import Config, DataConfig, OptimConfig, ParallelConfig, TrainConfig
+
+    kind, mode = variant.split("-")
+    common = dict(width=8, n_blocks=1, mlp_ratio=1, forcing_width=4, forcing_blocks=1, forcing_noise_channels=1,
+                  wavelet="db2", levels=2, fourier_features=4, cond_dim=8)
+    if kind == "text":
+        model = ModelConfig(modality="text", channels=4, kernel_size=3, spectral_modes=(3, 4), **common)
+        data = DataConfig(rows=FIELDS["text"][0], row_len=FIELDS["text"][1])
+    else:
+        model = ModelConfig(modality="physics", channels=2, kernel_size=3, spectral_modes=(2, 4, 4), **common)
+        data = DataConfig()
+    return Config(model=model,
+                  diffusion=DiffusionConfig(mode=mode, lambda_R=0.1, lambda_B=0.1, lambda_ce=1.0),
+                  data=data,
+                  optim=OptimConfig(lr=LR, warmup_steps=0, schedule="constant", eps=1.0, grad_clip=0.0),
+                  train=TrainConfig(steps=1, micro_batch=GLOBAL_BATCH // dp, seed=SEED, device="cpu",
+                                    ema_decay=0.0),
+                  parallel=ParallelConfig(dp=dp, sp=sp, zero_stage=stage))
+
+
+def small_model(cfg):
+    """``build_model`` of ``cfg`` with every parameter perturbed (the output projections start
+    at zero: an untrained net predicts 0, and its layers would get trivial gradients)."""
     from sgfm_dist.model.sgfm import build_model
 
-    mcfg = ModelConfig(modality="text", channels=4, width=8, n_blocks=1, kernel_size=3, spectral_modes=(3, 4),
-                       mlp_ratio=1, forcing_width=4, forcing_blocks=1, forcing_noise_channels=1, wavelet="db2",
-                       levels=2, fourier_features=4, cond_dim=8)
-    dcfg = DiffusionConfig(lambda_R=0.1, lambda_B=0.1, lambda_ce=1.0)
     torch.manual_seed(SEED)
-    model = build_model(mcfg, dcfg).to(dtype)
-    if getattr(getattr(model, "text", None), "logit_scale", None) is not None and model.text.logit_scale.dim() == 0:
-        # DeepSpeed 0.19.8 cannot broadcast 0-dim parameters (it views each as bytes); the
-        # scale broadcasts the same with shape [1]
-        model.text.logit_scale = torch.nn.Parameter(model.text.logit_scale.detach().reshape(1))
-    # the output projections start at zero (an untrained net predicts 0): perturb every
-    # parameter so that every layer's gradient is non-trivial
+    model = build_model(cfg.model, cfg.diffusion)
     with torch.no_grad():
         g = torch.Generator().manual_seed(SEED + 1)
         for p in model.parameters():
@@ -56,11 +81,15 @@ def small_model(dtype=torch.float32):
     return model
 
 
-def global_batch() -> dict:
+def global_batch(kind: str) -> dict:
     g = torch.Generator().manual_seed(SEED + 2)
-    tokens = torch.randint(0, 256, (GLOBAL_BATCH, *FIELD), generator=g)
-    tokens[:, -3:, -5:] = 256  # some pads, so the masked cross-entropy counts differ per block
-    return {"tokens": tokens, "pad_mask": tokens != 256}
+    if kind == "text":
+        tokens = torch.randint(0, 256, (GLOBAL_BATCH, *FIELDS["text"]), generator=g)
+        tokens[:, -3:, -5:] = 256  # some pads, so the masked cross-entropy counts differ per block
+        return {"tokens": tokens, "pad_mask": tokens != 256}
+    field = torch.randn(GLOBAL_BATCH, 2, *FIELDS["physics"], generator=g)  # [B, 2, T, Y, X]
+    # per-sample physical parameters, different in each sample
+    return {"field": field, "nu": torch.tensor([1e-3, 3e-2]), "forcing_strength": torch.tensor([0.5, 1.0])}
 
 
 def group_batch(batch: dict, dp: int, dp_rank: int) -> dict:
@@ -68,107 +97,82 @@ def group_batch(batch: dict, dp: int, dp_rank: int) -> dict:
     return {k: v[dp_rank * m:(dp_rank + 1) * m] for k, v in batch.items()}
 
 
-def group_generator(dp_rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(SEED * 7 + dp_rank)
+def reference_step(variant: str, dp: int) -> dict:
+    """Single device: loss, grad norm and AdamW-updated parameters of the mean loss over dp groups."""
+    from sgfm_dist.train.setup import noise_generator
 
-
-def reference_step(dp: int) -> dict:
-    """Single device: loss, grad norm and SGD-updated parameters of the mean loss over dp groups."""
-    model = small_model()
-    batch = global_batch()
-    losses = [model.training_loss(group_batch(batch, dp, r), generator=group_generator(r))[0] for r in range(dp)]
+    cfg = make_config(variant, dp)
+    model = small_model(cfg)
+    batch = global_batch(variant.split("-")[0])
+    losses = [model.training_loss(group_batch(batch, dp, r), generator=noise_generator(cfg, r, "cpu"))[0]
+              for r in range(dp)]
     loss = torch.stack(losses).mean()
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
-    params = {n: (p.detach() - LR * grads[n]) for n, p in model.named_parameters()}
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    opt.step()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {"loss": float(loss.detach()), "grad_norm": float(norm), "params": params}
 
 
-def distributed_step(dp: int, sp: int, stage: int) -> dict:
-    """This rank's view of one DeepSpeed step on the (dp, sp) mesh."""
-    import deepspeed
+def distributed_step(variant: str, dp: int, sp: int, stage: int) -> dict:
+    """This rank's view of one ``train_step`` on the (dp, sp) mesh, ZeRO ``stage``."""
+    from sgfm_dist.train.engine import full_parameters
+    from sgfm_dist.train.setup import build_training, train_step
 
-    from sgfm_dist.parallel.mesh import ProcessMesh
-    from sgfm_dist.parallel.parallelize import ParallelizeConfig, apply_zero, parallelize
-    from sgfm_dist.train.distributed import BatchAccounting, backward_scale, initialize_engine, shard_batch
-    from sgfm_dist.train.engine import TrainingLoss
-
-    mesh = ProcessMesh.create(dp=dp, sp=sp)
-    model = small_model()
-    layout = mesh.layout(FIELD, (2,))
-    plan = parallelize(model, mesh, layout, ParallelizeConfig(wavelet="db2", levels=2, zero_stage=stage))
-    micro = GLOBAL_BATCH // dp
-    base = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-            "steps_per_print": 10**9, "zero_allow_untested_optimizer": True}
-    ds_config = apply_zero(base, mesh, micro, 1, stage)
-    wrapper = TrainingLoss(model)
-    opt = torch.optim.SGD(wrapper.parameters(), lr=LR)
-    engine = initialize_engine(wrapper, ds_config, BatchAccounting(micro, 1, dp, sp), optimizer=opt)
+    cfg = make_config(variant, dp, sp, stage)
+    kind = variant.split("-")[0]
+    t = build_training(cfg, "cpu", FIELDS[kind], model=small_model(cfg))
     try:
-        batch = shard_batch(group_batch(global_batch(), dp, mesh.dp_rank), plan.domain)
-        loss, _ = engine(batch, generator=group_generator(mesh.dp_rank))
-        engine.backward(loss * backward_scale(sp))
-        engine.step()
-        norm = engine.get_global_grad_norm()
+        result = train_step(t, [group_batch(global_batch(kind), dp, t.plan.dp_rank)])
         # the reported loss: mean over dp groups (every sp rank holds its group's replicated loss)
-        total = loss.detach().clone()
+        total = torch.tensor(result.losses["total"], dtype=torch.float64)
         dist.all_reduce(total)
-        total = float(total) / (dp * sp)
-        params = {}
-        module = engine.module.model
-        ctx = deepspeed.zero.GatheredParameters(list(module.parameters())) if stage == 3 else _null()
-        with ctx:
-            for n, p in module.named_parameters():
-                params[n] = p.detach().clone()
-        return {"loss": total, "grad_norm": float(norm), "params": params}
+        with full_parameters(t.engine) as module:
+            params = {n: p.detach().clone() for n, p in module.named_parameters()}
+        ema = {n: v.clone() for n, v in t.ema.shadow.items()}  # ema_decay 0: the updated weights
+        return {"loss": float(total) / (dp * sp), "grad_norm": result.grad_norm, "params": params, "ema": ema}
     finally:
-        engine.destroy()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
+        t.engine.destroy()
 
 
 def compare(dist_res: dict, ref: dict) -> dict:
-    """Relative errors of loss, grad norm and the largest parameter difference."""
+    """Relative errors of loss, grad norm, the largest parameter difference and the EMA's."""
     out = {"loss": abs(dist_res["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-12),
            "grad_norm": abs(dist_res["grad_norm"] - ref["grad_norm"]) / max(ref["grad_norm"], 1e-12)}
-    worst, name = 0.0, ""
+    worst, name, ema_worst = 0.0, "", 0.0
     for n, p in ref["params"].items():
-        q = dist_res["params"][n]
-        err = float((q - p).abs().max() / p.abs().max().clamp(min=1e-12))
+        scale = float(p.abs().max().clamp(min=1e-12))
+        err = float((dist_res["params"][n] - p).abs().max()) / scale
         if err > worst:
             worst, name = err, n
-    out["params"] = worst
-    out["worst_param"] = name
+        if n in dist_res["ema"]:
+            ema_worst = max(ema_worst, float((dist_res["ema"][n].to(p.dtype) - p).abs().max()) / scale)
+    out.update(params=worst, worst_param=name, ema=ema_worst)
     # the step must actually have moved the weights (a no-op update would also "match" nothing)
     out["grad_norm_ref"] = ref["grad_norm"]
     return out
 
 
 def run_job(world_size: int) -> dict:
-    """Every case of this world size on this rank: ``{case_id: compare(...)}`` or ``{"error": tb}``."""
+    """Every case of this world size on this rank: ``{case_id: compare(...)}``."""
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
-    from sgfm_dist.train.engine import setup_distributed
+    from sgfm_dist.parallel.runtime import setup_distributed
 
     setup_distributed("cpu")  # wraps the harness's group in DeepSpeed's comm layer
-    refs: dict[int, dict] = {}
     results = {}
-    for dp, sp in meshes(world_size):
-        if dp not in refs:
-            refs[dp] = reference_step(dp)
-        for stage in STAGES:
-            cid = f"dp{dp}-sp{sp}-zero{stage}"
-            # a failing rank raises: the harness stops the others (no rank waits in a collective)
-            results[cid] = compare(distributed_step(dp, sp, stage), refs[dp])
+    for variant in VARIANTS:
+        refs: dict[int, dict] = {}
+        for dp, sp in meshes(world_size):
+            if dp not in refs:
+                refs[dp] = reference_step(variant, dp)
+            for stage in STAGES:
+                # a failing rank raises: the harness stops the others (no rank waits in a collective)
+                results[case_id(variant, dp, sp, stage)] = compare(distributed_step(variant, dp, sp, stage), refs[dp])
     if world_size == 2:
         results.update(sampling_cases())
     return results
@@ -180,23 +184,22 @@ SAMPLERS = ("euler_maruyama", "pc")
 def sampling_cases() -> dict:
     """``generate`` on a field split over 2 sp ranks vs on one device, same seed: the gathered
     field and the tokens must agree (noise is drawn globally and sharded)."""
-    from sgfm_dist.parallel.mesh import ProcessMesh
-    from sgfm_dist.parallel.parallelize import ParallelizeConfig, parallelize
+    from sgfm_dist.parallel.parallelize import parallelize_for_sampling
 
-    mesh = ProcessMesh.create(dp=1, sp=2)
+    cfg = make_config("text-joint")
+    field = FIELDS["text"]
     out = {}
     for sampler in SAMPLERS:
-        ref_model = small_model()
-        ref = ref_model.generate(2, FIELD, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(5),
-                                 physics_eta=0.05)
-        model = small_model()
-        plan = parallelize(model, mesh, mesh.layout(FIELD, (2,)), ParallelizeConfig(wavelet="db2", levels=2))
-        res = model.generate(2, FIELD, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(5),
+        ref = small_model(cfg).generate(2, field, steps=3, sampler=sampler,
+                                        generator=torch.Generator().manual_seed(5), physics_eta=0.05)
+        model = small_model(cfg)
+        domain = parallelize_for_sampling(model, 2, 2, field, "db2", 2, (2,))
+        res = model.generate(2, field, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(5),
                              physics_eta=0.05)
-        field = plan.domain.gather(res["field"])
-        tokens = plan.domain.gather(res["tokens"].unsqueeze(1))[:, 0]
+        u = domain.gather(res["field"])
+        tokens = domain.gather(res["tokens"].unsqueeze(1))[:, 0]
         scale = float(ref["field"].abs().max())
         # argmax tokens may flip at readout near-ties (rounding-level field differences)
-        out[f"sample-{sampler}"] = {"field": float((field - ref["field"]).abs().max()) / max(scale, 1e-12),
+        out[f"sample-{sampler}"] = {"field": float((u - ref["field"]).abs().max()) / max(scale, 1e-12),
                                     "tokens_agree": float((tokens == ref["tokens"]).float().mean())}
     return out

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from sgfm_dist.parallel.parallelize import ParallelizeConfig, check_parallel_setup
-from sgfm_dist.train.distributed import BatchAccounting, deepspeed_config_for_mesh, shard_batch
+from sgfm_dist.parallel.batch import BatchAccounting, shard_batch
+from sgfm_dist.parallel.parallelize import ParallelizeConfig, apply_zero, check_parallel_setup
 from sgfm_dist.ops.domain import LOCAL
 
 OK = dict(world_size=4, dp=-1, sp=2, field_shape=(32, 16), split_axes=(2,), wavelet="db2", levels=2, zero_stage=1)
@@ -39,20 +39,19 @@ def test_parallelize_config_checks():
 
 @pytest.mark.parametrize("change,match", [
     ({"mesh_param": [2, 2]}, "'mesh_param' must not be set"),
-    ({"zero_optimization": {"stage": 7}}, "stage must be 0, 1, 2 or 3, got 7"),
     ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu=3"),
 ])
 def test_deepspeed_config_rejects(change, match):
     acc = BatchAccounting(2, 1, 2, 2)
-    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1}}
+    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}
     with pytest.raises(ValueError, match=match):
-        deepspeed_config_for_mesh({**base, **change}, acc)
+        apply_zero({**base, **change}, acc, 1)
 
 
 def test_deepspeed_config_counts_every_rank():
     acc = BatchAccounting(2, 3, 2, 2)
-    cfg = deepspeed_config_for_mesh({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, acc)
-    assert cfg["train_batch_size"] == 24 and acc.global_batch == 12
+    cfg = apply_zero({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, acc, 2)
+    assert cfg["train_batch_size"] == 24 and acc.global_batch == 12 and cfg["zero_optimization"]["stage"] == 2
 
 
 def test_shard_batch_checks_and_passes_local():
@@ -79,7 +78,7 @@ def _model_cfg(modality, **kw):
 ])
 def test_split_axes_resolve(modality, parallel, axes):
     from sgfm_dist.train.config import ParallelConfig
-    from sgfm_dist.train.distributed import resolve_split_axes
+    from sgfm_dist.train.setup import resolve_split_axes
 
     kw = {"time_derivative": "periodic2"} if parallel.get("split_axes") == (0, 1) else {}
     assert resolve_split_axes(_model_cfg(modality, **kw), ParallelConfig(**parallel)) == axes
@@ -92,7 +91,7 @@ def test_split_axes_resolve(modality, parallel, axes):
 ])
 def test_split_axes_rejected(modality, parallel, match):
     from sgfm_dist.train.config import ParallelConfig
-    from sgfm_dist.train.distributed import resolve_split_axes
+    from sgfm_dist.train.setup import resolve_split_axes
 
     with pytest.raises(ValueError, match=match):
         resolve_split_axes(_model_cfg(modality), ParallelConfig(**parallel))

@@ -15,8 +15,11 @@ import yaml
 
 from sgfm_dist.model.config import DiffusionConfig, ModelConfig
 from sgfm_dist.train.config import (Config, DataConfig, EvalConfig, LoggingConfig, OptimConfig, ParallelConfig,
-                                    TrainConfig, to_deepspeed_config)
+                                    TrainConfig)
 from sgfm_dist.train.config_loader import config_from_dict, config_to_dict, load_config, parse_override
+from sgfm_dist.parallel.batch import BatchAccounting
+from sgfm_dist.parallel.parallelize import apply_zero
+from sgfm_dist.train.engine import deepspeed_config
 from sgfm_dist.validation import field_types
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -300,11 +303,13 @@ def test_shipped_configs_load(path):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
+# the DeepSpeed dict the engine is built with: the config's part (engine.deepspeed_config), then
+# parallelize's ZeRO stage and batch sizes (parallel.parallelize.apply_zero)
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_deepspeed_dict(chain, device, zero, precision):
     cfg = load_config(chain, [f"parallel.zero_stage={zero}", f"train.precision={precision}",
                               "train.micro_batch=4", "train.grad_accum=3", "optim.grad_clip=0.5"])
-    ds = to_deepspeed_config(cfg, world=2, device=device)
+    ds = apply_zero(deepspeed_config(cfg, device), BatchAccounting(4, 3, dp=2, sp=1), cfg.parallel.zero_stage)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 4 * 3 * 2
     assert ds["zero_optimization"]["stage"] == zero and ds["gradient_clipping"] == 0.5

@@ -46,16 +46,27 @@ def add_args(parser) -> None:
 
 
 def _model(args, device):
-    from sgfm_dist.model.config import DiffusionConfig, ModelConfig
     from sgfm_dist.model.sgfm import build_model
 
-    mcfg = ModelConfig(modality="text", channels=8, width=args["width"], n_blocks=args["blocks"], kernel_size=3,
-                       spectral_modes=(4, 8), forcing_width=16, forcing_blocks=1, wavelet="db2", levels=2)
+    cfg = _config(args, device, 1, 0)
     torch.manual_seed(0)
-    model = build_model(mcfg, DiffusionConfig()).to(device)
+    model = build_model(cfg.model, cfg.diffusion).to(device)
     if getattr(getattr(model, "text", None), "logit_scale", None) is not None and model.text.logit_scale.dim() == 0:  # DeepSpeed cannot broadcast 0-dim parameters
         model.text.logit_scale = torch.nn.Parameter(model.text.logit_scale.detach().reshape(1))
     return model
+
+
+def _config(args, device: str, sp: int, stage: int):
+    """The typed run config of the ZeRO memory case: the model of :func:`_model`, one 16 x 16
+    field per step, all ranks splitting it (sp = world), ZeRO ``stage``."""
+    from sgfm_dist.model.config import DiffusionConfig, ModelConfig
+    from sgfm_dist.train.config import Config, DataConfig, OptimConfig, ParallelConfig, TrainConfig
+
+    mcfg = ModelConfig(modality="text", channels=8, width=args["width"], n_blocks=args["blocks"], kernel_size=3,
+                       spectral_modes=(4, 8), forcing_width=16, forcing_blocks=1, wavelet="db2", levels=2)
+    return Config(model=mcfg, diffusion=DiffusionConfig(), data=DataConfig(rows=16, row_len=16),
+                  optim=OptimConfig(lr=1e-3, warmup_steps=0), train=TrainConfig(steps=1, micro_batch=1, device=device),
+                  parallel=ParallelConfig(sp=sp, zero_stage=stage))
 
 
 def _saved_bytes(fn) -> int:
@@ -97,9 +108,9 @@ def _param_optimizer_bytes(engine) -> int:
 def _bench_rank(args: dict) -> dict:
     import torch.distributed as dist
 
+    from sgfm_dist.parallel.batch import backward_scale, shard_batch
     from sgfm_dist.parallel.mesh import ProcessMesh
-    from sgfm_dist.parallel.parallelize import ParallelizeConfig, apply_zero, parallelize
-    from sgfm_dist.train.distributed import BatchAccounting, backward_scale, initialize_engine, shard_batch
+    from sgfm_dist.parallel.parallelize import ParallelizeConfig, parallelize
 
     device = args["device"]
     p = dist.get_world_size()
@@ -132,20 +143,15 @@ def _bench_rank(args: dict) -> dict:
             t = time_call(step, device=device, warmup=1, repeat=args["repeat"], min_time=0.0)
             out[(scaling, (T, L), ckpt)] = {"activation_bytes": act, "s": t, "peak_bytes": peak}
     if not args["no_zero"]:
-        for stage in (1, 2, 3):
-            model = _model(args, device)
-            from sgfm_dist.train.engine import TrainingLoss
+        from sgfm_dist.train.setup import build_training, train_step
 
-            ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
-            ds = apply_zero(ds, mesh, 1, 1, stage)
-            engine = initialize_engine(TrainingLoss(model), ds, BatchAccounting(1, 1, mesh.dp, mesh.sp))
+        for stage in (1, 2, 3):
+            # the training path itself (launch/train.py's build_training and train_step)
+            t = build_training(_config(args, device, p, stage), device, (16, 16), model=_model(args, device))
             tokens = torch.randint(0, 256, (1, 16, 16), generator=torch.Generator().manual_seed(3)).to(device)
-            loss, _ = engine({"tokens": tokens}, generator=torch.Generator(device=device).manual_seed(4))
-            engine.backward(loss)
-            engine.step()
-            out[("zero", stage)] = _param_optimizer_bytes(engine)
-            engine.destroy()
+            train_step(t, [{"tokens": tokens, "pad_mask": tokens != 256}])
+            out[("zero", stage)] = _param_optimizer_bytes(t.engine)
+            t.engine.destroy()
     return out
 
 
