@@ -17,7 +17,7 @@ so on a multi-GPU node they share NVLink), and ``sp_rank = c0 * p1 + c1`` for a 
 possible: the first ``n % p`` ranks get ``n // p + 1`` cells, the rest ``n // p`` (what
 ``torch.tensor_split`` does), so uneven splits are allowed wherever the operator allows them.
 
-Groups exposed for the engine (issue 7): ``dp_group`` (same sp rank, different samples:
+Groups exposed for the engine: ``dp_group`` (same sp rank, different samples:
 gradient averaging of a pure data-parallel run), ``sp_group`` (one sample), and per mesh
 dim of a pencil ``sp_axis_groups[k]`` (the ranks that differ only in coordinate ``k``,
 the communicators of the halo exchange and the FFT transposes).
