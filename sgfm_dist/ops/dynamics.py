@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from sgfm_dist.ops import finite_diff, spectral
-from sgfm_dist.ops.domain import LOCAL, check_real_field, field_axes, normalize_axes
+from sgfm_dist.ops.domain import LOCAL, Domain, check_real_field, field_axes, normalize_axes
 
 DerivativeKind = Literal["spectral", "fd2", "fd4"]
 TimeDerivativeKind = Literal["periodic2", "periodic4", "one_sided2", "one_sided4", "flow"]
@@ -208,7 +208,7 @@ def _forcing_value(forcing: Forcing, u: Tensor) -> Tensor | None:
 
 # ---- spatial and time derivatives ------------------------------------------------------------
 
-def _laplacian(u: Tensor, spec: FlowSpec, domain) -> Tensor:
+def _laplacian(u: Tensor, spec: FlowSpec, domain: Domain) -> Tensor:
     """Laplacian over the flow axes, same shape."""
     if spec.derivative == "spectral":
         return spectral.laplacian(u, spec.flow_axes, spec.lengths, domain=domain)
@@ -216,7 +216,7 @@ def _laplacian(u: Tensor, spec: FlowSpec, domain) -> Tensor:
                                     accuracy=_FD_ACCURACY[spec.derivative], domain=domain)
 
 
-def time_derivative(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
+def time_derivative(u: Tensor, spec: FlowSpec, domain: Domain = LOCAL) -> Tensor:
     """d_t u along ``spec.time_axis`` by the ``spec.time_derivative`` stencil with spacing ``spec.dt``."""
     _check_field(u, spec)
     if spec.time_axis is None:
@@ -235,7 +235,7 @@ def time_derivative(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
 
 # ---- dealiasing ---------------------------------------------------------------------------
 
-def dealias_mask(u: Tensor, axes, domain=LOCAL) -> Tensor:
+def dealias_mask(u: Tensor, axes, domain: Domain = LOCAL) -> Tensor:
     """2/3-rule mask (1 keep, 0 drop) broadcasting against ``domain.rfft(u, axes)``.
 
     Keeps integer frequencies with ``3*|n_i| < N_i`` on every axis (N_i the global extent):
@@ -253,14 +253,14 @@ def dealias_mask(u: Tensor, axes, domain=LOCAL) -> Tensor:
     return mask.to(u.dtype)
 
 
-def _filter(x: Tensor, mask: Tensor, axes, domain) -> Tensor:
+def _filter(x: Tensor, mask: Tensor, axes, domain: Domain) -> Tensor:
     """Multiply the spectrum of x over ``axes`` by a real mask (same shape out)."""
     return domain.irfft(domain.rfft(x, axes) * mask, axes, x.shape)
 
 
 # ---- Navier-Stokes terms -------------------------------------------------------------------
 
-def _advection_unfiltered(u: Tensor, spec: FlowSpec, domain, mask: Tensor | None = None,
+def _advection_unfiltered(u: Tensor, spec: FlowSpec, domain: Domain, mask: Tensor | None = None,
                           u_hat: Tensor | None = None, ks_odd: list[Tensor] | None = None) -> Tensor:
     """sum_j u_j d_j u_i in physical space. With a dealias ``mask`` the velocity is truncated
     first; the product is returned untruncated. ``u_hat``/``ks_odd`` (spectral derivatives only)
@@ -286,7 +286,7 @@ def _advection_unfiltered(u: Tensor, spec: FlowSpec, domain, mask: Tensor | None
     return (vel * grad).sum(dim=3).reshape(b, c, *s)                      # [B, G*k, *S]
 
 
-def advection(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
+def advection(u: Tensor, spec: FlowSpec, domain: Domain = LOCAL) -> Tensor:
     """(u . grad) u per channel group: component i = sum_j u_j d_j u_i.  [B, G*k, *S] -> same.
 
     With ``spec.dealias`` the velocity is truncated to the 2/3 band before the product and the
@@ -298,18 +298,18 @@ def advection(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
     return adv if mask is None else _filter(adv, mask, spec.flow_axes, domain)
 
 
-def viscous_term(u: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
+def viscous_term(u: Tensor, spec: FlowSpec, domain: Domain = LOCAL) -> Tensor:
     """nu Lap u over the flow axes.  [B, C, *S] -> same."""
     _check_field(u, spec)
     return spec.nu * _laplacian(u, spec, domain)
 
 
-def project(v: Tensor, spec: FlowSpec, domain=LOCAL) -> Tensor:
+def project(v: Tensor, spec: FlowSpec, domain: Domain = LOCAL) -> Tensor:
     """Leray projection P over the flow axes (Eq. 43), per channel group."""
     return spectral.leray_project(v, spec.flow_axes, spec.lengths, domain=domain)
 
 
-def _rhs_hat(u: Tensor, spec: FlowSpec, forcing: Forcing, domain, viscous: bool = True
+def _rhs_hat(u: Tensor, spec: FlowSpec, forcing: Forcing, domain: Domain, viscous: bool = True
              ) -> tuple[Tensor, list[Tensor], Tensor | None]:
     """Spectrum over the flow axes of -(u.grad)u [+ nu Lap u] + f(u), unprojected, the
     Nyquist-zeroed wavenumbers that project it, and u's own spectrum (None with FD derivatives).
@@ -344,7 +344,7 @@ def _rhs_hat(u: Tensor, spec: FlowSpec, forcing: Forcing, domain, viscous: bool 
     return rhs_hat, ks_odd, u_hat
 
 
-def projected_drift(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
+def projected_drift(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain: Domain = LOCAL) -> Tensor:
     """P[-(u.grad)u + nu Lap u + f(u)] (Eq. 11), the deterministic drift.  [B, G*k, *S] -> same.
 
     ``forcing`` is a tensor broadcasting to u's shape, or a callable ``f(u) -> Tensor`` (the
@@ -355,7 +355,7 @@ def projected_drift(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=L
     return domain.irfft(spectral.leray_project_hat(rhs_hat, ks_odd), spec.flow_axes, u.shape)
 
 
-def residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
+def residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain: Domain = LOCAL) -> Tensor:
     """R(u) = d_t u + (u.grad)u - nu Lap u - f (Eq. 41) on a space-time field.  [B, G*k, *S] -> same.
 
     Not projected: for an exact Navier-Stokes solution R equals -grad p, which ``P`` removes
@@ -374,7 +374,7 @@ def residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -
     return r
 
 
-def projected_residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
+def projected_residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain: Domain = LOCAL) -> Tensor:
     """P R(u) (Eq. 42 before the norm), computed as P[d_t u - (-(u.grad)u + nu Lap u + f)] with
     the fused spectral right-hand side.  [B, G*k, *S] -> same."""
     _check_field(u, spec)
@@ -391,7 +391,7 @@ def projected_residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domai
     return domain.irfft(spectral.leray_project_hat(r_hat, ks_odd), spec.flow_axes, u.shape)
 
 
-def physics_energy(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
+def physics_energy(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain: Domain = LOCAL) -> Tensor:
     """E(u) = ||P R(u)||^2 (Eq. 23 / 42) per sample, as a mean over cells and channels.  -> [B]
 
     A mean rather than a sum: it approximates (1/|Omega|) * integral of |P R|^2 / C, which does not
@@ -406,7 +406,7 @@ def physics_energy(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain=LO
 
 # ---- integrators (state [B, G*k, *S_spatial], no time axis) ----------------------------------
 
-def rk4_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL) -> Tensor:
+def rk4_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing = None, domain: Domain = LOCAL) -> Tensor:
     """One classical RK4 step of du/dt = P[-(u.grad)u + nu Lap u + f(u)] (pseudo-spectral, with
     2/3 dealiasing of the advection when ``spec.dealias``).  [B, G*k, *S] -> same."""
     _check_state(u, dt, spec)
@@ -449,7 +449,7 @@ class ETDRK4Coefficients:
     """Weight of N(c), the full-step stage, in the final combination."""
 
 
-def _laplacian_symbol(u: Tensor, spec: FlowSpec, domain) -> Tensor:
+def _laplacian_symbol(u: Tensor, spec: FlowSpec, domain: Domain) -> Tensor:
     """Fourier symbol of the configured Laplacian over the flow axes (float64, <= 0), broadcasting
     against ``domain.rfft(u, flow_axes)``: -|k|^2 for spectral derivatives (Nyquist kept, as
     ``spectral.laplacian`` does) and sum_c a_c cos(c k h) / h^2 for the finite-difference stencil,
@@ -493,7 +493,7 @@ def _phi_functions(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.where(small, s, p) for s, p in zip(series, (p1, p2, p3)))
 
 
-def etdrk4_coefficients(u: Tensor, dt: float, spec: FlowSpec, domain=LOCAL) -> ETDRK4Coefficients:
+def etdrk4_coefficients(u: Tensor, dt: float, spec: FlowSpec, domain: Domain = LOCAL) -> ETDRK4Coefficients:
     """Build the ETDRK4 multipliers for state shape ``u.shape`` and step ``dt`` (reuse them across
     steps: ``integrate`` does). Computed in float64, stored in u's dtype."""
     _check_state(u, dt, spec)
@@ -511,7 +511,7 @@ def etdrk4_coefficients(u: Tensor, dt: float, spec: FlowSpec, domain=LOCAL) -> E
         f3=cast(dt * (4.0 * p3 - p2)))
 
 
-def etdrk4_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing = None, domain=LOCAL,
+def etdrk4_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing = None, domain: Domain = LOCAL,
                 coefficients: ETDRK4Coefficients | None = None) -> Tensor:
     """One ETDRK4 step (Cox & Matthews 2002, J. Comput. Phys. 176:430, scheme (26)-(29); coefficients
     as in Kassam & Trefethen 2005, SIAM J. Sci. Comput. 26:1214) of the same projected drift as
@@ -548,7 +548,7 @@ def etdrk4_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing = None, d
     return domain.irfft(v_hat, axes, shape) + grad_part
 
 
-def white_noise(u: Tensor, generator: torch.Generator | None = None, domain=LOCAL) -> Tensor:
+def white_noise(u: Tensor, generator: torch.Generator | None = None, domain: Domain = LOCAL) -> Tensor:
     """Standard normal noise shaped like u: drawn as the *global* field and ``domain.shard``-ed, so a
     seeded sample does not depend on how the field is split. From ``generator`` (on its own device)
     or the global RNG when None."""
@@ -560,7 +560,7 @@ def white_noise(u: Tensor, generator: torch.Generator | None = None, domain=LOCA
 
 def euler_maruyama_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing = None,
                         noise_std: float = 0.0, noise: Tensor | None = None,
-                        generator: torch.Generator | None = None, domain=LOCAL) -> Tensor:
+                        generator: torch.Generator | None = None, domain: Domain = LOCAL) -> Tensor:
     """One Euler-Maruyama step of Eq. 8/10: u + dt * P[-(u.grad)u + nu Lap u + f] + sqrt(dt) *
     noise_std * P(xi), xi white noise per cell (``noise`` if given, else drawn from ``generator``).
     The increment is divergence-free because the noise is projected too.  [B, G*k, *S] -> same."""
@@ -580,7 +580,7 @@ def euler_maruyama_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing =
 
 def integrate(u0: Tensor, n_steps: int, dt: float, spec: FlowSpec, method: IntegratorKind = "rk4",
               forcing: Forcing = None, noise_std: float = 0.0, generator: torch.Generator | None = None,
-              domain=LOCAL, callback: Callable[[dict], None] | None = None) -> Tensor:
+              domain: Domain = LOCAL, callback: Callable[[dict], None] | None = None) -> Tensor:
     """Advance u0 by ``n_steps`` steps of size ``dt`` with ``method`` and return the final state.
 
     "rk4" and "etdrk4" are deterministic (``noise_std`` must be 0); "euler_maruyama" adds projected

@@ -27,7 +27,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from .domain import LOCAL, TWO_PI, box_lengths, check_real_field
+from .domain import LOCAL, TWO_PI, Domain, box_lengths, check_real_field
 from .spectral import axis_dim, flow_axes, vector_components
 
 Boundary = Literal["periodic", "one_sided"]
@@ -104,7 +104,7 @@ def _stencil_sum(x: Tensor, dim: int, start: int, length: int, offsets, coeffs) 
 
 
 def fd_derivative(u: Tensor, axis: int, order: int = 1, accuracy: int = 2, spacing: float | None = None,
-                  domain=LOCAL, boundary: Boundary = "periodic") -> Tensor:
+                  domain: Domain = LOCAL, boundary: Boundary = "periodic") -> Tensor:
     """``d^order u / dx^order`` along tensor dim ``axis`` by central differences.
 
     ``spacing`` defaults to ``2*pi / n`` with ``n = domain.global_extent(u, axis)``.
@@ -150,13 +150,13 @@ def fd_derivative(u: Tensor, axis: int, order: int = 1, accuracy: int = 2, spaci
     raise ValueError(f"boundary: expected 'periodic' or 'one_sided', got {boundary!r}")
 
 
-def _spacings(u: Tensor, dims: Sequence[int], lengths, domain) -> list[float]:
+def _spacings(u: Tensor, dims: Sequence[int], lengths, domain: Domain) -> list[float]:
     lengths = box_lengths(lengths, len(dims))
     return [L / domain.global_extent(u, d) for d, L in zip(dims, lengths)]
 
 
 def fd_gradient(u: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, accuracy: int = 2,
-                domain=LOCAL) -> Tensor:
+                domain: Domain = LOCAL) -> Tensor:
     """``[B, C, *S] -> [B, C*k, *S]``: channel ``c*k + i`` is ``d u_c / d axes[i]`` (periodic)."""
     check_real_field(u, "u")
     dims = flow_axes(axes, u.ndim)
@@ -166,7 +166,7 @@ def fd_gradient(u: Tensor, axes: Sequence[int], lengths: Sequence[float] | None 
 
 
 def fd_divergence(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, accuracy: int = 2,
-                  domain=LOCAL) -> Tensor:
+                  domain: Domain = LOCAL) -> Tensor:
     """``[B, G*k, *S] -> [B, G, *S]``: ``sum_i d v_i / d axes[i]`` per group (periodic)."""
     check_real_field(v, "v")
     dims = flow_axes(axes, v.ndim)
@@ -176,7 +176,7 @@ def fd_divergence(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | Non
 
 
 def fd_laplacian(u: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, accuracy: int = 2,
-                 domain=LOCAL) -> Tensor:
+                 domain: Domain = LOCAL) -> Tensor:
     """``sum_i d^2 u / d axes[i]^2``, same shape as ``u`` (periodic)."""
     check_real_field(u, "u")
     dims = flow_axes(axes, u.ndim)

@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .domain import LOCAL, TWO_PI, box_lengths, check_real_field, normalize_axes
+from .domain import LOCAL, TWO_PI, Domain, box_lengths, check_real_field, normalize_axes
 
 SpectralFn = Callable[[Tensor, list[Tensor]], Tensor]
 """``fn(u_hat, ks) -> out_hat``: a Fourier-space kernel; ``ks[i]`` broadcasts against ``u_hat``."""
@@ -143,7 +143,7 @@ def vorticity_hat(v_hat: Tensor, ks: Sequence[Tensor]) -> Tensor:
 
 # ---- the one round trip ----------------------------------------------------------------
 def spectral_apply(u: Tensor, axes: Sequence[int], fn: SpectralFn, lengths: Sequence[float] | None = None,
-                   zero_nyquist: bool = False, domain=LOCAL) -> Tensor:
+                   zero_nyquist: bool = False, domain: Domain = LOCAL) -> Tensor:
     """``irfft(fn(rfft(u), ks))`` over ``axes``: the one place that round-trips.
 
     ``ks[i]`` are the angular wavenumbers along ``axes[i]`` (order as given), for box
@@ -170,7 +170,7 @@ def spectral_apply(u: Tensor, axes: Sequence[int], fn: SpectralFn, lengths: Sequ
 
 
 # ---- public operators ----------------------------------------------------------------
-def derivative(u: Tensor, axis: int, order: int = 1, length: float = TWO_PI, domain=LOCAL) -> Tensor:
+def derivative(u: Tensor, axis: int, order: int = 1, length: float = TWO_PI, domain: Domain = LOCAL) -> Tensor:
     """``d^order u / d x^order`` along tensor dim ``axis`` of a periodic box of ``length``.
 
     Odd orders use the Nyquist-zeroed wavenumber so the result stays real.
@@ -184,24 +184,26 @@ def derivative(u: Tensor, axis: int, order: int = 1, length: float = TWO_PI, dom
                           zero_nyquist=order % 2 == 1, domain=domain)
 
 
-def gradient(f: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain=LOCAL) -> Tensor:
+def gradient(f: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain: Domain = LOCAL) -> Tensor:
     """``[B, C, *S] -> [B, C*k, *S]``: channel ``c*k + i`` is ``d f_c / d axes[i]``."""
     return spectral_apply(f, axes, gradient_hat, lengths, zero_nyquist=True, domain=domain)
 
 
-def divergence(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain=LOCAL) -> Tensor:
+def divergence(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None,
+               domain: Domain = LOCAL) -> Tensor:
     """``[B, G*k, *S] -> [B, G, *S]``: ``sum_i d v_i / d axes[i]`` per group."""
     check_real_field(v, "v")
     vector_components(v, len(flow_axes(axes, v.ndim)), axes)  # channel check before any FFT
     return spectral_apply(v, axes, divergence_hat, lengths, zero_nyquist=True, domain=domain)
 
 
-def laplacian(u: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain=LOCAL) -> Tensor:
+def laplacian(u: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain: Domain = LOCAL) -> Tensor:
     """``sum_i d^2 u / d axes[i]^2``, same shape as ``u`` (Nyquist mode kept)."""
     return spectral_apply(u, axes, laplacian_hat, lengths, zero_nyquist=False, domain=domain)
 
 
-def leray_project(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain=LOCAL) -> Tensor:
+def leray_project(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None,
+                  domain: Domain = LOCAL) -> Tensor:
     """Leray-Helmholtz projection onto divergence-free fields, ``I - k k^T/|k|^2`` per group (Eq. 43).
 
     ``[B, G*k, *S] -> [B, G*k, *S]``. Idempotent and self-adjoint on real fields; the ``k = 0``
@@ -212,7 +214,7 @@ def leray_project(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | Non
     return spectral_apply(v, axes, leray_project_hat, lengths, zero_nyquist=True, domain=domain)
 
 
-def vorticity(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain=LOCAL) -> Tensor:
+def vorticity(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain: Domain = LOCAL) -> Tensor:
     """Curl of a vector field in tensor (numpy) axis order: ``(axes[0], .., axes[-1])`` read as
     ``(.., y, x)``, so the right-handed frame is the *reversed* axis order ``(x, y[, z])``.
 
@@ -231,7 +233,7 @@ def vorticity(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = 
 
 
 def energy_spectrum(u: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None,
-                    domain=LOCAL) -> tuple[Tensor, Tensor]:
+                    domain: Domain = LOCAL) -> tuple[Tensor, Tensor]:
     """Isotropic shell spectrum ``(k_shell [K], E [B, K])`` over the flow ``axes``.
 
     ``E[b, s]`` sums ``0.5 |u_hat|^2`` over channels and over every stored mode whose

@@ -61,7 +61,7 @@ import pywt
 import torch
 from torch import Tensor
 
-from sgfm_dist.ops.domain import LOCAL, check_real_field
+from sgfm_dist.ops.domain import LOCAL, Domain, check_real_field
 
 __all__ = [
     "CoeffLayout",
@@ -222,7 +222,7 @@ def _check_even(u: Tensor) -> None:
             raise ValueError(f"u: field axis {i} (dim {2 + i}) has extent {n}; one DWT level needs an even extent")
 
 
-def dwt_level(u: Tensor, filters: Sequence[Tensor], domain=LOCAL) -> tuple[Tensor, Tensor]:
+def dwt_level(u: Tensor, filters: Sequence[Tensor], domain: Domain = LOCAL) -> tuple[Tensor, Tensor]:
     """One level of the periodized orthonormal DWT over all field axes of ``u`` ``[B, C, *S]``.
 
     Returns ``approx [B, C, *S/2]`` and ``details [B, C, 2^d - 1, *S/2]`` (band order in the
@@ -238,7 +238,7 @@ def dwt_level(u: Tensor, filters: Sequence[Tensor], domain=LOCAL) -> tuple[Tenso
     return _dwt_level(u, length, lambda block: _analysis_matrix(dec_lo, dec_hi, block), domain)
 
 
-def idwt_level(approx: Tensor, details: Tensor, filters: Sequence[Tensor], domain=LOCAL) -> Tensor:
+def idwt_level(approx: Tensor, details: Tensor, filters: Sequence[Tensor], domain: Domain = LOCAL) -> Tensor:
     """Inverse of :func:`dwt_level`: ``approx [B, C, *Sc]`` and ``details [B, C, 2^d - 1, *Sc]``
     to the field ``[B, C, *2Sc]`` (contiguous)."""
     _check_field(approx, "approx")
@@ -275,7 +275,7 @@ def _cached_matrix(kind: str, wavelet: str, block: int, dtype: torch.dtype, devi
         return _synthesis_matrix(rec_lo, rec_hi, block)
 
 
-def _pad_axis(x: Tensor, axis: int, width: int, domain) -> Tensor:
+def _pad_axis(x: Tensor, axis: int, width: int, domain: Domain) -> Tensor:
     """Periodic ghost cells on field axis ``axis`` only, through the domain (halo exchange
     when split); ``x`` is ``[B, C', *S]``."""
     widths = [(0, 0)] * (x.ndim - 2)
@@ -283,7 +283,7 @@ def _pad_axis(x: Tensor, axis: int, width: int, domain) -> Tensor:
     return domain.pad(x, widths)
 
 
-def _dwt_level(u: Tensor, length: int, matrix, domain) -> tuple[Tensor, Tensor]:
+def _dwt_level(u: Tensor, length: int, matrix, domain: Domain) -> tuple[Tensor, Tensor]:
     """:func:`dwt_level` after validation; ``matrix(block)`` gives the analysis matrix."""
     d = u.ndim - 2
     reach = length // 2 - 1
@@ -321,7 +321,7 @@ def _dwt_level(u: Tensor, length: int, matrix, domain) -> tuple[Tensor, Tensor]:
     return out[:, :, 0], out[:, :, 1:]
 
 
-def _idwt_level(approx: Tensor, details: Tensor, length: int, matrix, domain) -> Tensor:
+def _idwt_level(approx: Tensor, details: Tensor, length: int, matrix, domain: Domain) -> Tensor:
     """:func:`idwt_level` after validation; ``matrix(block)`` gives the synthesis matrix."""
     d = approx.ndim - 2
     r = length // 4
@@ -404,7 +404,7 @@ def _check_levels(levels: int) -> None:
         raise ValueError(f"levels: expected an int >= 1, got {levels!r}")
 
 
-def dwt(u: Tensor, wavelet: str = "db4", levels: int = 1, domain=LOCAL) -> WaveletCoeffs:
+def dwt(u: Tensor, wavelet: str = "db4", levels: int = 1, domain: Domain = LOCAL) -> WaveletCoeffs:
     """J-level periodized orthonormal DWT of ``u`` ``[B, C, *S]`` (d = 1, 2, 3; all field axes).
 
     Equals ``pywt.wavedecn(u, wavelet, mode="periodization", level=levels, axes=field axes)``.
@@ -434,7 +434,7 @@ def dwt(u: Tensor, wavelet: str = "db4", levels: int = 1, domain=LOCAL) -> Wavel
     return WaveletCoeffs(approx=x, details=details, wavelet=wavelet)
 
 
-def idwt(coeffs: WaveletCoeffs, domain=LOCAL) -> Tensor:
+def idwt(coeffs: WaveletCoeffs, domain: Domain = LOCAL) -> Tensor:
     """Inverse of :func:`dwt` (= its adjoint, the transform being orthonormal): ``[B, C, *S]``."""
     if not isinstance(coeffs, WaveletCoeffs):
         raise ValueError(f"coeffs: expected WaveletCoeffs, got {type(coeffs).__name__}")
@@ -562,7 +562,7 @@ def select_scales(coeffs: WaveletCoeffs, keep: Iterable[int]) -> WaveletCoeffs:
     return WaveletCoeffs(approx=approx, details=details, wavelet=coeffs.wavelet)
 
 
-def coarse_reconstruction(coeffs: WaveletCoeffs, finest_scale: int, domain=LOCAL) -> Tensor:
+def coarse_reconstruction(coeffs: WaveletCoeffs, finest_scale: int, domain: Domain = LOCAL) -> Tensor:
     """The field ``[B, C, *S]`` rebuilt from scales ``0 .. finest_scale`` only (all finer
     details zeroed): the coarse field that conditions the cascade."""
     if not isinstance(coeffs, WaveletCoeffs):

@@ -195,7 +195,8 @@ def apply_zero(ds_config: dict, accounting: BatchAccounting, zero_stage: int) ->
     sharded = {0: "nothing", 1: "optimizer state", 2: "optimizer state and gradients",
                3: "optimizer state, gradients and parameters"}[zero_stage]
     logger.info("ZeRO-%d: %s sharded over all %d ranks (dp %d x sp %d); DeepSpeed train_batch_size %d, "
-                "true global batch %d", zero_stage, sharded, accounting.dp * accounting.sp, accounting.dp, accounting.sp,
+                "true global batch %d", zero_stage, sharded, accounting.dp * accounting.sp, accounting.dp,
+                accounting.sp,
                 accounting.deepspeed_train_batch_size, accounting.global_batch)
     return cfg
 

@@ -32,7 +32,7 @@ def _factor2(n: int) -> tuple[int, int]:
 def run_checks(sp: int | None = None, pencil: bool = False, tol: float = 1e-10) -> float:
     """Run the checks on the initialised default group; return the largest error (all ranks)."""
     from ..ops import finite_diff, spectral
-    from ..ops.domain import LOCAL
+    from ..ops.domain import LOCAL, Domain
     from .domain import SplitDomain
     from .mesh import ProcessMesh
 
@@ -49,7 +49,7 @@ def run_checks(sp: int | None = None, pencil: bool = False, tol: float = 1e-10) 
     w = torch.randn(u.shape, generator=g, dtype=torch.float64)
     flow = axes  # every field axis is a flow axis (the text-field convention)
 
-    def ops(x, domain):
+    def ops(x, domain: Domain):
         pad = domain.pad(x, [(1, 2)] * len(S))
         proj = spectral.leray_project(x, flow, domain=domain)
         lap = finite_diff.fd_laplacian(x, axes, accuracy=4, domain=domain)
