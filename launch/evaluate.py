@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a trained text SGFM on held-out text (issue 5's evaluation), EMA weights.
+"""Evaluate a trained text SGFM on held-out text, EMA weights.
 
     python launch/evaluate.py --ckpt runs/text_tiny [--out eval.json] [--samples 16] [--steps 64]
 
@@ -8,11 +8,14 @@ estimate u_hat from the noised field) and (b) the context-free Bayes denoiser's,
 three alpha_bar where (b) is 25 / 50 / 75 % of the unigram entropy (bisection); and the
 printable-byte and in-vocabulary-word fractions of SGFM samples vs unigram samples.
 Writes a JSON summary (default ``<run>/eval_stepN.json``) and prints a table.
+
+One process: the held-out set is small, and the evaluation is the one ``launch/train.py`` runs
+after training (``sgfm_dist.eval.evaluate.evaluate_checkpoint`` -> ``evaluate_model``), with the
+run's ``eval`` section and the options below replacing its fields.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -41,38 +44,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    from sgfm_dist.eval.text_metrics import evaluate_text, format_summary
+    from sgfm_dist.eval.evaluate import evaluate_checkpoint
     from sgfm_dist.train.engine import resolve_device
-    from sgfm_dist.train.inference import load_trained
-    from sgfm_dist.train.trainer import build_train_source
 
-    device = resolve_device(args.device)
+    overrides = dict(metric_samples=args.samples, sample_steps=args.steps, sampler=args.sampler,
+                     vocab_temperature=args.temperature, val_batches=args.val_batches)
     try:
-        tm = load_trained(args.ckpt, device)
+        evaluate_checkpoint(args.ckpt, resolve_device(args.device), overrides, val_source=args.val_source,
+                            out=args.out)
     except ValueError as e:
         raise SystemExit(str(e))
-    cfg, e = tm.config, tm.config.eval
-    if cfg.model.modality != "text":
-        raise SystemExit(f"--ckpt: {tm.path} is a {cfg.model.modality} model; evaluate.py scores text")
-    if args.val_source:
-        cfg.data.val_source = args.val_source
-    n_val = args.val_batches or e.val_batches
-    val = iter(build_train_source(cfg, 0, 1, split="val"))
-    val_batches = [next(val) for _ in range(n_val)]
-    print(f"checkpoint {tm.path} (step {tm.step})")
-    summary = evaluate_text(tm.model, iter(build_train_source(cfg, 0, 1, split="train")), val_batches,
-                            field_shape=cfg.data.field_shape, pad_id=cfg.model.pad_id, prior_bytes=e.prior_bytes,
-                            fractions=e.entropy_fractions, metric_samples=args.samples or e.metric_samples,
-                            sample_steps=args.steps or e.sample_steps, sampler=args.sampler or e.sampler,
-                            physics_eta=e.physics_eta, seed=e.seed, device=device,
-                            vocab_temperature=e.vocab_temperature if args.temperature is None else args.temperature)
-    summary.update(step=tm.step, checkpoint=tm.path)
-    print(format_summary(summary))
-    path = args.out or os.path.join(os.path.dirname(os.path.dirname(tm.path)), f"eval_step{tm.step}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"wrote {path}")
     return 0
 
 

@@ -26,7 +26,6 @@ dp_rank``), so the sp ranks that share a sample noise it identically.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -91,33 +90,17 @@ def main(argv=None) -> int:
 
 
 def final_evaluation(trainer, log) -> dict:
-    """Rank 0: a few samples printed, then the issue's text evaluation (EMA weights)."""
-    from sgfm_dist.eval.text_metrics import evaluate_text, format_summary
-    from sgfm_dist.train.batches import batch_to_device, build_train_source
+    """Rank 0: the held-out text evaluation of the EMA weights (the one ``launch/evaluate.py``
+    runs on a checkpoint), a few of its samples printed, ``<out_dir>/eval.json`` written."""
+    from sgfm_dist.eval.evaluate import evaluate_model, report_summary
 
     cfg = trainer.cfg
-    e = cfg.eval
-    model = trainer.eval_model()
     if cfg.model.modality != "text":
         log("evaluation: text metrics only; skipped for modality " + cfg.model.modality)
         return {}
-    val = iter(build_train_source(cfg, 0, 1, split="val"))
-    val_batches = [batch_to_device(next(val), "cpu") for _ in range(e.val_batches)]
-    summary = evaluate_text(model, iter(build_train_source(cfg, 0, 1, split="train")), val_batches,
-                            field_shape=cfg.data.field_shape, pad_id=cfg.model.pad_id, prior_bytes=e.prior_bytes,
-                            fractions=e.entropy_fractions, metric_samples=e.metric_samples,
-                            sample_steps=e.sample_steps, sampler=e.sampler, physics_eta=e.physics_eta,
-                            seed=e.seed, device=trainer.device, vocab_temperature=e.vocab_temperature, log=log)
+    summary = evaluate_model(trainer.eval_model(), cfg, trainer.device, log)
     summary["step"] = trainer.step
-    log("\n=== samples (EMA weights, %s sampler, %d steps) ===" % (e.sampler, e.sample_steps))
-    for i, t in enumerate(summary["sample_texts"][: e.n_samples]):
-        log(f"--- sample {i} ---\n{t}")
-    log("\n=== evaluation (held-out text) ===")
-    log(format_summary(summary))
-    path = os.path.join(cfg.train.out_dir, "eval.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    log(f"wrote {path}")
+    report_summary(summary, os.path.join(cfg.train.out_dir, "eval.json"), log, show_samples=cfg.eval.n_samples)
     return summary
 
 

@@ -1,4 +1,4 @@
-"""Text evaluation of an SGFM (issue 5): denoising cross-entropy against the context-free
+"""Text evaluation of an SGFM: denoising cross-entropy against the context-free
 Bayes denoiser, and sample quality against the unigram sampler.
 
 Denoising cross-entropy, in bits per byte, on held-out text:

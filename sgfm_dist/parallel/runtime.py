@@ -88,3 +88,18 @@ def broadcast_object(obj, src: int = 0):
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
+
+def setup_if_launched(device: str) -> tuple[int, int, bool]:
+    """``(rank, world size, started)``: the process group when a launcher started this process
+    (torchrun, deepspeed, mpiexec; gloo on CPU, nccl on CUDA), else ``(0, 1)`` and no group, so a
+    plain ``python`` command that runs no collective needs no rendezvous port. ``started`` says
+    whether the group was started here (the caller then ends it with ``teardown_distributed``;
+    a group that already existed belongs to whoever made it). Inference only: no DeepSpeed
+    layer on top (``setup_distributed`` adds it for training)."""
+    from .mesh import detect_launcher, init_distributed
+
+    if dist.is_initialized():
+        return *world(), False
+    if detect_launcher() == "none":
+        return 0, 1, False
+    return *init_distributed(backend="nccl" if device == "cuda" else "gloo"), True

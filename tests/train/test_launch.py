@@ -159,3 +159,9 @@ def test_nonpositive_temperature_is_an_error_not_the_default(script):
     # parse_args alone: 0 must not fall back to eval.vocab_temperature
     proc = run([sys.executable, script, "--ckpt", "unused", "--temperature", "0"])
     assert proc.returncode == 2 and "--temperature: must be > 0, got 0.0" in proc.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--ensemble", "0"), ("--length", "-1"), ("--sp", "0")])
+def test_sample_rejects_out_of_range_counts_while_parsing(flag, value):
+    proc = run([sys.executable, SAMPLE, "--ckpt", "unused", flag, value])
+    assert proc.returncode == 2 and f"{flag}: must be >= " in proc.stderr

@@ -1,0 +1,209 @@
+"""Text from a trained checkpoint: the work behind ``launch/sample.py``.
+
+``sample_checkpoint`` loads the EMA weights, sizes the field for the requested length
+(``field_rows``), splits it over the launched processes when there are several, generates an
+ensemble, gathers the readout and the ensemble spread, and on rank 0 writes the texts and a
+PNG of the spread.
+
+Notes
+-----
+The field keeps the trained row length L (``data.row_len``): N bytes become T = ceil(N / L)
+rows, rounded up so T is divisible by 2**levels (every level of the wavelet transform halves
+t). The prompt fills the first rows and stays fixed (an initial condition).
+
+Split sampling divides the field's axes over all launched processes (sp = world size, no
+data-parallel groups: the noise of ensemble member i depends on the ensemble size, so members
+cannot be dealt out over groups without changing them). Every process draws the noise of the
+global field from the same seed and keeps its block, so the samples equal the single-process
+ones bit for bit. Only the readout (tokens) and the per-cell spread map are gathered.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sgfm_dist.eval.evaluate import override_eval
+from sgfm_dist.train.config import EvalConfig
+
+
+@dataclass
+class SampleOptions:
+    """What to generate; the sampler settings themselves are the run's ``EvalConfig`` with
+    ``eval_overrides`` applied."""
+
+    prompt: str = ""
+    """Text the samples start with (its rows are held fixed)."""
+    length: int = 0
+    """Bytes to generate including the prompt; 0 = the trained field (``data.rows x data.row_len``)."""
+    ensemble: int = 1
+    """Samples drawn; above 1 the per-position spread across them is written as a PNG too."""
+    out: str | None = None
+    """Text file written; None = ``<run>/samples/sample_step<N>.txt``."""
+    sp: int | None = None
+    """Processes that split the field; None = all launched processes (it must equal them)."""
+    eval_overrides: dict = field(default_factory=dict)
+    """``EvalConfig`` fields replacing the run's (``sample_steps``, ``sampler``, ``physics_eta``,
+    ``vocab_temperature``, ``seed``); a None value keeps the run's."""
+
+    def __post_init__(self):
+        # checked before a checkpoint is read, so a typo costs no loading time
+        if self.length < 0:
+            raise ValueError(f"length: must be >= 0, got {self.length}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble: must be >= 1, got {self.ensemble}")
+        if self.sp is not None and self.sp < 1:
+            raise ValueError(f"sp: must be >= 1, got {self.sp}")
+        prompt_bytes = len(self.prompt.encode("utf-8"))
+        if self.length and prompt_bytes > self.length:
+            raise ValueError(f"--prompt: {prompt_bytes} bytes is longer than the field of --length {self.length} bytes")
+        override_eval(EvalConfig(), self.eval_overrides)  # names and values, against the defaults
+
+
+@dataclass
+class SampleResult:
+    """What ``sample_checkpoint`` produced (the same on every process; files on rank 0 only)."""
+
+    texts: list[str]
+    """The decoded samples, prompt included, cut to the requested length."""
+    tokens: Tensor
+    """Readout ids [E, T, L] of the whole field."""
+    spread: Tensor | None
+    """Per-position ensemble spread [T, L] (RMS over channels); None for one sample."""
+    path: str
+    """The text file (written by rank 0)."""
+    png: str | None
+    """The spread PNG (written by rank 0), None for one sample."""
+    step: int
+    """Optimizer steps of the checkpoint's weights."""
+
+
+def field_rows(length: int, row_len: int, levels: int) -> tuple[int, bool]:
+    """Rows T for ``length`` bytes at row length L: ceil(N / L) rounded up to a multiple of
+    2**levels. Returns (T, padded?)."""
+    step = 2 ** levels
+    rows = max(1, math.ceil(length / row_len))
+    rows_ok = math.ceil(rows / step) * step
+    return rows_ok, rows_ok * row_len != length
+
+
+def sample_checkpoint(ckpt_path: str, options: SampleOptions, device: str = "cpu", log=print) -> SampleResult:
+    """Generate ``options.ensemble`` texts from the EMA weights of ``ckpt_path`` (a run
+    directory, its checkpoint directory or one stepNNNNNNNN directory) and write them.
+
+    Under a launcher (torchrun, deepspeed, mpiexec) the process group is started here (gloo on
+    CPU, nccl on CUDA) and ended on return, unless the caller had one already; a plain
+    ``python`` process runs without one. Only rank 0 logs and writes files. Errors in the
+    request or the checkpoint are ValueErrors."""
+    from sgfm_dist.parallel import runtime
+
+    rank, world, started = runtime.setup_if_launched(device)
+    try:
+        return _sample(ckpt_path, options, device, rank, world, log if rank == 0 else (lambda *a, **k: None))
+    finally:
+        if started:  # a launcher may start a one-process group too
+            runtime.teardown_distributed()
+
+
+def _sample(ckpt_path: str, options: SampleOptions, device: str, rank: int, world: int, log) -> SampleResult:
+    from sgfm_dist.data import decode_bytes, encode_bytes
+    from sgfm_dist.model.samplers import ensemble_stats
+    from sgfm_dist.train.inference import load_trained
+
+    sp = world if options.sp is None else options.sp
+    if sp != world:
+        raise ValueError(f"--sp: {sp} processes requested but {world} launched; sampling splits one field over "
+                         f"all of them (launch {sp} processes, e.g. torchrun --nproc_per_node {sp})")
+    tm = load_trained(ckpt_path, device)
+    cfg = tm.config
+    if cfg.model.modality != "text":
+        raise ValueError(f"--ckpt: {tm.path} is a {cfg.model.modality} model; sampling here generates text")
+    e = override_eval(cfg.eval, options.eval_overrides)
+    L, levels = cfg.data.row_len, cfg.model.levels
+    length = options.length or cfg.data.rows * L
+    # encode_bytes cannot wrap an empty buffer (torch.frombuffer), and no prompt is the default
+    prompt = encode_bytes(options.prompt) if options.prompt else torch.zeros(0, dtype=torch.long)  # [P]
+    if prompt.numel() > length:
+        raise ValueError(f"--prompt: {prompt.numel()} bytes is longer than the field of --length {length} bytes")
+    T, padded = field_rows(length, L, levels)
+    if padded:
+        log(f"note: --length {length} padded up to {T} rows x {L} = {T * L} bytes "
+            f"(rows of the trained length L={L}; T divisible by 2**levels={2 ** levels})")
+    domain = None
+    if sp > 1:
+        from sgfm_dist.parallel.parallelize import parallelize_for_sampling
+        from sgfm_dist.train.config import ParallelConfig
+        from sgfm_dist.train.setup import resolve_split_axes
+
+        try:
+            domain = parallelize_for_sampling(tm.model, world, sp, (T, L), cfg.model.wavelet, levels,
+                                              resolve_split_axes(cfg.model, ParallelConfig(sp=sp)))
+        except ValueError as err:
+            raise ValueError(f"--sp {sp}: the field of T={T} rows x L={L} does not split over {sp} processes: "
+                             f"{err}") from None
+    log(f"checkpoint {tm.path} (step {tm.step}); field T={T} x L={L}, {e.sampler} sampler, "
+        f"{e.sample_steps} steps, ensemble {options.ensemble}" + (f"; split over {sp} processes" if sp > 1 else ""))
+
+    gen = torch.Generator(device=device).manual_seed(e.seed)  # the same seed on every process
+    out = tm.model.generate(options.ensemble, (T, L), e.sample_steps, sampler=e.sampler,
+                            prompt_tokens=prompt[None].to(device) if prompt.numel() else None,
+                            physics_eta=e.physics_eta, generator=gen, vocab_temperature=e.vocab_temperature)
+    tokens = out["tokens"]  # [E, T(_local), L]
+    spread = None
+    if options.ensemble > 1:
+        # per cell, so each process reduces its own block; only the [T, L] map is gathered
+        spread = ensemble_stats(out["field"].float())[1].pow(2).mean(0).sqrt()  # [T(_local), L]
+    if domain is not None:
+        tokens = domain.gather(tokens.unsqueeze(1))[:, 0]  # [E, T, L] (collective)
+        if spread is not None:
+            spread = domain.gather(spread[None, None])[0, 0]  # [T, L]
+    tokens = tokens.cpu()
+    spread = spread.cpu() if spread is not None else None
+
+    texts = [decode_bytes(t.reshape(-1)[:length], pad_id=cfg.model.pad_id) for t in tokens]
+    run_dir = os.path.dirname(os.path.dirname(tm.path))
+    path = options.out or os.path.join(run_dir, "samples", f"sample_step{tm.step}.txt")
+    png = os.path.splitext(path)[0] + "_spread.png" if spread is not None else None
+    result = SampleResult(texts=texts, tokens=tokens, spread=spread, path=path, png=png, step=tm.step)
+    if rank == 0:
+        write_samples(result, e, log)
+        if png is not None:
+            write_spread_png(spread, png, prompt.numel())
+            log(f"wrote {png}")
+    return result
+
+
+def write_samples(result: SampleResult, e: EvalConfig, log=print) -> None:
+    """Each sample under a header naming its seed, sampler and steps, logged and written to
+    ``result.path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(result.path)), exist_ok=True)
+    with open(result.path, "w", encoding="utf-8") as f:
+        for i, t in enumerate(result.texts):
+            header = f"=== sample {i} (seed {e.seed}, {e.sampler}, {e.sample_steps} steps) ==="
+            log(header)
+            log(t)
+            f.write(header + "\n" + t + "\n")
+    log(f"wrote {result.path}")
+
+
+def write_spread_png(spread: Tensor, path: str, prompt_len: int) -> None:
+    """Heat map of the per-position ensemble spread [T, L] (RMS over channels) on the (t, x) grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T, L = spread.shape
+    fig, ax = plt.subplots(figsize=(min(14, 2 + L / 8), min(10, 1.5 + T / 4)))
+    im = ax.imshow(spread.numpy(), aspect="auto", cmap="viridis", origin="upper")
+    ax.set_xlabel("x (byte in row)")
+    ax.set_ylabel("t (row)")
+    ax.set_title("ensemble spread per position (RMS over channels)"
+                 + (f"; prompt = first {prompt_len} bytes" if prompt_len else ""))
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
