@@ -38,6 +38,8 @@ PAD_ID = 256
 def encode_bytes(text: str | bytes) -> torch.Tensor:
     """UTF-8 bytes of ``text`` as token ids, LongTensor [N]."""
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if not data:  # torch.frombuffer cannot wrap an empty buffer
+        return torch.zeros(0, dtype=torch.long)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()  # [N]
 
 

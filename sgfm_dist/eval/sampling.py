@@ -124,8 +124,7 @@ def _sample(ckpt_path: str, options: SampleOptions, device: str, rank: int, worl
     e = override_eval(cfg.eval, options.eval_overrides)
     L, levels = cfg.data.row_len, cfg.model.levels
     length = options.length or cfg.data.rows * L
-    # encode_bytes cannot wrap an empty buffer (torch.frombuffer), and no prompt is the default
-    prompt = encode_bytes(options.prompt) if options.prompt else torch.zeros(0, dtype=torch.long)  # [P]
+    prompt = encode_bytes(options.prompt)  # [P], empty without a prompt
     if prompt.numel() > length:
         raise ValueError(f"--prompt: {prompt.numel()} bytes is longer than the field of --length {length} bytes")
     T, padded = field_rows(length, L, levels)

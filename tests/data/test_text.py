@@ -33,6 +33,8 @@ def test_constants_and_codec_round_trip():
     assert ids.dtype == torch.long and ids.max() < 256
     assert decode_bytes(torch.cat([ids, torch.full((5,), PAD_ID)])) == text
     assert decode_bytes(torch.tensor([0xFF, 0x41])) == "\ufffdA"  # invalid UTF-8 is replaced, not raised
+    empty = encode_bytes("")  # no prompt: an empty id tensor, not an error
+    assert empty.shape == (0,) and empty.dtype == torch.long
 
 
 @pytest.mark.parametrize("rows", [1, 3])
