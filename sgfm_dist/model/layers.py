@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..compat import channel_rms_norm
 from ..ops.domain import LOCAL
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -192,7 +193,10 @@ class SpectralConv(nn.Module):
 
 
 class ChannelRMSNorm(nn.Module):
-    """RMS norm over the channels of each cell (no reduction over space: split-safe)."""
+    """RMS norm over the channels of each cell (no reduction over space: split-safe).
+
+    Computed by :func:`sgfm_dist.compat.channel_rms_norm` (apex's fused RMSNorm on CUDA when
+    apex is installed, plain torch otherwise)."""
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -200,9 +204,7 @@ class ChannelRMSNorm(nn.Module):
         self.gain = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        rms = x.pow(2).mean(1, keepdim=True).add(self.eps).rsqrt()  # [B, 1, *S]
-        gain = self.gain.reshape(1, -1, *([1] * (x.ndim - 2)))
-        return x * rms * gain  # [B, C, *S]
+        return channel_rms_norm(x, self.gain, self.eps)  # [B, C, *S]; apex's fused kernel on CUDA if installed
 
 
 class FourierFeatures(nn.Module):
