@@ -1,6 +1,8 @@
 """Periodized orthonormal DWT (sgfm_dist/ops/wavelets.py) against independent references:
-pywt.wavedecn/waverecn(mode="periodization") coefficient by coefficient, orthonormality
-(energy, W^T W = I, adjoint identity), autograd gradcheck, and every bad-input rule."""
+pywt.wavedecn/waverecn(mode="periodization") coefficient by coefficient, ptwt (its circular
+stationary transform decimated, and its convolution transforms of a wrapped field, gradients
+included), orthonormality (energy, W^T W = I, adjoint identity), autograd gradcheck, and every
+bad-input rule."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +10,7 @@ import itertools
 import math
 
 import numpy as np
+import ptwt
 import pytest
 import pywt
 import torch
@@ -301,6 +304,183 @@ def test_cuda_matches_cpu(d, dtype):
     c_gpu = dwt(u.cuda(), "db4", 2)
     torch.testing.assert_close(flatten_coeffs(c_gpu).cpu(), c_cpu, atol=TOL[dtype], rtol=0)
     torch.testing.assert_close(idwt(c_gpu).cpu(), u, atol=TOL[dtype], rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# ptwt: a second, torch-native reference
+# ------------------------------------------------------------------------------------------
+# ptwt has no "periodization" mode: its padding modes (zero, constant, reflect, periodic,
+# symmetric) follow pywt's *extension* modes (n/2 + F/2 - 1 coefficients per level, not n/2)
+# and its matrix transform orthogonalises boundary filters instead of wrapping. Two things it
+# computes are nevertheless exactly our transform, by an independent route:
+# * its stationary (undecimated, a-trous) transform ``ptwt.swt`` wraps circularly; level j of
+#   our DWT is level j of the SWT sampled every 2^j cells from cell 0 (the SWT's
+#   ``F/2 - 1`` left / ``F/2`` right circular pad puts the phase of every level at 0);
+# * ``ptwt.wavedec{,2,3}`` (level 1) of a field wrapped by ``filter_reach = F/2 - 1`` cells on
+#   each side: the wrapped cells make every retained coefficient see the periodic field, so
+#   whatever ptwt pads further out (mode "zero" here) is never read. Its coefficients
+#   ``R .. R + n/2 - 1`` (R = F/2 - 1) are ours. Likewise ``ptwt.waverec{,2,3}`` (a "valid"
+#   reconstruction) of coefficients wrapped by ``inverse_filter_reach = F // 4`` coarse cells
+#   gives our inverse level from fine cell ``2 (F // 4) - F/2 + 1`` (0 or 1) on.
+# Levels > 1 repeat the single level on the cropped approximation.
+PTWT_DEC = {1: lambda x, w: ptwt.wavedec(x, w, mode="zero", level=1),
+            2: lambda x, w: ptwt.wavedec2(x, w, mode="zero", level=1),
+            3: lambda x, w: ptwt.wavedec3(x, w, mode="zero", level=1)}
+PTWT_REC = {1: ptwt.waverec, 2: ptwt.waverec2, 3: ptwt.waverec3}
+# ptwt's 2-D details are pywt's (horizontal, vertical, diagonal) = ('da', 'ad', 'dd'); ours are
+# ('ad', 'da', 'dd'). Its 3-D details are a dict keyed like pywt's.
+PTWT_2D_ORDER = (1, 0, 2)
+# d = 3 costs (F - 1)^3 8^J cells per field at the smallest admissible size: long filters in 3-D
+# are left to the pywt tests above.
+PTWT_WAVELETS = {1: WAVELETS + ["dmey"], 2: WAVELETS, 3: ["haar", "db2", "db3", "db4"]}
+
+
+def ptwt_cases(max_levels_: int = 3):
+    return [(d, w, j) for d in (1, 2, 3) for w in PTWT_WAVELETS[d] for j in range(1, max_levels_ + 1)
+            if not (w == "dmey" and j > 1)]  # dmey (F = 62): one level keeps the field small
+
+
+def wrap(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Periodic extension of every field axis by ``width`` cells on each side (no pad in ptwt)."""
+    for axis in range(2, x.ndim):
+        n = x.shape[axis]
+        x = x.index_select(axis, torch.arange(-width, n + width, device=x.device) % n)
+    return x
+
+
+def crop(x: torch.Tensor, start: int, lengths) -> torch.Tensor:
+    for axis, n in zip(range(2, x.ndim), lengths):
+        x = x.narrow(axis, start, n)
+    return x
+
+
+def ptwt_periodized_dwt(u: torch.Tensor, wavelet: str, levels: int):
+    """(approx, [details level 1 .. J] as [B, C, 2^d - 1, *S/2^j]) from ptwt.wavedec{,2,3}."""
+    d, f = u.ndim - 2, pywt.Wavelet(wavelet).dec_len
+    reach, details, a = f // 2 - 1, [], u
+    for _ in range(levels):
+        half = [n // 2 for n in a.shape[2:]]
+        out = PTWT_DEC[d](wrap(a, reach), wavelet)
+        det = {1: lambda: [out[1]], 2: lambda: [out[1][i] for i in PTWT_2D_ORDER],
+               3: lambda: [out[1][k] for k in pywt_bands(3)]}[d]()
+        details.append(torch.stack([crop(t, reach, half) for t in det], 2))
+        a = crop(out[0], reach, half)
+    return a, details
+
+
+def ptwt_periodized_idwt(approx: torch.Tensor, details, wavelet: str) -> torch.Tensor:
+    """Inverse of :func:`ptwt_periodized_dwt` through ptwt.waverec{,2,3}."""
+    d, f = approx.ndim - 2, pywt.Wavelet(wavelet).dec_len
+    pad = f // 4
+    start = 2 * pad - f // 2 + 1
+    a = approx
+    for det in reversed(details):
+        bands = [wrap(det[:, :, b], pad) for b in range(2 ** d - 1)]
+        coeffs = {1: lambda: [wrap(a, pad), bands[0]],
+                  2: lambda: [wrap(a, pad), tuple(bands[i] for i in PTWT_2D_ORDER)],
+                  3: lambda: [wrap(a, pad), dict(zip(pywt_bands(3), bands))]}[d]()
+        a = crop(PTWT_REC[d](coeffs, wavelet), start, [2 * n for n in a.shape[2:]])
+    return a
+
+
+def ptwt_swt_dwt(u: torch.Tensor, wavelet: str, levels: int):
+    """Our DWT from ptwt's circular stationary transform: per axis, level j of ``ptwt.swt``
+    gives the j-fold low-pass ('a') and the (j-1)-fold low-pass + high-pass ('d') undecimated;
+    the separable products of these, sampled every 2^j cells, are the level-j bands."""
+    d = u.ndim - 2
+    details, sample = [], None
+    for j in range(1, levels + 1):
+        parts = {"": u}
+        for axis in range(2, 2 + d):
+            nxt = {}
+            for key, t in parts.items():
+                out = ptwt.swt(t, wavelet, level=j, axis=axis)  # [A_j, D_j, D_{j-1}, .., D_1]
+                nxt[key + "a"], nxt[key + "d"] = out[0], out[1]
+            parts = nxt
+        sample = (slice(None), slice(None)) + (slice(None, None, 2 ** j),) * d
+        details.append(torch.stack([parts[k][sample] for k in pywt_bands(d)], 2))
+    return parts["a" * d][sample], details
+
+
+@pytest.mark.parametrize("d,wavelet,levels", ptwt_cases())
+def test_dwt_matches_ptwt_stationary_transform_decimated(d, wavelet, levels):
+    u = random_field(field_shape(d, wavelet, levels), torch.float64, seed=12, batch=1, chan=1 if d == 3 else 2)
+    c = dwt(u, wavelet, levels)
+    approx, details = ptwt_swt_dwt(u, wavelet, levels)
+    torch.testing.assert_close(c.approx, approx, atol=1e-12, rtol=0)
+    for j in range(levels):
+        torch.testing.assert_close(c.details[j], details[j], atol=1e-12, rtol=0, msg=lambda m: f"level {j + 1}: {m}")
+
+
+@pytest.mark.parametrize("d,wavelet,levels,dtype", [(*case, torch.float64) for case in ptwt_cases()]
+                         + [(*case, torch.float32) for case in ptwt_cases() if case[2] == 2])
+def test_dwt_and_idwt_match_ptwt_on_wrapped_field(d, wavelet, levels, dtype):
+    u = random_field(field_shape(d, wavelet, levels), dtype, seed=13, batch=1, chan=1 if d == 3 else 2)
+    c = dwt(u, wavelet, levels)
+    approx, details = ptwt_periodized_dwt(u, wavelet, levels)
+    tol = TOL[dtype]
+    torch.testing.assert_close(c.approx, approx, atol=tol, rtol=0)
+    for j in range(levels):
+        torch.testing.assert_close(c.details[j], details[j], atol=tol, rtol=0, msg=lambda m: f"level {j + 1}: {m}")
+    # the inverse, on coefficients that are not those of a field of ours (random ones)
+    g = torch.Generator().manual_seed(14)
+    rnd = WaveletCoeffs(torch.randn(c.approx.shape, generator=g, dtype=torch.float64).to(dtype),
+                        tuple(torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in c.details),
+                        wavelet)
+    torch.testing.assert_close(idwt(rnd), ptwt_periodized_idwt(rnd.approx, rnd.details, wavelet), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_dwt_gradient_matches_ptwt_autograd(d):
+    """Our backward against autograd through ptwt's convolutions (an independent adjoint)."""
+    wavelet, levels = "db4", 2
+    u = random_field(field_shape(d, wavelet, levels), torch.float64, seed=15, batch=1).requires_grad_(True)
+    g = torch.randn(flatten_coeffs(dwt(u.detach(), wavelet, levels)).shape, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(16))
+    (ours,) = torch.autograd.grad((flatten_coeffs(dwt(u, wavelet, levels)) * g).sum(), u)
+    approx, details = ptwt_periodized_dwt(u, wavelet, levels)
+    ref_flat = flatten_coeffs(WaveletCoeffs(approx, tuple(details), wavelet))
+    (ref,) = torch.autograd.grad((ref_flat * g).sum(), u)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_cuda_matches_ptwt_on_cuda(d):
+    """ptwt runs on the GPU as well (pywt does not): both transforms on CUDA, float64."""
+    wavelet, levels = "db4", 2
+    u = random_field(field_shape(d, wavelet, levels), torch.float64, seed=18, batch=1).cuda()
+    c = dwt(u, wavelet, levels)
+    approx, details = ptwt_periodized_dwt(u, wavelet, levels)
+    torch.testing.assert_close(flatten_coeffs(c), flatten_coeffs(WaveletCoeffs(approx, tuple(details), wavelet)),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(idwt(c), ptwt_periodized_idwt(c.approx, c.details, wavelet), atol=1e-12, rtol=0)
+
+
+def _ptwt_direct(u: torch.Tensor, wavelet: str, mode: str) -> torch.Tensor:
+    """ptwt's own level-1 approximation of a ``[1, 1, *S]`` field with one of its boundary modes."""
+    d = u.ndim - 2
+    if mode == "boundary":  # sparse-matrix transform, boundary filters orthogonalised; takes [batch, *S]
+        return (ptwt.MatrixWavedec(wavelet, 1) if d == 1 else ptwt.MatrixWavedec2(wavelet, 1))(u[0])[0]
+    return (ptwt.wavedec if d == 1 else ptwt.wavedec2)(u, wavelet, mode=mode, level=1)[0]
+
+
+NO_PERIODIZATION = ("ptwt has no periodization mode: its padding modes extend the field (n/2 + F/2 - 1 "
+                    "coefficients), its matrix 'boundary' mode orthogonalises edge filters instead of wrapping")
+
+
+@pytest.mark.filterwarnings("ignore:Sparse:UserWarning")  # ptwt's matrix transform builds beta sparse tensors
+@pytest.mark.parametrize("mode", ["periodic", "zero", "boundary"])
+@pytest.mark.parametrize("wavelet", ["haar", pytest.param("db4", marks=pytest.mark.xfail(strict=True,
+                                                                                          reason=NO_PERIODIZATION))])
+@pytest.mark.parametrize("d", [1, 2])
+def test_ptwt_boundary_modes_equal_periodization_only_for_haar(d, wavelet, mode):
+    """Haar (F = 2) never reads past its own pair of cells, so every ptwt mode is our transform."""
+    u = random_field((16, 24)[:d], torch.float64, seed=17, batch=1, chan=1)
+    ours = dwt(u, wavelet, 1).approx.flatten()
+    ref = _ptwt_direct(u, wavelet, mode).flatten()
+    assert ref.numel() == ours.numel(), f"ptwt mode {mode!r}: {ref.numel()} approximation coefficients, ours {ours.numel()}"
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Single-device operators (DWT, spectral, finite differences, drift) vs a copy and an FFT pair.
+"""Single-device operators (DWT, spectral, finite differences, drift) vs a copy, an FFT pair and ptwt.
 
     python tools/benchmark.py ops [--quick] [--device cuda] [--threads N] [--json out.jsonl]
 
@@ -15,7 +15,12 @@ that keeps every case at ~1-6 M cells, prints cells/s (B*C*prod(S) / seconds per
 
 each against two baselines measured in the same run on the same field: ``copy``
 (``x.clone()``, the same bytes) and ``fftn+ifftn`` (``torch.fft.fftn`` + ``ifftn`` over the
-field axes). An ``rfftn+irfftn`` pair is reported too, for context. On CUDA each operator also
+field axes). An ``rfftn+irfftn`` pair is reported too, for context. The DWT rows get a third
+baseline, ptwt's own transforms of the same field (``wavedec2``/``waverec2``,
+``wavedec3``/``waverec3``: same wavelet and J, mode "periodic", the closest ptwt has to our
+periodization; it pads instead of wrapping, so it transforms slightly more cells than the
+field, n/2 + F/2 - 1 per level and axis): ``ptwt fwd`` for ``dwt fwd``, ``ptwt fwd+inv`` for
+the fwd+inv rows; ptwt's rows themselves are reported against ``fftn+ifftn``. On CUDA each operator also
 gets ``bw_fraction``: its compulsory traffic (bytes of inputs + outputs) / time / the copy's
 bandwidth. Target (reported, not asserted): DWT fwd+inv at least 0.5x the speed of one
 fftn+ifftn pair on CPU.
@@ -88,44 +93,67 @@ def _nbytes(obj) -> int:
         return obj.numel() * obj.element_size()
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):  # ptwt's 3-D detail coefficients
+        return sum(_nbytes(o) for o in obj.values())
     if hasattr(obj, "approx") and hasattr(obj, "details"):  # WaveletCoeffs
         return _nbytes(obj.approx) + _nbytes(obj.details)
     return 0
 
 
-def _operators(x: torch.Tensor, levels: int) -> list[tuple[str, Callable[[], object]]]:
-    """(name, zero-argument call) of every operator whose module is importable."""
+def _ptwt_baselines(x: torch.Tensor, levels: int) -> dict[str, tuple[str, Callable[[], object]]]:
+    """``{"fwd": (name, call), "fwd+inv": (name, call)}``: ptwt's own multilevel transforms of
+    ``x`` (d = 2, 3), the second baseline of the DWT rows; empty if ptwt does not import."""
+    try:
+        import ptwt
+    except ImportError as e:
+        print(f"[ops] note: no ptwt baseline: {type(e).__name__}: {e}", flush=True)
+        return {}
+    d = x.ndim - 2
+    dec, rec = {2: (ptwt.wavedec2, ptwt.waverec2), 3: (ptwt.wavedec3, ptwt.waverec3)}.get(d, (None, None))
+    if dec is None:
+        return {}
+    axes = tuple(range(-d, 0))
+    fwd = lambda: dec(x, WAVELET, mode="periodic", level=levels, axes=axes)  # noqa: E731
+    return {"fwd": (f"ptwt wavedec{d} {WAVELET} J={levels} fwd", fwd),
+            "fwd+inv": (f"ptwt wavedec{d}+waverec{d} {WAVELET} J={levels} fwd+inv",
+                        lambda: rec(fwd(), WAVELET, axes=axes))}
+
+
+def _operators(x: torch.Tensor, levels: int) -> list[tuple[str, Callable[[], object], str | None]]:
+    """(name, zero-argument call, key of its ptwt baseline or None) of every operator whose
+    module is importable."""
     d = x.ndim - 2
     axes = tuple(range(2, 2 + d))
-    ops: list[tuple[str, Callable[[], object]]] = []
+    ops: list[tuple[str, Callable[[], object], str | None]] = []
     dwt = _lazy("sgfm_dist.ops.wavelets", "dwt")
     idwt = _lazy("sgfm_dist.ops.wavelets", "idwt")
     if dwt is not None and idwt is not None:
         catpad = _CatPadDomain()
         ops += [
-            (f"dwt{d}d {WAVELET} J={levels} fwd", lambda: dwt(x, WAVELET, levels)),
-            (f"dwt{d}d {WAVELET} J={levels} fwd+inv", lambda: idwt(dwt(x, WAVELET, levels))),
+            (f"dwt{d}d {WAVELET} J={levels} fwd", lambda: dwt(x, WAVELET, levels), "fwd"),
+            (f"dwt{d}d {WAVELET} J={levels} fwd+inv", lambda: idwt(dwt(x, WAVELET, levels)), "fwd+inv"),
             (f"dwt{d}d {WAVELET} J={levels} fwd+inv [pad=cat what-if]",
-             lambda: idwt(dwt(x, WAVELET, levels, domain=catpad), domain=catpad)),
+             lambda: idwt(dwt(x, WAVELET, levels, domain=catpad), domain=catpad), "fwd+inv"),
         ]
+    other: list[tuple[str, Callable[[], object]]] = []
     leray = _lazy("sgfm_dist.ops.spectral", "leray_project")
     if leray is not None:
-        ops.append((f"leray{d}d", lambda: leray(x, axes)))
+        other.append((f"leray{d}d", lambda: leray(x, axes)))
     gradient = _lazy("sgfm_dist.ops.spectral", "gradient")
     if gradient is not None:
-        ops.append((f"spectral grad{d}d", lambda: gradient(x, axes)))
+        other.append((f"spectral grad{d}d", lambda: gradient(x, axes)))
     laplacian = _lazy("sgfm_dist.ops.spectral", "laplacian")
     if laplacian is not None:
-        ops.append((f"laplacian{d}d", lambda: laplacian(x, axes)))
+        other.append((f"laplacian{d}d", lambda: laplacian(x, axes)))
     fd_derivative = _lazy("sgfm_dist.ops.finite_diff", "fd_derivative")
     if fd_derivative is not None:
-        ops.append((f"fd d/dx{d}d (2nd order)", lambda: fd_derivative(x, x.ndim - 1)))
+        other.append((f"fd d/dx{d}d (2nd order)", lambda: fd_derivative(x, x.ndim - 1)))
     projected_drift = _lazy("sgfm_dist.ops.dynamics", "projected_drift")
     flow_spec = _lazy("sgfm_dist.ops.dynamics", "FlowSpec")
     if projected_drift is not None and flow_spec is not None:
         spec = flow_spec(flow_axes=axes, nu=1e-2)
-        ops.append((f"projected drift{d}d", lambda: projected_drift(x, spec)))
-    return ops
+        other.append((f"projected drift{d}d", lambda: projected_drift(x, spec)))
+    return ops + [(name, fn, None) for name, fn in other]
 
 
 def run(args: argparse.Namespace, rec) -> None:
@@ -154,15 +182,20 @@ def run(args: argparse.Namespace, rec) -> None:
         moved = {"copy": 2 * _nbytes(x),
                  # fftn reads R real bytes and writes 2R complex; ifftn reads and writes 2R each
                  "fftn+ifftn": 7 * _nbytes(x)}
-        for name, fn in _operators(x, levels):
+        ptwt_base = _ptwt_baselines(x, levels)  # {"fwd"/"fwd+inv": (name, call)}
+        candidates = [(name, fn, None) for name, fn in ptwt_base.values()] + _operators(x, levels)
+        base_of: dict[str, str] = {}  # operator -> name of its ptwt baseline
+        for name, fn, key in candidates:
             try:
                 out = fn()  # also the warm-up that surfaces errors of operators still in progress
-            except Exception as e:  # a colleague's operator must not stop the suite
+            except Exception as e:  # a colleague's operator (or ptwt) must not stop the suite
                 print(f"[ops] note: {name} {tag} failed: {type(e).__name__}: {e}", flush=True)
                 continue
             # compulsory traffic; dwt fwd+inv also writes the coefficients and reads them back
             moved[name] = (_nbytes(x) + _nbytes(out)) * (2 if "fwd+inv" in name else 1)
             calls.append((name, fn))
+            if key is not None and key in ptwt_base:
+                base_of[name] = ptwt_base[key][0]
             del out
         # Interleaved rounds, best (min) of each call's median: fluctuating load on a shared
         # machine then hits operators and baselines alike.
@@ -180,11 +213,17 @@ def run(args: argparse.Namespace, rec) -> None:
         if device.type == "cuda":
             rec.add(f"copy {tag}", "bytes_per_s", copy_bw)
             rec.add(f"fftn+ifftn {tag}", "bw_fraction", moved["fftn+ifftn"] / best["fftn+ifftn"] / copy_bw)
+        ptwt_names = {name for name, _ in ptwt_base.values()}
         for name, _ in calls[3:]:
             case = f"{name} {tag}"
             cps = cells / best[name]
-            rec.add(case, "cells_per_s", cps, baseline="copy", baseline_value=copy_cps)
-            rec.add(case, "cells_per_s", cps, baseline="fftn+ifftn", baseline_value=fft_cps)
+            if name in ptwt_names:  # a baseline: against the FFT pair only, like rfftn+irfftn
+                rec.add(case, "cells_per_s", cps, baseline="fftn+ifftn", baseline_value=fft_cps)
+            else:
+                rec.add(case, "cells_per_s", cps, baseline="copy", baseline_value=copy_cps)
+                rec.add(case, "cells_per_s", cps, baseline="fftn+ifftn", baseline_value=fft_cps)
+            if name in base_of and base_of[name] in best:
+                rec.add(case, "cells_per_s", cps, baseline=base_of[name], baseline_value=cells / best[base_of[name]])
             if device.type == "cuda":
                 rec.add(case, "bw_fraction", moved[name] / best[name] / copy_bw)
         del x, calls
