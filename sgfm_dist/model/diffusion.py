@@ -32,6 +32,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..ops.domain import Domain
+
 LINEAR_BETA_MIN, LINEAR_BETA_MAX = 0.1, 20.0
 """beta(tau) range of the linear VP schedule (Song et al. 2021)."""
 
@@ -95,7 +97,7 @@ def eps_and_c0(raw: Tensor, c_tau: Tensor, alpha: Tensor, parameterization: str)
     raise ValueError(f"parameterization: must be 'eps' or 'v', got {parameterization!r}")
 
 
-def dsm_loss(eps_hat: Tensor, eps: Tensor, mask: Tensor | None = None, domain=None) -> Tensor:
+def dsm_loss(eps_hat: Tensor, eps: Tensor, mask: Tensor | None = None, domain: Domain | None = None) -> Tensor:
     """Eq. 40 per sample: mean over channels and coefficients of ``(eps - eps_hat)^2`` -> ``[B]``.
 
     ``mask`` ([B, 1, N] of 0/1, broadcastable) restricts the mean to selected coefficients

@@ -4,7 +4,7 @@ functions in the k-diffusion style.
 Every sampler has the signature::
 
     sample_*(model, x, taus, alpha_fn, extra_args=None, callback=None, disable=None, *,
-             noise_fn=None, generator=None, energy=None, eta=0.0, constraint=None, domain=LOCAL)
+             noise_fn=None, generator=None, energy=None, eta=0.0, constraint=None, domain: Domain = LOCAL)
 
 * ``model(x, tau, **extra_args) -> eps_hat`` (same shape as ``x``): the eps-predictor;
 * ``x``: the state at ``taus[0]`` (coefficients ``[B, C, N]``, or any ``[B, ...]``);
@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from ..ops.domain import LOCAL
+from ..ops.domain import LOCAL, Domain
 
 Model = Callable[..., Tensor]
 
@@ -85,14 +85,14 @@ MAX_STEP_RATIO = 0.5
 """Default trust region of :func:`physics_correction`: a step is at most this fraction of ``||x||``."""
 
 
-def _sample_norms(domain, *xs: Tensor) -> tuple[Tensor, ...]:
+def _sample_norms(domain: Domain, *xs: Tensor) -> tuple[Tensor, ...]:
     """Per-sample Euclidean norms of each state over the whole (possibly split) domain, each
     broadcastable ``[B, 1, ...]``; one reduction over the split for all of them."""
     sq = torch.stack([x.flatten(1).pow(2).sum(1) for x in xs])  # [len(xs), B]
     return tuple(n.reshape((-1,) + (1,) * (x.ndim - 1)) for n, x in zip(domain.sum(sq).sqrt(), xs))
 
 
-def physics_correction(x: Tensor, energy: Callable[[Tensor], Tensor], eta: float, domain=LOCAL,
+def physics_correction(x: Tensor, energy: Callable[[Tensor], Tensor], eta: float, domain: Domain = LOCAL,
                        max_step_ratio: float | None = MAX_STEP_RATIO) -> Tensor:
     """One physics-guided correction step ``x - eta * grad_x energy(x)`` (paper Eq. 24), per sample
     shortened to at most ``max_step_ratio * ||x||`` (None: no limit; see the module notes on why).
@@ -134,7 +134,7 @@ def _reverse_sde_step(y: Tensor, eps: Tensor, s: Tensor, s_next: Tensor, noise: 
     return y - ds2 / s * eps + ds2.sqrt() * noise
 
 
-def _finish_step(x: Tensor, tau: float, energy, eta: float, constraint, domain) -> Tensor:
+def _finish_step(x: Tensor, tau: float, energy, eta: float, constraint, domain: Domain) -> Tensor:
     """The per-step corrections shared by all samplers: Eq. 24 guidance, then the constraint."""
     if energy is not None and eta > 0:
         x = physics_correction(x, energy, eta, domain)
@@ -154,7 +154,7 @@ def _check(x: Tensor, taus: Tensor, alpha_fn) -> None:
 
 
 def _run_sampler(move, model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_args, callback, disable,
-                 energy, eta: float, constraint, domain) -> Tensor:
+                 energy, eta: float, constraint, domain: Domain) -> Tensor:
     """The loop all samplers share; ``move(net, x, y, eps, tau_next, a_next, s, s_next)`` is what
     differs: the state at ``tau_next > 0`` (VP variable) from ``x`` at ``tau``, with ``y = x /
     sqrt(a)`` and ``eps = net(x, tau)``. The step to ``tau = 0`` is the denoising step for all."""
@@ -181,7 +181,7 @@ def _run_sampler(move, model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_ar
 @torch.no_grad()
 def sample_euler_maruyama(model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_args=None, callback=None,
                           disable=None, *, noise_fn=None, generator=None, energy=None, eta: float = 0.0,
-                          constraint=None, domain=LOCAL) -> Tensor:
+                          constraint=None, domain: Domain = LOCAL) -> Tensor:
     """Euler-Maruyama discretisation of the reverse-time SDE (paper Eq. 21-22; Song et al. 2021, VP form)."""
 
     def move(net, x, y, eps, tau_next, a_next, s, s_next):
@@ -194,7 +194,7 @@ def sample_euler_maruyama(model: Model, x: Tensor, taus: Tensor, alpha_fn, extra
 @torch.no_grad()
 def sample_heun(model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_args=None, callback=None,
                 disable=None, *, noise_fn=None, generator=None, energy=None, eta: float = 0.0,
-                constraint=None, domain=LOCAL) -> Tensor:
+                constraint=None, domain: Domain = LOCAL) -> Tensor:
     """Heun's method on the probability-flow ODE dy/dsigma = eps (Algorithm 1 of Karras et al. 2022; paper section 6.4)."""
 
     def move(net, x, y, eps, tau_next, a_next, s, s_next):
@@ -210,7 +210,7 @@ def sample_heun(model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_args=None
 @torch.no_grad()
 def sample_pc(model: Model, x: Tensor, taus: Tensor, alpha_fn, extra_args=None, callback=None,
               disable=None, *, noise_fn=None, generator=None, energy=None, eta: float = 0.0,
-              constraint=None, domain=LOCAL, snr: float = 0.16, corrector_steps: int = 1) -> Tensor:
+              constraint=None, domain: Domain = LOCAL, snr: float = 0.16, corrector_steps: int = 1) -> Tensor:
     """Predictor-corrector: reverse-SDE predictor plus preconditioned Langevin corrector (Algorithms 2 and 5 of Song et al. 2021; paper section 6.4).
 
     The corrector runs Langevin dynamics on p_tau in the VP variable, preconditioned by the

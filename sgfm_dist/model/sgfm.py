@@ -23,7 +23,11 @@ Design decisions (see also DESIGN.md section 1):
   scale ``s`` is noised, finer scales are absent (zero); the network also receives the
   coarse reconstruction ``W^-1(c_{<s})`` as extra input channels and the loss is the DSM on
   scale ``s`` only. The sampler generates scale 0 (the approximation) first, then each finer
-  scale conditioned on the reconstruction of the coarser ones.
+  scale conditioned on the reconstruction of the coarser ones. Training, evaluation and
+  sampling share one stage estimate (``generation.cascade_estimate``).
+* **Generation** (``generation.py``): ``generate`` composes small wrappers, k-diffusion
+  style: a denoiser around the eps-network, a prompt constraint, a guidance energy, one
+  sampler run per stage; the samplers are the free functions of ``samplers.py``.
 * **Physics.** ``R(u) = d_t u + (u.grad)u - nu Lap u - f_theta(u, xi)`` (Eq. 41) projected by
   P (Eq. 43), mean over cells (``ops.dynamics``). Physics/video fields use the spatial axes
   as flow axes and t as time (``dynamics.residual``). The text field uses *all* field axes as
@@ -32,7 +36,9 @@ Design decisions (see also DESIGN.md section 1):
   ``f_theta(u, xi)`` is a smaller stack of the same blocks, fed the field and a white-noise
   input xi, scaled by ``forcing_strength``.
 * **L_BC** (Eq. 44): mean square of ``u_hat - u0`` on the first ``bc_rows`` t-slices (the
-  initial condition, i.e. the prompt rows of text / first frames of video).
+  initial condition, i.e. the prompt rows of text / first frames of video);
+  ``losses.boundary_loss``, the same function the sampler's guidance uses. The total of
+  Eq. 38 is ``losses.composite_loss``.
 * **Readout.** Text: tied-embedding logits of ``u_hat``, cross-entropy over real tokens
   (pads masked). Video: MSE of the tied readout of ``u_hat`` against the frames.
 * **Precision.** The networks run in their parameters' dtype (bf16/fp16 under DeepSpeed);
@@ -55,14 +61,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import dynamics
-from ..ops.domain import LOCAL
-from ..ops.wavelets import coeff_layout, dwt, flatten_coeffs, idwt, max_levels, unflatten_coeffs
+from ..ops.domain import LOCAL, Domain
+from ..ops.wavelets import coeff_layout, dwt, flatten_coeffs, idwt, unflatten_coeffs
 from . import diffusion as D
+from . import generation as G
 from .config import DiffusionConfig, ModelConfig
 from .fields import TextField, VideoLift
+from .losses import boundary_loss, composite_loss, first_rows_mask, loss_weights
 from .networks import ConditionEmbedding, FieldNet
-from .samplers import SAMPLERS, get_taus
-
+from .samplers import SAMPLERS
 
 
 class SGFM(nn.Module):
@@ -102,7 +109,7 @@ class SGFM(nn.Module):
                                            time_derivative="flow" if 2 in flow else cfg.time_derivative)
 
     # ------------------------------------------------------------------ domain
-    def set_domain(self, domain) -> None:
+    def set_domain(self, domain: Domain) -> None:
         """Use ``domain`` (a LocalDomain or the split domain of ``sgfm_dist.parallel``) for every
         operation that touches the field's spatial structure, in this model and all its layers."""
         for required in ("pad", "rfft", "irfft", "wavenumbers", "sum", "shard", "global_extent", "numel"):
@@ -216,14 +223,20 @@ class SGFM(nn.Module):
         return self.condition(torch.cat(parts, dim=1).to(lsn.device, self.param_dtype))
 
     # ------------------------------------------------------------------ the eps-network
-    def eps_network(self, c_in: Tensor, alpha: Tensor, cond: Tensor, shape: tuple[int, ...],
-                    coarse: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(eps_hat, c0_hat)`` ``[B, C, N]`` for noisy coefficients ``c_in`` at per-coefficient
-        noise level ``alpha`` (broadcastable), through the physical-space score network."""
+    def score_coeffs(self, c_in: Tensor, cond: Tensor, shape: tuple[int, ...],
+                     coarse: Tensor | None = None) -> Tensor:
+        """The score network's raw output (eps or v, Eq. 20) ``[B, C, N]`` for noisy coefficients
+        ``c_in``, run in physical space; a cascade model also sees the coarse field ``[B, C, *S]``."""
         x = self.to_field(c_in, shape)  # [B, C, *S]
         if self.cascade:
             x = torch.cat([x, coarse], dim=1)  # [B, 2C, *S]
-        raw = self.to_coeffs(self.score_net(x.to(self.param_dtype), cond).to(c_in.dtype))  # [B, C, N]
+        return self.to_coeffs(self.score_net(x.to(self.param_dtype), cond).to(c_in.dtype))  # [B, C, N]
+
+    def eps_network(self, c_in: Tensor, alpha: Tensor, cond: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """``(eps_hat, c0_hat)`` ``[B, C, N]`` of a joint model for noisy coefficients ``c_in`` at
+        per-coefficient noise level ``alpha`` (broadcastable; cast to the coefficients' dtype).
+        A cascade model's stage goes through ``generation.cascade_estimate``."""
+        raw = self.score_coeffs(c_in, cond, shape)  # [B, C, N]
         return D.eps_and_c0(raw, c_in, alpha.to(raw.dtype), self.dcfg.parameterization)
 
     # ------------------------------------------------------------------ physics
@@ -254,19 +267,6 @@ class SGFM(nn.Module):
         if lam is None:
             lam = self._lambda(None, u.shape[0], u.device)
         return dynamics.physics_energy(u, spec, self.forcing(u, xi, lam), dom)
-
-    def _first_rows_mask(self, u: Tensor, rows: int) -> Tensor:
-        """``[1, 1, *S_local]`` 1.0 on the first ``rows`` global t-slices (sharded from the global mask)."""
-        g_shape = [self.domain.global_extent(u, a) for a in range(2, u.ndim)]
-        m = torch.zeros(1, 1, *g_shape, dtype=u.dtype, device=u.device)
-        m[:, :, :rows] = 1
-        return self.domain.shard(m)
-
-    def _masked_mean_sq(self, diff: Tensor, mask: Tensor) -> Tensor:
-        """Per-sample mean of ``diff^2`` over channels and masked cells ``[B]`` (global when split)."""
-        num = self.domain.sum((diff.square() * mask).flatten(1).sum(1))
-        den = self.domain.sum(mask.expand(diff.shape[0], 1, *diff.shape[2:]).flatten(1).sum(1)) * diff.shape[1]
-        return num / den.clamp(min=1)
 
     # ------------------------------------------------------------------ readout
     def _readout_loss(self, u_hat: Tensor, batch: dict, logsnr: Tensor, weight: Tensor | None = None) -> Tensor | None:
@@ -316,39 +316,25 @@ class SGFM(nn.Module):
         eps = self.to_coeffs(dynamics.white_noise(u0, generator, self.domain))  # [B, C, N], iid N(0, 1)
         c_tau = D.q_sample(c0, alpha, eps)
         lam = self._lambda(batch, B, dev)
-        stage = coarse = None
         if self.cascade:
+            # Eq. 20 teacher forced: one stage per sample, its coarser scales the clean data
             stage = torch.randint(0, J + 1, (B,), generator=generator, device=gdev).to(dev)  # [B]
-            clean = (sidx[None, :] < stage[:, None]).unsqueeze(1).to(u0.dtype)  # [B, 1, N]
-            target = (sidx[None, :] == stage[:, None]).unsqueeze(1).to(u0.dtype)  # [B, 1, N]
-            c_in = clean * c0 + target * c_tau
-            coarse = self.to_field(clean * c0, shape)  # [B, C, *S]
+            eps_hat, c0_hat, target = G.cascade_estimate(self, c0, c_tau, alpha, logsnr, lam, stage, shape)
         else:
-            target, c_in = None, c_tau
-        cond = self._conditions(logsnr, lam, stage)
-        eps_hat, c0_hat = self.eps_network(c_in, alpha, cond, shape, coarse)
-        l_diff = D.dsm_loss(eps_hat, eps, target, self.domain).mean()
-        if self.cascade:
-            c0_hat = clean * c0 + target * c0_hat
+            stage = target = None
+            eps_hat, c0_hat = self.eps_network(c_tau, alpha, self._conditions(logsnr, lam, None), shape)
+        terms = {"diff": D.dsm_loss(eps_hat, eps, target, self.domain).mean()}  # only the stage's scale (cascade)
         u_hat = self.to_field(c0_hat, shape)  # [B, C, *S]
-        terms = {"diff": l_diff}
-        total = l_diff
         if dcfg.lambda_R > 0:
-            xi = self.forcing_noise(u0, generator)
-            l_phys = self.physics_energy(u_hat, xi, lam).mean()
-            total = total + dcfg.lambda_R * l_phys
-            terms["physics"] = l_phys
+            terms["physics"] = self.physics_energy(u_hat, self.forcing_noise(u0, generator), lam).mean()
         if dcfg.lambda_B > 0:
             rows = min(dcfg.bc_rows, self.domain.global_extent(u0, 2))
-            l_bc = self._masked_mean_sq(u_hat - u0, self._first_rows_mask(u0, rows)).mean()
-            total = total + dcfg.lambda_B * l_bc
-            terms["bc"] = l_bc
+            terms["bc"] = boundary_loss(u_hat, u0, first_rows_mask(u0, rows, self.domain), self.domain).mean()
         if dcfg.lambda_ce > 0 and cfg.modality != "physics":
-            final = (stage == J).to(u0.dtype) if self.cascade else None
+            final = (stage == J).to(u0.dtype) if self.cascade else None  # only the last stage has the whole field
             # the readout temperature follows the noisiest level (the finest; all equal without shift)
-            l_read = self._readout_loss(u_hat, batch, logsnr[:, -1], final)
-            total = total + dcfg.lambda_ce * l_read
-            terms["ce" if cfg.modality == "text" else "recon"] = l_read
+            terms["ce" if cfg.modality == "text" else "recon"] = self._readout_loss(u_hat, batch, logsnr[:, -1], final)
+        total = composite_loss(terms, loss_weights(dcfg))
         return total, {k: v.detach() for k, v in terms.items()}
 
     # ------------------------------------------------------------------ evaluation
@@ -359,22 +345,9 @@ class SGFM(nn.Module):
         its noisy coefficients, conditioned on the previous stages' clean estimates.
         """
         B, J = c_tau.shape[0], self.cfg.levels
-        logsnr = torch.full((B, J + 1), math.log(alpha_bar / (1 - alpha_bar)), device=c_tau.device)
-        alpha = torch.full_like(c_tau[:, :1], alpha_bar)
-        if not self.cascade:
-            _, c0_hat = self.eps_network(c_tau, alpha, self._conditions(logsnr, lam, None), shape)
-            return self.to_field(c0_hat, shape)
-        sidx = self._scale_index(shape, c_tau.device)
-        est = torch.zeros_like(c_tau)
-        for s in range(J + 1):
-            target = (sidx == s).to(c_tau.dtype)[None, None]
-            clean = (sidx < s).to(c_tau.dtype)[None, None]
-            stage = torch.full((B,), s, device=c_tau.device)
-            c_in = clean * est + target * c_tau
-            _, c0_hat = self.eps_network(c_in, alpha, self._conditions(logsnr, lam, stage), shape,
-                                         self.to_field(clean * est, shape))
-            est = est + target * c0_hat
-        return self.to_field(est, shape)
+        logsnr = torch.full((B, J + 1), math.log(alpha_bar / (1 - alpha_bar)), device=c_tau.device)  # [B, J+1]
+        alpha = torch.full_like(c_tau[:, :1], alpha_bar)  # [B, 1, N]
+        return self.to_field(G.clean_coefficients(self, c_tau, alpha, logsnr, lam, shape), shape)
 
     @torch.no_grad()
     def denoising_cross_entropy(self, tokens: Tensor, pad_mask: Tensor | None, alpha_bar: float,
@@ -438,208 +411,36 @@ class SGFM(nn.Module):
         ``[n, D, *S]`` (video).
         """
         cfg = self.cfg
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: must be a positive int, got {n!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler: must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-        for name, v in (("physics_eta", physics_eta), ("bc_eta", bc_eta)):
-            if not v >= 0:
-                raise ValueError(f"{name}: must be >= 0, got {v}")
-        if not vocab_temperature > 0:
-            raise ValueError(f"vocab_temperature: must be > 0, got {vocab_temperature}")
-        field_shape = tuple(int(s) for s in field_shape)
-        self._check_shape(field_shape, "field_shape")
-        for i, s in enumerate(field_shape):
-            if cfg.levels > max_levels(s, cfg.wavelet):
-                raise ValueError(f"field_shape: extent {s} of axis {i} is too small for {cfg.levels} levels of "
-                                 f"{cfg.wavelet!r} (at most {max_levels(s, cfg.wavelet)})")
+        field_shape = G.check_request(self, n, field_shape, sampler, physics_eta, bc_eta, vocab_temperature)
         dev, dtype = next(self.parameters()).device, self.math_dtype
-        like_global = torch.zeros(n, cfg.channels, *field_shape, device=dev, dtype=dtype)
-        like = self.domain.shard(like_global)  # [n, C, *S_local]
-        shape = tuple(like.shape[2:])
-        lam = self._lambda(None, n, dev)
-        known, known_field, known_ids = self._prompt(prompt_tokens, prompt_field, n, like)
-
-        def noise_fn(x: Tensor) -> Tensor:
-            # N(0, I) coefficients: a global white field, sharded, through the orthonormal W
-            return self.to_coeffs(dynamics.white_noise(like, generator, self.domain))  # [n, C, N]
-
+        like = self.domain.shard(torch.zeros(n, cfg.channels, *field_shape, device=dev, dtype=dtype))  # [n, C, *S_loc]
+        shape, lam = tuple(like.shape[2:]), self._lambda(None, n, dev)
+        prompt = G.make_prompt(self, prompt_tokens, prompt_field, n, like)
+        noise = G.CoefficientNoise(self, like, generator)
         xi = self.forcing_noise(like, generator)
-        step_fn = SAMPLERS[sampler]
-        rounding = round_to_vocab and cfg.modality == "text"
-        full_alpha = self.alpha_fn(shape, dev)
-
-        def energy_for(c_full_fn):
-            """E(W^-1 c) (+ L_BC guidance) of the full state built by ``c_full_fn``."""
-            if physics_eta == 0 and (bc_eta == 0 or known is None):
-                return None
-
-            def energy(x: Tensor) -> Tensor:
-                u = self.to_field(c_full_fn(x), shape)
-                e = torch.zeros(u.shape[0], device=u.device, dtype=u.dtype)
-                if physics_eta > 0:
-                    e = e + physics_eta * self.physics_energy(u, xi, lam)
-                if bc_eta > 0 and known is not None:
-                    e = e + bc_eta * self._masked_mean_sq(u - known_field, known)
-                return e
-
-            return energy
-
-        if not self.cascade:
-            def model(x: Tensor, tau: float) -> Tensor:
-                a, logsnr = full_alpha(tau), self._logsnr_at(tau, n, dev)
-                eps, c0 = self.eps_network(x, a, self._conditions(logsnr, lam, None), shape)
-                if rounding:
-                    c0 = self._round_to_vocab(c0, logsnr[:, -1], shape, vocab_temperature)
-                    eps = (x - a.sqrt() * c0) / (1 - a).sqrt()
-                return eps
-
-            constraint = None
-            if known is not None:
-                c_known = self.to_coeffs(known_field)
-
-                def constraint(x: Tensor, tau: float) -> Tensor:
-                    a = full_alpha(tau)
-                    noisy_known = self.to_field(a.sqrt() * c_known + (1 - a).sqrt() * noise_fn(x), shape)
-                    u = self.to_field(x, shape)
-                    return self.to_coeffs(known * noisy_known + (1 - known) * u)
-
-            x = (1 - full_alpha(1.0)).sqrt() * noise_fn(like)  # the prior: alpha(1) ~ 0
-            c = step_fn(model, x, get_taus(steps), full_alpha, noise_fn=noise_fn, generator=generator,
-                        energy=energy_for(lambda v: v), eta=1.0 if (physics_eta or bc_eta) else 0.0,
-                        constraint=constraint, domain=self.domain, disable=disable_progress)
-        else:
-            c = self._generate_cascade(n, shape, steps, step_fn, lam, noise_fn, energy_for,
-                                       physics_eta, bc_eta, known, known_field, rounding, vocab_temperature,
-                                       disable_progress)
+        temperature = vocab_temperature if round_to_vocab and cfg.modality == "text" else None
+        c = torch.zeros(n, cfg.channels, self._scale_index(shape, dev).numel(), device=dev, dtype=dtype)  # [n, C, N]
+        # joint: one run over every coefficient; cascade (Eq. 20): scale 0 first, then each finer one
+        for index in range(cfg.levels + 1) if self.cascade else [None]:
+            stage = G.Stage.build(self, shape, index, c)
+            constraint = None if prompt is None else G.PromptConstraint(self, stage, shape, prompt, noise)
+            energy = G.GuidanceEnergy.build(self, stage, shape, xi, lam, physics_eta, bc_eta, prompt)
+            c = G.sample_stage(SAMPLERS[sampler], steps, stage, G.Denoiser(self, stage, shape, lam, temperature),
+                               noise, energy, constraint, self.domain, disable_progress)
         u = self.to_field(c, shape)  # [n, C, *S]
-        if known is not None:
-            u = known * known_field + (1 - known) * u  # the prompt exactly
+        if prompt is not None:
+            u = prompt.paste(u)  # the prompt exactly
         out = {"field": u}
         if cfg.modality == "text":
             clean = torch.full((n,), self.dcfg.logsnr_max, device=dev)  # the final estimate is clean
             tokens = self.text.logits(u, clean).argmax(-1)  # [n, T, L]
-            if known_ids is not None:
+            if prompt is not None and prompt.ids is not None:
                 # the readout's bias could outvote an exact prompt embedding: write the ids
-                tokens = torch.where(known[:, 0].bool(), known_ids.expand_as(tokens), tokens)
+                tokens = torch.where(prompt.mask[:, 0].bool(), prompt.ids.expand_as(tokens), tokens)
             out["tokens"] = tokens
         elif cfg.modality == "video":
             out["frames"] = self.video.readout(u)
         return out
-
-    def _round_to_vocab(self, c0: Tensor, logsnr: Tensor, shape: tuple[int, ...], temperature: float) -> Tensor:
-        """``W sum_b p(b | u_hat) e_b`` for ``u_hat = W^-1 c0`` read out at noise level ``logsnr [n]``,
-        ``p`` the readout softmax at ``temperature``."""
-        logits = self.text.logits(self.to_field(c0, shape), logsnr)
-        if temperature != 1.0:
-            logits = logits / temperature
-        p = torch.softmax(logits, dim=-1)  # [n, T, L, V]
-        u = torch.einsum("n...v,vc->nc...", p, self.text.vectors().to(p.dtype))  # [n, C, T, L]
-        return self.to_coeffs(u)
-
-    def _generate_cascade(self, n, shape, steps, step_fn, lam, noise_fn, energy_for,
-                          physics_eta, bc_eta, known, known_field, rounding, temperature,
-                          disable_progress) -> Tensor:
-        """Eq. 20 cascade: scale 0 (approximation) first, then each finer scale conditioned on the
-        reconstruction of the coarser ones; returns the full coefficients ``[n, C, N]``."""
-        dev = lam.device
-        J = self.cfg.levels
-        sidx = self._scale_index(shape, dev)
-        N = sidx.numel()
-        c = torch.zeros(n, self.cfg.channels, N, device=dev, dtype=self.math_dtype)
-        for s in range(J + 1):
-            idx = (sidx == s).nonzero().flatten()
-            lo, hi = int(idx[0]), int(idx[-1]) + 1  # scales are contiguous in the flattened order
-            alpha_s = self.alpha_fn(shape, dev, scale=s)
-            coarse = self.to_field(c, shape)  # scales < s generated, finer still zero
-            stage = torch.full((n,), s, device=dev)
-            base = c.clone()
-
-            def full(x: Tensor, base=base, lo=lo, hi=hi) -> Tensor:
-                out = base.clone()
-                out[:, :, lo:hi] = x
-                return out
-
-            def model(x: Tensor, tau: float, full=full, alpha_s=alpha_s, coarse=coarse, stage=stage,
-                      s=s) -> Tensor:
-                logsnr = self._logsnr_at(tau, n, dev)
-                cond = self._conditions(logsnr, lam, stage)
-                c_in = full(x)
-                u_in = torch.cat([self.to_field(c_in, shape), coarse], dim=1)  # [n, 2C, *S]
-                raw = self.to_coeffs(self.score_net(u_in.to(self.param_dtype), cond).to(u_in.dtype))[:, :, lo:hi]
-                a = alpha_s(tau)
-                eps, c0 = D.eps_and_c0(raw, x, a, self.dcfg.parameterization)
-                if rounding and s == J:  # only the last stage has the full field to round
-                    c0 = self._round_to_vocab(full(c0), logsnr[:, -1], shape, temperature)[:, :, lo:hi]
-                    eps = (x - a.sqrt() * c0) / (1 - a).sqrt()
-                return eps
-
-            def noise_s(x: Tensor, lo=lo, hi=hi) -> Tensor:
-                return noise_fn(x)[:, :, lo:hi]
-
-            constraint = None
-            if known is not None:
-                def constraint(x: Tensor, tau: float, full=full, alpha_s=alpha_s, lo=lo, hi=hi,
-                               noise_s=noise_s) -> Tensor:
-                    # RePaint with the current estimate: the scale-s coefficients of the field whose
-                    # known cells are the prompt and whose other cells are the current state
-                    u = self.to_field(full(x), shape)
-                    target = self.to_coeffs(known * known_field + (1 - known) * u)[:, :, lo:hi]
-                    a = alpha_s(tau)
-                    return a.sqrt() * target + (1 - a).sqrt() * noise_s(x) if tau > 0 else target
-
-            x0 = (1 - alpha_s(1.0)).sqrt() * noise_s(None)
-            xs = step_fn(model, x0, get_taus(steps), alpha_s, noise_fn=noise_s,
-                         energy=energy_for(full), eta=1.0 if (physics_eta or bc_eta) else 0.0,
-                         constraint=constraint, domain=self.domain, disable=disable_progress)
-            c[:, :, lo:hi] = xs
-        return c
-
-    def _prompt(self, prompt_tokens, prompt_field, n: int, like: Tensor):
-        """``(known [1, 1, *S_local] 0/1, known_field [n, C, *S_local], known_ids [n or 1, *S_local] or None)``
-        of the prompt, or (None, None, None)."""
-        cfg = self.cfg
-        g_shape = tuple(self.domain.global_extent(like, a) for a in range(2, like.ndim))
-        if prompt_tokens is not None:
-            if cfg.modality != "text":
-                raise ValueError(f"prompt_tokens: only text models take token prompts (modality={cfg.modality!r}); "
-                                 f"use prompt_field")
-            p = torch.as_tensor(prompt_tokens)
-            if p.ndim == 1:
-                p = p.unsqueeze(0)
-            self.text.check_tokens(p, "prompt_tokens")
-            if p.ndim != 2 or p.shape[0] not in (1, n):
-                raise ValueError(f"prompt_tokens: expected [n={n} or 1, P] ids, got shape {tuple(p.shape)}")
-            T, L = g_shape
-            P = p.shape[1]
-            if P > T * L:
-                raise ValueError(f"prompt_tokens: {P} prompt tokens do not fit a field of {T}x{L} = {T * L} positions")
-            ids = torch.full((p.shape[0], T * L), cfg.pad_id, dtype=torch.long, device=like.device)
-            ids[:, :P] = p.to(like.device).long()
-            mask = torch.zeros(1, 1, T * L, device=like.device, dtype=like.dtype)
-            mask[..., :P] = 1
-            field = self.text.encode(ids.view(-1, T, L)).to(like.dtype).expand(n, -1, -1, -1)  # [n, C, T, L]
-            mask = mask.view(1, 1, T, L)
-            ids_local = self.domain.shard(ids.view(-1, 1, T, L))[:, 0]  # [n or 1, T_loc, L_loc]
-            return self.domain.shard(mask), self.domain.shard(field.contiguous()), ids_local
-        if prompt_field is not None:
-            if cfg.modality == "text":
-                raise ValueError("prompt_field: text models take prompt_tokens")
-            pf = torch.as_tensor(prompt_field).to(like.device, like.dtype)
-            want = cfg.data_channels if cfg.modality == "video" else cfg.channels
-            if pf.ndim != len(g_shape) + 2 or pf.shape[0] not in (1, n) or pf.shape[1] != want \
-                    or tuple(pf.shape[3:]) != g_shape[1:] or pf.shape[2] > g_shape[0]:
-                raise ValueError(f"prompt_field: expected [n or 1, {want}, P <= {g_shape[0]}, *{g_shape[1:]}], "
-                                 f"got shape {tuple(pf.shape)}")
-            P = pf.shape[2]
-            if cfg.modality == "video":
-                pf = self.video.encode(pf)
-            field = torch.zeros(pf.shape[0], cfg.channels, *g_shape, device=like.device, dtype=like.dtype)
-            field[:, :, :P] = pf
-            mask = torch.zeros(1, 1, *g_shape, device=like.device, dtype=like.dtype)
-            mask[:, :, :P] = 1
-            return self.domain.shard(mask), self.domain.shard(field.expand(n, *field.shape[1:]).contiguous()), None
-        return None, None, None
 
 
 def build_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> SGFM:
@@ -676,20 +477,8 @@ def wavelet_energy_per_level(model: SGFM, batch: dict, taus) -> dict:
         t = torch.full((B,), float(tau), device=u0.device).clamp(min=1e-5)
         logsnr = model.level_logsnr(t)  # [B, J+1]
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(c0.dtype)
-        c_tau = D.q_sample(c0, alpha, model.to_coeffs(dynamics.white_noise(u0, None, dom)))
-        if model.cascade:
-            est = torch.zeros_like(c0)
-            for s in range(J + 1):
-                target = (sidx == s).to(c0.dtype)[None, None]
-                clean = (sidx < s).to(c0.dtype)[None, None]
-                stage = torch.full((B,), s, device=u0.device)
-                cond = model._conditions(logsnr, lam, stage)
-                _, c0_hat = model.eps_network(clean * est + target * c_tau, alpha, cond, shape,
-                                              model.to_field(clean * est, shape))
-                est = est + target * c0_hat
-            c0_hat = est
-        else:
-            _, c0_hat = model.eps_network(c_tau, alpha, model._conditions(logsnr, lam, None), shape)
+        c_tau = D.q_sample(c0, alpha, model.to_coeffs(dynamics.white_noise(u0, None, dom)))  # [B, C, N]
+        c0_hat = G.clean_coefficients(model, c_tau, alpha, logsnr, lam, shape)  # [B, C, N]
         result[f"tau={float(tau):g}"] = {"noisy": per_level(c_tau), "denoised": per_level(c0_hat)}
     model.train(was_training)
     return result

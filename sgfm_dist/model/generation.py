@@ -1,0 +1,334 @@
+"""Generation from small wrappers around the model, k-diffusion style (paper Eq. 20-24, 44).
+
+    cascade_estimate   Eq. 20, one cascade stage: a scale denoised given the clean coarser ones;
+                       the one coarse-to-fine estimate that training, evaluation and sampling share
+    clean_coefficients c0_hat of noised coefficients: joint (one call) or stage by stage
+    Stage              what one sampler run generates: every coefficient, or one cascade scale
+    Denoiser           ``(x, tau) -> eps_hat`` for the samplers, optionally rounding text to the vocabulary
+    PromptConstraint   inpainting of the prompt after every step
+    GuidanceEnergy     physics energy (Eq. 23) plus L_BC guidance (Eq. 44), stepped on by Eq. 24
+    CoefficientNoise   N(0, I) coefficients drawn as a global white field (split-independent)
+    make_prompt        the prompt's mask, field and ids from prompt tokens / a prompt field
+    sample_stage       one sampler run over a stage, from the prior to tau = 0
+
+``SGFM.generate`` composes these; the samplers themselves are the free functions of
+``samplers.py``, which know nothing of wavelets, stages or prompts.
+
+Notes
+-----
+A cascade sample (Eq. 20) is J + 1 sampler runs: scale 0 (the approximation) first, then each
+finer scale conditioned on the reconstruction of the coarser ones, finer scales absent (zero).
+Training draws one stage per sample and teacher-forces the coarser scales with the data;
+evaluation and sampling feed the previous stages' own estimates. All three call
+:func:`cascade_estimate`, which sees only "clean coarser coefficients" and "noisy coefficients
+of this scale", so the three differ only in where those come from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+
+from ..ops import dynamics
+from ..ops.domain import LOCAL, Domain
+from ..ops.wavelets import max_levels
+from . import diffusion as D
+from .losses import boundary_loss
+from .samplers import SAMPLERS, get_taus
+
+if TYPE_CHECKING:
+    from .sgfm import SGFM
+
+
+# ---------------------------------------------------------------------------- the cascade estimate
+def cascade_estimate(model: SGFM, c_clean: Tensor, c_noisy: Tensor, alpha: Tensor, logsnr: Tensor, lam: Tensor,
+                     stage: Tensor, shape: tuple[int, ...], coarse: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """One cascade stage per sample (paper Eq. 20): ``(eps_hat, c0_hat, target)`` of scale ``stage``.
+
+    Scale ``stage [B]`` is denoised from ``c_noisy`` given the clean coarser scales of ``c_clean``.
+
+    ``c_clean``/``c_noisy`` ``[B, C, N]`` are read only on the scales coarser than / equal to each
+    sample's ``stage [B]``; ``alpha`` is the noise level of ``c_noisy`` (broadcastable), used in
+    its own dtype; ``logsnr [B, J+1]`` and ``lam [B, 2]`` condition the network. ``coarse`` is
+    ``W^-1`` of the clean coarser coefficients when the caller already has it (a sampler run
+    keeps it fixed). ``c0_hat`` holds the clean coarser scales plus this scale's estimate (finer
+    scales zero); ``target [B, 1, N]`` marks this scale (the coefficients the DSM loss sees).
+    """
+    sidx = model._scale_index(shape, c_noisy.device)  # [N]
+    clean = (sidx[None, :] < stage[:, None]).unsqueeze(1).to(c_noisy.dtype)  # [B, 1, N]
+    target = (sidx[None, :] == stage[:, None]).unsqueeze(1).to(c_noisy.dtype)  # [B, 1, N]
+    c_in = clean * c_clean + target * c_noisy  # [B, C, N]: coarser clean, this scale noisy, finer zero
+    if coarse is None:
+        coarse = model.to_field(clean * c_clean, shape)  # [B, C, *S]
+    raw = model.score_coeffs(c_in, model._conditions(logsnr, lam, stage), shape, coarse)  # [B, C, N]
+    eps_hat, c0_hat = D.eps_and_c0(raw, c_in, alpha, model.dcfg.parameterization)  # [B, C, N] each
+    return eps_hat, clean * c_clean + target * c0_hat, target
+
+
+def clean_coefficients(model: SGFM, c_tau: Tensor, alpha: Tensor, logsnr: Tensor, lam: Tensor,
+                       shape: tuple[int, ...]) -> Tensor:
+    """``c0_hat [B, C, N]`` of ``c_tau`` noised at ``alpha`` (Eq. 40): one network call, or coarse to fine (Eq. 20).
+
+    A cascade model runs every stage in turn, each conditioned on the previous stages' estimates.
+    """
+    if not model.cascade:
+        return model.eps_network(c_tau, alpha, model._conditions(logsnr, lam, None), shape)[1]
+    est = torch.zeros_like(c_tau)  # [B, C, N]: nothing estimated yet
+    for s in range(model.cfg.levels + 1):
+        stage = torch.full((c_tau.shape[0],), s, device=c_tau.device)  # [B]
+        _, est, _ = cascade_estimate(model, est, c_tau, alpha, logsnr, lam, stage, shape)
+    return est
+
+
+# ---------------------------------------------------------------------------- stages
+@dataclass
+class Stage:
+    """What one sampler run generates: every coefficient (joint), or one cascade scale (Eq. 20)."""
+
+    select: slice
+    """The run's block of the flattened coefficients (a scale is contiguous there); all for joint."""
+    alpha: Callable[[float], Tensor]
+    """``tau -> alpha_bar`` broadcastable to the block (per coefficient, or the scale's one value)."""
+    last: bool
+    """Whether the whole field exists once this run is done (only then can text be rounded)."""
+    index: int | None = None
+    """Cascade stage s (0 = approximation .. J = finest detail); None for joint."""
+    base: Tensor | None = None
+    """``[n, C, N]`` the coefficients around the block: coarser scales generated, finer zero (cascade)."""
+    coarse: Tensor | None = None
+    """``[n, C, *S]`` ``W^-1 base``, the coarse field the cascade network is conditioned on."""
+
+    @classmethod
+    def build(cls, model: SGFM, shape: tuple[int, ...], index: int | None, c: Tensor) -> Stage:
+        """The stage ``index`` (None: joint) of a sample whose coefficients so far are ``c [n, C, N]``."""
+        dev = c.device
+        if index is None:
+            return cls(slice(None), model.alpha_fn(shape, dev), True)
+        idx = (model._scale_index(shape, dev) == index).nonzero().flatten()
+        return cls(slice(int(idx[0]), int(idx[-1]) + 1), model.alpha_fn(shape, dev, scale=index),
+                   index == model.cfg.levels, index, c, model.to_field(c, shape))
+
+    def full(self, x: Tensor) -> Tensor:
+        """The full coefficients ``[n, C, N]`` with the block ``x`` in place."""
+        if self.base is None:
+            return x
+        out = self.base.clone()
+        out[:, :, self.select] = x
+        return out
+
+    def part(self, c: Tensor) -> Tensor:
+        """The block of full coefficients ``c [n, C, N]``."""
+        return c if self.base is None else c[:, :, self.select]
+
+
+# ---------------------------------------------------------------------------- wrappers
+def round_to_vocab(model: SGFM, c0: Tensor, logsnr: Tensor, shape: tuple[int, ...], temperature: float) -> Tensor:
+    """``W sum_b p(b | u_hat) e_b``, ``u_hat = W^-1 c0``: rounding to the vocabulary (Diffusion-LM's clamping).
+
+    ``p`` is the readout softmax at noise level ``logsnr [n]``, logits divided by ``temperature``.
+    """
+    logits = model.text.logits(model.to_field(c0, shape), logsnr)  # [n, T, L, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    p = torch.softmax(logits, dim=-1)  # [n, T, L, V]
+    u = torch.einsum("n...v,vc->nc...", p, model.text.vectors().to(p.dtype))  # [n, C, T, L]
+    return model.to_coeffs(u)
+
+
+class Denoiser:
+    """The eps-network as a sampler's ``model(x, tau) -> eps_hat`` over one stage's block (Eq. 20-22).
+
+    With a ``temperature`` (text), the clean estimate the sampler sees is replaced by the
+    readout's expected embedding (:func:`round_to_vocab`) and eps re-derived from it; only a
+    stage after which the whole field exists rounds (a coarse cascade stage has no text to read).
+    """
+
+    def __init__(self, model: SGFM, stage: Stage, shape: tuple[int, ...], lam: Tensor,
+                 temperature: float | None = None):
+        self.model, self.stage, self.shape, self.lam = model, stage, shape, lam
+        self.temperature = temperature if stage.last else None
+        n = lam.shape[0]
+        self.stage_ids = None if stage.index is None else torch.full((n,), stage.index, device=lam.device)  # [n]
+
+    def __call__(self, x: Tensor, tau: float) -> Tensor:
+        m, st = self.model, self.stage
+        a, logsnr = st.alpha(tau), m._logsnr_at(tau, x.shape[0], self.lam.device)  # logsnr [n, J+1]
+        if st.index is None:
+            eps, c0 = m.eps_network(x, a, m._conditions(logsnr, self.lam, None), self.shape)  # [n, C, N] each
+        else:
+            eps, c0, _ = cascade_estimate(m, st.base, st.full(x), a, logsnr, self.lam, self.stage_ids, self.shape,
+                                          st.coarse)
+            eps = st.part(eps)  # [n, C, N_s]
+        if self.temperature is not None:
+            # the readout temperature follows the noisiest level (the finest), as in training
+            c0 = st.part(round_to_vocab(m, c0, logsnr[:, -1], self.shape, self.temperature))
+            eps = (x - a.sqrt() * c0) / (1 - a).sqrt()
+        return eps
+
+
+@dataclass
+class Prompt:
+    """The known part of a sample: the initial condition ``u0`` of Eq. 44 on the prompt cells."""
+
+    mask: Tensor
+    """``[1, 1, *S_local]`` 1.0 on the prompt cells, 0.0 elsewhere."""
+    field: Tensor
+    """``[n, C, *S_local]`` the prompt's field (zero outside the mask)."""
+    ids: Tensor | None = None
+    """``[n or 1, *S_local]`` the prompt's token ids (text), written into the tokens at the end."""
+
+    def paste(self, u: Tensor, value: Tensor | None = None) -> Tensor:
+        """``u [n, C, *S]`` with the prompt cells replaced by ``value`` (default: the prompt itself)."""
+        return self.mask * (self.field if value is None else value) + (1 - self.mask) * u
+
+
+class CoefficientNoise:
+    """N(0, I) coefficients ``[n, C, N]`` (Eq. 40's eps) as ``W`` of a global white field, sharded.
+
+    Drawn globally and sharded so a sample does not depend on how the field is split; W is
+    orthonormal, so white noise in space is white noise in coefficients.
+    """
+
+    def __init__(self, model: SGFM, like: Tensor, generator: torch.Generator | None):
+        self.model, self.like, self.generator = model, like, generator
+
+    def __call__(self, x: Tensor | None = None) -> Tensor:
+        return self.model.to_coeffs(dynamics.white_noise(self.like, self.generator, self.model.domain))
+
+
+class PromptConstraint:
+    """Inpainting of the prompt (RePaint, Lugmayr et al. 2022) after every sampler step, on one stage's block."""
+
+    def __init__(self, model: SGFM, stage: Stage, shape: tuple[int, ...], prompt: Prompt, noise: CoefficientNoise):
+        self.model, self.stage, self.shape, self.prompt, self.noise = model, stage, shape, prompt, noise
+        self.c_known = model.to_coeffs(prompt.field) if stage.index is None else None  # [n, C, N]
+
+    def __call__(self, x: Tensor, tau: float) -> Tensor:
+        m, st, shape = self.model, self.stage, self.shape
+        a = st.alpha(tau)
+        if st.index is None:
+            # every coefficient is at noise level tau: noise the prompt to tau and paste it in
+            noisy_known = m.to_field(a.sqrt() * self.c_known + (1 - a).sqrt() * self.noise(x), shape)  # [n, C, *S]
+            return m.to_coeffs(self.prompt.paste(m.to_field(x, shape), noisy_known))
+        # only this scale is noisy (coarser ones clean, finer absent): noising the pasted field
+        # would noise the clean scales too, so paste the clean prompt into the current field
+        # and noise just this scale's coefficients of the result
+        target = st.part(m.to_coeffs(self.prompt.paste(m.to_field(st.full(x), shape))))  # [n, C, N_s]
+        return a.sqrt() * target + (1 - a).sqrt() * st.part(self.noise(x)) if tau > 0 else target
+
+
+class GuidanceEnergy:
+    """Guidance energy ``physics_eta E(W^-1 c) + bc_eta L_BC(W^-1 c)`` ``[n]`` (Eq. 23 and 44; stepped on by Eq. 24)."""
+
+    def __init__(self, model: SGFM, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
+                 physics_eta: float, bc_eta: float, prompt: Prompt | None):
+        self.model, self.stage, self.shape, self.xi, self.lam = model, stage, shape, xi, lam
+        self.physics_eta, self.bc_eta, self.prompt = physics_eta, bc_eta, prompt
+
+    @classmethod
+    def build(cls, model: SGFM, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
+              physics_eta: float, bc_eta: float, prompt: Prompt | None) -> GuidanceEnergy | None:
+        """The energy, or None when it would be identically zero (no guidance step at all)."""
+        if physics_eta == 0 and (bc_eta == 0 or prompt is None):
+            return None
+        return cls(model, stage, shape, xi, lam, physics_eta, bc_eta, prompt)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.model
+        u = m.to_field(self.stage.full(x), self.shape)  # [n, C, *S]
+        e = torch.zeros(u.shape[0], device=u.device, dtype=u.dtype)  # [n]
+        if self.physics_eta > 0:
+            e = e + self.physics_eta * m.physics_energy(u, self.xi, self.lam)
+        if self.bc_eta > 0 and self.prompt is not None:
+            e = e + self.bc_eta * boundary_loss(u, self.prompt.field, self.prompt.mask, m.domain)
+        return e
+
+
+# ---------------------------------------------------------------------------- a sampler run
+def sample_stage(step_fn: Callable, steps: int, stage: Stage, denoiser: Denoiser, noise: CoefficientNoise,
+                 energy: GuidanceEnergy | None = None, constraint: PromptConstraint | None = None,
+                 domain: Domain = LOCAL, disable: bool | None = True) -> Tensor:
+    """One sampler run over the stage's block, tau = 1 to 0 (Eq. 21-22, 24); returns all coefficients ``[n, C, N]``."""
+
+    def block_noise(like: Tensor | None) -> Tensor:
+        return stage.part(noise(like))  # [n, C, N_s]
+
+    x = (1 - stage.alpha(1.0)).sqrt() * block_noise(None)  # the prior: alpha(1) ~ 0
+    # the energy already carries the guidance weights, so the step size of Eq. 24 is 1
+    x = step_fn(denoiser, x, get_taus(steps), stage.alpha, noise_fn=block_noise, energy=energy,
+                eta=0.0 if energy is None else 1.0, constraint=constraint, domain=domain, disable=disable)
+    return stage.full(x)
+
+
+# ---------------------------------------------------------------------------- requests and prompts
+def check_request(model: SGFM, n: int, field_shape, sampler: str, physics_eta: float, bc_eta: float,
+                  vocab_temperature: float) -> tuple[int, ...]:
+    """Check the arguments of ``SGFM.generate``; returns ``field_shape`` as a tuple of ints."""
+    cfg = model.cfg
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: must be a positive int, got {n!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    for name, v in (("physics_eta", physics_eta), ("bc_eta", bc_eta)):
+        if not v >= 0:
+            raise ValueError(f"{name}: must be >= 0, got {v}")
+    if not vocab_temperature > 0:
+        raise ValueError(f"vocab_temperature: must be > 0, got {vocab_temperature}")
+    field_shape = tuple(int(s) for s in field_shape)
+    model._check_shape(field_shape, "field_shape")
+    for i, s in enumerate(field_shape):
+        if cfg.levels > max_levels(s, cfg.wavelet):
+            raise ValueError(f"field_shape: extent {s} of axis {i} is too small for {cfg.levels} levels of "
+                             f"{cfg.wavelet!r} (at most {max_levels(s, cfg.wavelet)})")
+    return field_shape
+
+
+def make_prompt(model: SGFM, prompt_tokens: Tensor | None, prompt_field: Tensor | None, n: int,
+                like: Tensor) -> Prompt | None:
+    """The :class:`Prompt` of ``n`` samples shaped like ``like [n, C, *S_local]``, or None without one."""
+    cfg, dom = model.cfg, model.domain
+    g_shape = tuple(dom.global_extent(like, a) for a in range(2, like.ndim))
+    if prompt_tokens is not None:
+        if cfg.modality != "text":
+            raise ValueError(f"prompt_tokens: only text models take token prompts (modality={cfg.modality!r}); "
+                             f"use prompt_field")
+        p = torch.as_tensor(prompt_tokens)
+        if p.ndim == 1:
+            p = p.unsqueeze(0)
+        model.text.check_tokens(p, "prompt_tokens")
+        if p.ndim != 2 or p.shape[0] not in (1, n):
+            raise ValueError(f"prompt_tokens: expected [n={n} or 1, P] ids, got shape {tuple(p.shape)}")
+        T, L = g_shape
+        P = p.shape[1]
+        if P > T * L:
+            raise ValueError(f"prompt_tokens: {P} prompt tokens do not fit a field of {T}x{L} = {T * L} positions")
+        # the prompt is the first P positions in reading order: whole rows, then part of one
+        ids = torch.full((p.shape[0], T * L), cfg.pad_id, dtype=torch.long, device=like.device)  # [n or 1, T*L]
+        ids[:, :P] = p.to(like.device).long()
+        mask = torch.zeros(1, 1, T * L, device=like.device, dtype=like.dtype)
+        mask[..., :P] = 1
+        field = model.text.encode(ids.view(-1, T, L)).to(like.dtype).expand(n, -1, -1, -1)  # [n, C, T, L]
+        mask = mask.view(1, 1, T, L)
+        ids_local = dom.shard(ids.view(-1, 1, T, L))[:, 0]  # [n or 1, T_loc, L_loc]
+        return Prompt(dom.shard(mask), dom.shard(field.contiguous()), ids_local)
+    if prompt_field is not None:
+        if cfg.modality == "text":
+            raise ValueError("prompt_field: text models take prompt_tokens")
+        pf = torch.as_tensor(prompt_field).to(like.device, like.dtype)
+        want = cfg.data_channels if cfg.modality == "video" else cfg.channels
+        if pf.ndim != len(g_shape) + 2 or pf.shape[0] not in (1, n) or pf.shape[1] != want \
+                or tuple(pf.shape[3:]) != g_shape[1:] or pf.shape[2] > g_shape[0]:
+            raise ValueError(f"prompt_field: expected [n or 1, {want}, P <= {g_shape[0]}, *{g_shape[1:]}], "
+                             f"got shape {tuple(pf.shape)}")
+        P = pf.shape[2]
+        if cfg.modality == "video":
+            pf = model.video.encode(pf)
+        field = torch.zeros(pf.shape[0], cfg.channels, *g_shape, device=like.device, dtype=like.dtype)
+        field[:, :, :P] = pf  # the first P t-slices (frames)
+        mask = torch.zeros(1, 1, *g_shape, device=like.device, dtype=like.dtype)
+        mask[:, :, :P] = 1
+        return Prompt(dom.shard(mask), dom.shard(field.expand(n, *field.shape[1:]).contiguous()))
+    return None

@@ -1,0 +1,59 @@
+"""The loss terms SGFM trains and guides with, each one named function (paper Eq. 38, 44).
+
+    boundary_loss     L_BC of Eq. 44: mean square misfit to the initial condition on masked cells
+    first_rows_mask   the cells of the initial condition: the first t-slices of the field
+    loss_weights      lambda of each term of Eq. 38, from the DiffusionConfig
+    composite_loss    Eq. 38: the weighted sum of the terms
+
+Training (``SGFM.training_loss``) and the sampler's guidance energy (``generation.GuidanceEnergy``)
+call the same ``boundary_loss``, so the L_BC that is trained is the L_BC that guides.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from ..ops.domain import LOCAL, Domain
+from .config import DiffusionConfig
+
+
+def boundary_loss(u: Tensor, u0: Tensor, mask: Tensor, domain: Domain = LOCAL) -> Tensor:
+    """L_BC (paper Eq. 44) per sample ``[B]``: mean of ``(u - u0)^2`` over channels and the cells where ``mask`` = 1."""
+    diff = u - u0  # [B, C, *S]
+    # sums and counts are reduced over the whole (possibly split) field, so the mean is global
+    num = domain.sum((diff.square() * mask).flatten(1).sum(1))  # [B]
+    den = domain.sum(mask.expand(diff.shape[0], 1, *diff.shape[2:]).flatten(1).sum(1)) * diff.shape[1]  # [B]
+    return num / den.clamp(min=1)
+
+
+def first_rows_mask(u: Tensor, rows: int, domain: Domain = LOCAL) -> Tensor:
+    """``[1, 1, *S_local]``: 1.0 on the first ``rows`` global t-slices, the initial condition of Eq. 44."""
+    g_shape = [domain.global_extent(u, a) for a in range(2, u.ndim)]
+    m = torch.zeros(1, 1, *g_shape, dtype=u.dtype, device=u.device)  # [1, 1, *S_global]
+    m[:, :, :rows] = 1
+    # built globally and sharded: which rows are "first" is a global fact, not a local one
+    return domain.shard(m)
+
+
+def loss_weights(dcfg: DiffusionConfig) -> dict[str, float]:
+    """lambda per term name of Eq. 38 (``ce`` and ``recon`` are the text / video readout terms)."""
+    return {"diff": 1.0, "physics": dcfg.lambda_R, "bc": dcfg.lambda_B, "ce": dcfg.lambda_ce,
+            "recon": dcfg.lambda_ce}
+
+
+def composite_loss(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """Eq. 38: ``sum_k weights[k] * terms[k]``, summed in the order of ``terms``."""
+    if not terms:
+        raise ValueError("terms: expected at least one loss term")
+    missing = [k for k in terms if k not in weights]
+    if missing:
+        # a term without a weight is a bug in the caller, never a silent weight of 0 or 1
+        raise ValueError(f"weights: no weight for term(s) {missing} (weights for {sorted(weights)})")
+    total = None
+    # summed left to right in the caller's order: the order fixes the float rounding of the total
+    for name, value in terms.items():
+        part = weights[name] * value
+        total = part if total is None else total + part
+    return total
