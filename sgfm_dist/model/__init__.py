@@ -7,6 +7,8 @@ diffusion and samplers.
     fields.py     TextField (embedding + tied readout), VideoLift
     diffusion.py  schedules, per-level shifts, forward process, eps-DSM loss
     samplers.py   sample_euler_maruyama / sample_heun / sample_pc, get_taus, ensemble_stats
+    losses.py     the composite loss (Eq. 38) and the boundary loss L_BC (Eq. 44)
+    generation.py the cascade estimate, Denoiser, PromptConstraint, GuidanceEnergy (k-diffusion style)
     sgfm.py       SGFM (training_loss, generate, denoising_cross_entropy, set_domain), build_model
 
 Nothing here imports torch.distributed, mpi4py or deepspeed: a split field is handled by

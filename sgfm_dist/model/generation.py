@@ -26,10 +26,10 @@ of this scale", so the three differ only in where those come from.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops import dynamics
 from ..ops.domain import LOCAL, Domain
@@ -38,12 +38,12 @@ from . import diffusion as D
 from .losses import boundary_loss
 from .samplers import SAMPLERS, get_taus
 
-if TYPE_CHECKING:
-    from .sgfm import SGFM
+# ``model`` below is an ``sgfm_dist.model.sgfm.SGFM``; it is typed as an nn.Module because
+# sgfm.py imports this module (SGFM.generate composes these wrappers), not the other way round.
 
 
 # ---------------------------------------------------------------------------- the cascade estimate
-def cascade_estimate(model: SGFM, c_clean: Tensor, c_noisy: Tensor, alpha: Tensor, logsnr: Tensor, lam: Tensor,
+def cascade_estimate(model: nn.Module, c_clean: Tensor, c_noisy: Tensor, alpha: Tensor, logsnr: Tensor, lam: Tensor,
                      stage: Tensor, shape: tuple[int, ...], coarse: Tensor | None = None
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """One cascade stage per sample (paper Eq. 20): ``(eps_hat, c0_hat, target)`` of scale ``stage``.
@@ -68,7 +68,7 @@ def cascade_estimate(model: SGFM, c_clean: Tensor, c_noisy: Tensor, alpha: Tenso
     return eps_hat, clean * c_clean + target * c0_hat, target
 
 
-def clean_coefficients(model: SGFM, c_tau: Tensor, alpha: Tensor, logsnr: Tensor, lam: Tensor,
+def clean_coefficients(model: nn.Module, c_tau: Tensor, alpha: Tensor, logsnr: Tensor, lam: Tensor,
                        shape: tuple[int, ...]) -> Tensor:
     """``c0_hat [B, C, N]`` of ``c_tau`` noised at ``alpha`` (Eq. 40): one network call, or coarse to fine (Eq. 20).
 
@@ -102,7 +102,7 @@ class Stage:
     """``[n, C, *S]`` ``W^-1 base``, the coarse field the cascade network is conditioned on."""
 
     @classmethod
-    def build(cls, model: SGFM, shape: tuple[int, ...], index: int | None, c: Tensor) -> Stage:
+    def build(cls, model: nn.Module, shape: tuple[int, ...], index: int | None, c: Tensor) -> Stage:
         """The stage ``index`` (None: joint) of a sample whose coefficients so far are ``c [n, C, N]``."""
         dev = c.device
         if index is None:
@@ -125,7 +125,7 @@ class Stage:
 
 
 # ---------------------------------------------------------------------------- wrappers
-def round_to_vocab(model: SGFM, c0: Tensor, logsnr: Tensor, shape: tuple[int, ...], temperature: float) -> Tensor:
+def round_to_vocab(model: nn.Module, c0: Tensor, logsnr: Tensor, shape: tuple[int, ...], temperature: float) -> Tensor:
     """``W sum_b p(b | u_hat) e_b``, ``u_hat = W^-1 c0``: rounding to the vocabulary (Diffusion-LM's clamping).
 
     ``p`` is the readout softmax at noise level ``logsnr [n]``, logits divided by ``temperature``.
@@ -146,7 +146,7 @@ class Denoiser:
     stage after which the whole field exists rounds (a coarse cascade stage has no text to read).
     """
 
-    def __init__(self, model: SGFM, stage: Stage, shape: tuple[int, ...], lam: Tensor,
+    def __init__(self, model: nn.Module, stage: Stage, shape: tuple[int, ...], lam: Tensor,
                  temperature: float | None = None):
         self.model, self.stage, self.shape, self.lam = model, stage, shape, lam
         self.temperature = temperature if stage.last else None
@@ -192,7 +192,7 @@ class CoefficientNoise:
     orthonormal, so white noise in space is white noise in coefficients.
     """
 
-    def __init__(self, model: SGFM, like: Tensor, generator: torch.Generator | None):
+    def __init__(self, model: nn.Module, like: Tensor, generator: torch.Generator | None):
         self.model, self.like, self.generator = model, like, generator
 
     def __call__(self, x: Tensor | None = None) -> Tensor:
@@ -202,7 +202,7 @@ class CoefficientNoise:
 class PromptConstraint:
     """Inpainting of the prompt (RePaint, Lugmayr et al. 2022) after every sampler step, on one stage's block."""
 
-    def __init__(self, model: SGFM, stage: Stage, shape: tuple[int, ...], prompt: Prompt, noise: CoefficientNoise):
+    def __init__(self, model: nn.Module, stage: Stage, shape: tuple[int, ...], prompt: Prompt, noise: CoefficientNoise):
         self.model, self.stage, self.shape, self.prompt, self.noise = model, stage, shape, prompt, noise
         self.c_known = model.to_coeffs(prompt.field) if stage.index is None else None  # [n, C, N]
 
@@ -223,13 +223,13 @@ class PromptConstraint:
 class GuidanceEnergy:
     """Guidance energy ``physics_eta E(W^-1 c) + bc_eta L_BC(W^-1 c)`` ``[n]`` (Eq. 23 and 44; stepped on by Eq. 24)."""
 
-    def __init__(self, model: SGFM, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
+    def __init__(self, model: nn.Module, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
                  physics_eta: float, bc_eta: float, prompt: Prompt | None):
         self.model, self.stage, self.shape, self.xi, self.lam = model, stage, shape, xi, lam
         self.physics_eta, self.bc_eta, self.prompt = physics_eta, bc_eta, prompt
 
     @classmethod
-    def build(cls, model: SGFM, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
+    def build(cls, model: nn.Module, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
               physics_eta: float, bc_eta: float, prompt: Prompt | None) -> GuidanceEnergy | None:
         """The energy, or None when it would be identically zero (no guidance step at all)."""
         if physics_eta == 0 and (bc_eta == 0 or prompt is None):
@@ -264,7 +264,7 @@ def sample_stage(step_fn: Callable, steps: int, stage: Stage, denoiser: Denoiser
 
 
 # ---------------------------------------------------------------------------- requests and prompts
-def check_request(model: SGFM, n: int, field_shape, sampler: str, physics_eta: float, bc_eta: float,
+def check_request(model: nn.Module, n: int, field_shape, sampler: str, physics_eta: float, bc_eta: float,
                   vocab_temperature: float) -> tuple[int, ...]:
     """Check the arguments of ``SGFM.generate``; returns ``field_shape`` as a tuple of ints."""
     cfg = model.cfg
@@ -286,7 +286,7 @@ def check_request(model: SGFM, n: int, field_shape, sampler: str, physics_eta: f
     return field_shape
 
 
-def make_prompt(model: SGFM, prompt_tokens: Tensor | None, prompt_field: Tensor | None, n: int,
+def make_prompt(model: nn.Module, prompt_tokens: Tensor | None, prompt_field: Tensor | None, n: int,
                 like: Tensor) -> Prompt | None:
     """The :class:`Prompt` of ``n`` samples shaped like ``like [n, C, *S_local]``, or None without one."""
     cfg, dom = model.cfg, model.domain
