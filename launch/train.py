@@ -92,11 +92,11 @@ def main(argv=None) -> int:
 def final_evaluation(trainer, log) -> dict:
     """Rank 0: the held-out text evaluation of the EMA weights (the one ``launch/evaluate.py``
     runs on a checkpoint), a few of its samples printed, ``<out_dir>/eval.json`` written."""
-    from sgfm_dist.eval.evaluate import evaluate_model, report_summary
+    from sgfm_dist.eval.evaluate import EVALUATIONS, evaluate_model, report_summary
 
     cfg = trainer.cfg
-    if cfg.model.modality != "text":
-        log("evaluation: text metrics only; skipped for modality " + cfg.model.modality)
+    if cfg.model.modality not in EVALUATIONS:
+        log(f"evaluation: none for modality {cfg.model.modality} (there are: {sorted(EVALUATIONS)}); skipped")
         return {}
     summary = evaluate_model(trainer.eval_model(), cfg, trainer.device, log)
     summary["step"] = trainer.step

@@ -1,16 +1,19 @@
-"""The held-out text evaluation of a model under a run's ``EvalConfig``: one function that
-``launch/evaluate.py`` (through ``evaluate_checkpoint``) and the final evaluation of
-``launch/train.py`` both call, so the two report the same numbers for the same weights.
+"""The evaluation of a model under a run's ``EvalConfig``: one function that ``launch/evaluate.py``
+(through ``evaluate_checkpoint``) and the final evaluation of ``launch/train.py`` both call, so
+the two report the same numbers for the same weights.
 
-What is measured is ``sgfm_dist.eval.text_metrics.evaluate_text``; this module only gathers its
-inputs from the config (held-out batches, the training stream for the unigram prior, the
-sampler settings) and writes the summary.
+Each modality that has metrics registers an :class:`Evaluation` in ``EVALUATIONS``: text is
+``sgfm_dist.eval.text_metrics.evaluate_text`` (held-out denoising cross-entropy against the
+Bayes baseline, sample statistics). This module only gathers the inputs from the config
+(held-out batches, the training stream, the sampler settings), dispatches, and writes the
+summary. ``periodic_samples`` is the same registry for what the trainer logs while it trains.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 from sgfm_dist.train.config import Config, EvalConfig
 
@@ -26,15 +29,12 @@ def override_eval(base: EvalConfig, overrides: dict) -> EvalConfig:
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def evaluate_model(model, cfg: Config, device: str, log=print) -> dict:
+def _evaluate_text(model, cfg: Config, device: str, log=print) -> dict:
     """``evaluate_text`` of ``model`` (EMA weights) on ``cfg.eval.val_batches`` held-out batches
-    of ``cfg.data`` with the sampler settings of ``cfg.eval``; returns its JSON-able summary.
-    Runs on one process (rank 0): the held-out set is small and the prior is built once."""
+    of ``cfg.data`` with the sampler settings of ``cfg.eval``."""
     from sgfm_dist.eval.text_metrics import evaluate_text
     from sgfm_dist.train.batches import batch_to_device, build_train_source
 
-    if cfg.model.modality != "text":
-        raise ValueError(f"evaluate_model: text metrics only; the model's modality is {cfg.model.modality}")
     e = cfg.eval
     val = iter(build_train_source(cfg, 0, 1, split="val"))
     val_batches = [batch_to_device(next(val), "cpu") for _ in range(e.val_batches)]
@@ -45,9 +45,7 @@ def evaluate_model(model, cfg: Config, device: str, log=print) -> dict:
                          device=device, vocab_temperature=e.vocab_temperature, log=log)
 
 
-def report_summary(summary: dict, path: str, log=print, show_samples: int = 0) -> None:
-    """Log the first ``show_samples`` sample texts and the summary table; write the summary as
-    JSON to ``path``."""
+def _report_text(summary: dict, log=print, show_samples: int = 0) -> None:
     from sgfm_dist.eval.text_metrics import format_summary
 
     if show_samples:
@@ -56,6 +54,61 @@ def report_summary(summary: dict, path: str, log=print, show_samples: int = 0) -
             log(f"--- sample {i} ---\n{t}")
     log("\n=== evaluation (held-out text) ===")
     log(format_summary(summary))
+
+
+def _periodic_text(model, cfg: Config, device: str) -> dict[str, str]:
+    from sgfm_dist.eval.text_metrics import generate_texts
+
+    e = cfg.eval
+    texts = generate_texts(model, e.n_samples, cfg.data.field_shape, e.sample_steps, e.sampler,
+                           physics_eta=e.physics_eta, seed=e.seed, device=device,
+                           vocab_temperature=e.vocab_temperature)
+    return {f"samples/{i}": t for i, t in enumerate(texts)}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The metrics of one modality."""
+
+    run: Callable[..., dict]
+    """``run(model, cfg, device, log) -> summary`` (JSON-able; rank 0, one process)."""
+    report: Callable[..., None]
+    """``report(summary, log, show_samples)``: the summary as a table (and a few samples)."""
+    periodic: Callable[..., dict[str, str]] | None = None
+    """``periodic(model, cfg, device) -> {tag: text}`` logged at every ``train.eval_interval``; None: nothing."""
+
+
+EVALUATIONS: dict[str, Evaluation] = {"text": Evaluation(_evaluate_text, _report_text, _periodic_text)}
+"""The evaluation of each ``model.modality`` that has one."""
+
+
+def evaluation_for(modality: str) -> Evaluation:
+    """The registered evaluation of ``modality``; a ValueError naming the ones there are."""
+    if modality not in EVALUATIONS:
+        raise ValueError(f"evaluate_model: no evaluation for modality {modality!r} (there are: {sorted(EVALUATIONS)})")
+    return EVALUATIONS[modality]
+
+
+def evaluate_model(model, cfg: Config, device: str, log=print) -> dict:
+    """The evaluation of ``model`` (EMA weights) registered for its modality (``EVALUATIONS``),
+    under ``cfg.eval``; returns its JSON-able summary (with ``modality``). Runs on one process
+    (rank 0): held-out sets are small."""
+    summary = evaluation_for(cfg.model.modality).run(model, cfg, device, log)
+    summary.setdefault("modality", cfg.model.modality)
+    return summary
+
+
+def periodic_samples(model, cfg: Config, device: str) -> dict[str, str]:
+    """What the trainer logs as text at each periodic evaluation (``{tag: text}``; empty for a
+    modality without a periodic entry)."""
+    ev = EVALUATIONS.get(cfg.model.modality)
+    return ev.periodic(model, cfg, device) if ev is not None and ev.periodic is not None else {}
+
+
+def report_summary(summary: dict, path: str, log=print, show_samples: int = 0) -> None:
+    """Log the summary table of its modality (and the first ``show_samples`` samples); write the
+    summary as JSON to ``path``."""
+    evaluation_for(summary.get("modality", "text")).report(summary, log, show_samples)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)
@@ -72,8 +125,9 @@ def evaluate_checkpoint(ckpt_path: str, device: str = "cpu", eval_overrides: dic
 
     tm = load_trained(ckpt_path, device)
     cfg = tm.config
-    if cfg.model.modality != "text":
-        raise ValueError(f"--ckpt: {tm.path} is a {cfg.model.modality} model; the evaluation scores text")
+    if cfg.model.modality not in EVALUATIONS:
+        raise ValueError(f"--ckpt: {tm.path} is a {cfg.model.modality} model; there is no evaluation for it "
+                         f"(there are: {sorted(EVALUATIONS)})")
     cfg = replace(cfg, eval=override_eval(cfg.eval, eval_overrides or {}),
                   data=replace(cfg.data, val_source=val_source) if val_source else cfg.data)
     log(f"checkpoint {tm.path} (step {tm.step})")

@@ -1,13 +1,13 @@
-"""Text from a trained checkpoint: the work behind ``launch/sample.py``.
+"""Samples from a trained checkpoint: the work behind ``launch/sample.py``.
 
-``sample_checkpoint`` loads the EMA weights, sizes the field for the requested length
-(``field_rows``), splits it over the launched processes when there are several, generates an
-ensemble, gathers the readout and the ensemble spread, and on rank 0 writes the texts and a
-PNG of the spread.
+``sample_checkpoint`` loads the EMA weights and hands them to the sample writer of the model's
+modality (``SAMPLE_WRITERS``). Text: the field sized for the requested length (``field_rows``),
+split over the launched processes when there are several, an ensemble generated, the readout
+and the ensemble spread gathered, and on rank 0 the texts and a PNG of the spread written.
 
 Notes
 -----
-The field keeps the trained row length L (``data.row_len``): N bytes become T = ceil(N / L)
+The text field keeps the trained row length L (``data.row_len``): N bytes become T = ceil(N / L)
 rows, rounded up so T is divisible by 2**levels (every level of the wavelet transform halves
 t). The prompt fills the first rows and stays fixed (an initial condition).
 
@@ -108,9 +108,7 @@ def sample_checkpoint(ckpt_path: str, options: SampleOptions, device: str = "cpu
             runtime.teardown_distributed()
 
 
-def _sample(ckpt_path: str, options: SampleOptions, device: str, rank: int, world: int, log) -> SampleResult:
-    from sgfm_dist.data import decode_bytes, encode_bytes
-    from sgfm_dist.model.samplers import ensemble_stats
+def _sample(ckpt_path: str, options: SampleOptions, device: str, rank: int, world: int, log):
     from sgfm_dist.train.inference import load_trained
 
     sp = world if options.sp is None else options.sp
@@ -118,9 +116,20 @@ def _sample(ckpt_path: str, options: SampleOptions, device: str, rank: int, worl
         raise ValueError(f"--sp: {sp} processes requested but {world} launched; sampling splits one field over "
                          f"all of them (launch {sp} processes, e.g. torchrun --nproc_per_node {sp})")
     tm = load_trained(ckpt_path, device)
+    modality = tm.config.model.modality
+    if modality not in SAMPLE_WRITERS:
+        raise ValueError(f"--ckpt: {tm.path} is a {modality} model; sampling writes {sorted(SAMPLE_WRITERS)} samples")
+    return SAMPLE_WRITERS[modality](tm, options, device, rank, world, log)
+
+
+def _sample_text(tm, options: SampleOptions, device: str, rank: int, world: int, log) -> SampleResult:
+    """Texts of ``tm`` (a ``TrainedModel``): the field sized for ``options.length``, split over
+    ``world`` processes, tokens and spread gathered, files written on rank 0."""
+    from sgfm_dist.data import decode_bytes, encode_bytes
+    from sgfm_dist.model.samplers import ensemble_stats
+
+    sp = world
     cfg = tm.config
-    if cfg.model.modality != "text":
-        raise ValueError(f"--ckpt: {tm.path} is a {cfg.model.modality} model; sampling here generates text")
     e = override_eval(cfg.eval, options.eval_overrides)
     L, levels = cfg.data.row_len, cfg.model.levels
     length = options.length or cfg.data.rows * L
@@ -173,6 +182,11 @@ def _sample(ckpt_path: str, options: SampleOptions, device: str, rank: int, worl
             write_spread_png(spread, png, prompt.numel())
             log(f"wrote {png}")
     return result
+
+
+SAMPLE_WRITERS = {"text": _sample_text}
+"""What ``launch/sample.py`` does for each ``model.modality``: ``write(trained, options, device,
+rank, world, log) -> result`` (files on rank 0)."""
 
 
 def write_samples(result: SampleResult, e: EvalConfig, log=print) -> None:

@@ -5,6 +5,7 @@ diffusion and samplers.
     layers.py     PeriodicConv, SpectralConv, ChannelRMSNorm, FiLM, FourierFeatures
     networks.py   FieldNet (score / forcing networks), ConditionEmbedding
     fields.py     TextField (embedding + tied readout), VideoLift
+    modalities.py Modality per ModelConfig.modality: encoder, readout term, decode, prompts (the seam)
     diffusion.py  schedules, per-level shifts, forward process, eps-DSM loss
     samplers.py   sample_euler_maruyama / sample_heun / sample_pc, get_taus, ensemble_stats
     losses.py     the composite loss (Eq. 38) and the boundary loss L_BC (Eq. 44)

@@ -19,6 +19,33 @@ from ..validation import (check, check_fields, length, non_negative, non_negativ
                           positive_int, positive_ints)
 
 
+@dataclass(frozen=True)
+class FieldLayout:
+    """The field a modality's samples become (DESIGN.md section 1): its axes and the defaults that
+    follow from them. The only per-modality facts the config holds; the encoder / readout, data
+    source and metrics of a modality live in ``model/modalities.py``, ``train/batches.py`` and
+    ``eval/``."""
+
+    axes: tuple[str, ...]
+    """Names of the field axes, t first."""
+    flow: Literal["all", "spatial"]
+    """Default flow axes of the Navier-Stokes operators (``ModelConfig.flow="auto"``)."""
+    kernel_size: int | tuple[int, ...]
+    """Default ``ModelConfig.kernel_size``."""
+    spectral_modes: int | tuple[int, ...]
+    """Default ``ModelConfig.spectral_modes``."""
+
+
+LAYOUTS: dict[str, FieldLayout] = {
+    # text: wide along x, the byte order, where most context is; rows mix through the spectral
+    # layer (measured better and cheaper than 3x3 or 3x5)
+    "text": FieldLayout(("t", "x"), "all", (1, 7), (4, 8)),
+    "video": FieldLayout(("t", "y", "x"), "spatial", 3, 4),
+    "physics": FieldLayout(("t", "y", "x"), "spatial", 3, 4),
+}
+"""The field layout of each ``ModelConfig.modality``."""
+
+
 @dataclass
 class ModelConfig:
     """The field representation and the score / forcing networks."""
@@ -119,9 +146,9 @@ class ModelConfig:
             check(0 <= self.pad_id < self.vocab_size, "model.pad_id",
                   f"must be an id in [0, vocab_size={self.vocab_size}), got {self.pad_id}")
         if self.kernel_size is None:
-            self.kernel_size = (1, 7) if self.modality == "text" else 3
+            self.kernel_size = self.layout.kernel_size
         if self.spectral_modes is None:
-            self.spectral_modes = (4, 8) if self.modality == "text" else 4
+            self.spectral_modes = self.layout.spectral_modes
         positive_ints("model.kernel_size", self.kernel_size)
         odd("model.kernel_size", self.kernel_size, "centred periodic stencil")
         positive_ints("model.spectral_modes", self.spectral_modes)
@@ -145,13 +172,18 @@ class ModelConfig:
               f"flow={self.flow!r}): vector fields group channels as C = G*k")
 
     @property
+    def layout(self) -> FieldLayout:
+        """The field layout of the modality (``LAYOUTS``)."""
+        return LAYOUTS[self.modality]
+
+    @property
     def field_ndim(self) -> int:
         """Number of field axes d: 2 for text (t, x), 3 for video and physics (t, y, x)."""
-        return 2 if self.modality == "text" else 3
+        return len(self.layout.axes)
 
     def flow_axes(self) -> tuple[int, ...]:
         """Flow axes as tensor dims of ``[B, C, *S]`` (the vector components' directions)."""
-        flow = self.flow if self.flow != "auto" else ("all" if self.modality == "text" else "spatial")
+        flow = self.flow if self.flow != "auto" else self.layout.flow
         d = self.field_ndim
         return tuple(range(2, 2 + d)) if flow == "all" else tuple(range(3, 2 + d))
 

@@ -288,47 +288,52 @@ def check_request(model: nn.Module, n: int, field_shape, sampler: str, physics_e
 
 def make_prompt(model: nn.Module, prompt_tokens: Tensor | None, prompt_field: Tensor | None, n: int,
                 like: Tensor) -> Prompt | None:
-    """The :class:`Prompt` of ``n`` samples shaped like ``like [n, C, *S_local]``, or None without one."""
+    """The :class:`Prompt` of ``n`` samples shaped like ``like [n, C, *S_local]``, or None without one
+    (the model's modality says which prompts it takes: ``modalities.Modality.prompt``)."""
+    return model.modality.prompt(model, prompt_tokens, prompt_field, n, like)
+
+
+def token_prompt(model: nn.Module, prompt_tokens: Tensor, n: int, like: Tensor) -> Prompt:
+    """A text prompt: the first P positions in reading order hold the ids ``prompt_tokens [n or 1, P]``."""
     cfg, dom = model.cfg, model.domain
     g_shape = tuple(dom.global_extent(like, a) for a in range(2, like.ndim))
-    if prompt_tokens is not None:
-        if cfg.modality != "text":
-            raise ValueError(f"prompt_tokens: only text models take token prompts (modality={cfg.modality!r}); "
-                             f"use prompt_field")
-        p = torch.as_tensor(prompt_tokens)
-        if p.ndim == 1:
-            p = p.unsqueeze(0)
-        model.text.check_tokens(p, "prompt_tokens")
-        if p.ndim != 2 or p.shape[0] not in (1, n):
-            raise ValueError(f"prompt_tokens: expected [n={n} or 1, P] ids, got shape {tuple(p.shape)}")
-        T, L = g_shape
-        P = p.shape[1]
-        if P > T * L:
-            raise ValueError(f"prompt_tokens: {P} prompt tokens do not fit a field of {T}x{L} = {T * L} positions")
-        # the prompt is the first P positions in reading order: whole rows, then part of one
-        ids = torch.full((p.shape[0], T * L), cfg.pad_id, dtype=torch.long, device=like.device)  # [n or 1, T*L]
-        ids[:, :P] = p.to(like.device).long()
-        mask = torch.zeros(1, 1, T * L, device=like.device, dtype=like.dtype)
-        mask[..., :P] = 1
-        field = model.text.encode(ids.view(-1, T, L)).to(like.dtype).expand(n, -1, -1, -1)  # [n, C, T, L]
-        mask = mask.view(1, 1, T, L)
-        ids_local = dom.shard(ids.view(-1, 1, T, L))[:, 0]  # [n or 1, T_loc, L_loc]
-        return Prompt(dom.shard(mask), dom.shard(field.contiguous()), ids_local)
-    if prompt_field is not None:
-        if cfg.modality == "text":
-            raise ValueError("prompt_field: text models take prompt_tokens")
-        pf = torch.as_tensor(prompt_field).to(like.device, like.dtype)
-        want = cfg.data_channels if cfg.modality == "video" else cfg.channels
-        if pf.ndim != len(g_shape) + 2 or pf.shape[0] not in (1, n) or pf.shape[1] != want \
-                or tuple(pf.shape[3:]) != g_shape[1:] or pf.shape[2] > g_shape[0]:
-            raise ValueError(f"prompt_field: expected [n or 1, {want}, P <= {g_shape[0]}, *{g_shape[1:]}], "
-                             f"got shape {tuple(pf.shape)}")
-        P = pf.shape[2]
-        if cfg.modality == "video":
-            pf = model.video.encode(pf)
-        field = torch.zeros(pf.shape[0], cfg.channels, *g_shape, device=like.device, dtype=like.dtype)
-        field[:, :, :P] = pf  # the first P t-slices (frames)
-        mask = torch.zeros(1, 1, *g_shape, device=like.device, dtype=like.dtype)
-        mask[:, :, :P] = 1
-        return Prompt(dom.shard(mask), dom.shard(field.expand(n, *field.shape[1:]).contiguous()))
-    return None
+    p = torch.as_tensor(prompt_tokens)
+    if p.ndim == 1:
+        p = p.unsqueeze(0)
+    model.text.check_tokens(p, "prompt_tokens")
+    if p.ndim != 2 or p.shape[0] not in (1, n):
+        raise ValueError(f"prompt_tokens: expected [n={n} or 1, P] ids, got shape {tuple(p.shape)}")
+    T, L = g_shape
+    P = p.shape[1]
+    if P > T * L:
+        raise ValueError(f"prompt_tokens: {P} prompt tokens do not fit a field of {T}x{L} = {T * L} positions")
+    # the prompt is the first P positions in reading order: whole rows, then part of one
+    ids = torch.full((p.shape[0], T * L), cfg.pad_id, dtype=torch.long, device=like.device)  # [n or 1, T*L]
+    ids[:, :P] = p.to(like.device).long()
+    mask = torch.zeros(1, 1, T * L, device=like.device, dtype=like.dtype)
+    mask[..., :P] = 1
+    field = model.text.encode(ids.view(-1, T, L)).to(like.dtype).expand(n, -1, -1, -1)  # [n, C, T, L]
+    mask = mask.view(1, 1, T, L)
+    ids_local = dom.shard(ids.view(-1, 1, T, L))[:, 0]  # [n or 1, T_loc, L_loc]
+    return Prompt(dom.shard(mask), dom.shard(field.contiguous()), ids_local)
+
+
+def field_prompt(model: nn.Module, prompt_field: Tensor, n: int, like: Tensor, data_channels: int,
+                 lift: Callable[[Tensor], Tensor]) -> Prompt:
+    """A field prompt: the first P t-slices (frames, snapshots) ``prompt_field [n or 1, D, P, *S_rest]``
+    in the data's ``data_channels``, lifted to the field's channels by ``lift``."""
+    cfg, dom = model.cfg, model.domain
+    g_shape = tuple(dom.global_extent(like, a) for a in range(2, like.ndim))
+    pf = torch.as_tensor(prompt_field).to(like.device, like.dtype)
+    want = data_channels
+    if pf.ndim != len(g_shape) + 2 or pf.shape[0] not in (1, n) or pf.shape[1] != want \
+            or tuple(pf.shape[3:]) != g_shape[1:] or pf.shape[2] > g_shape[0]:
+        raise ValueError(f"prompt_field: expected [n or 1, {want}, P <= {g_shape[0]}, *{g_shape[1:]}], "
+                         f"got shape {tuple(pf.shape)}")
+    P = pf.shape[2]
+    pf = lift(pf)
+    field = torch.zeros(pf.shape[0], cfg.channels, *g_shape, device=like.device, dtype=like.dtype)
+    field[:, :, :P] = pf  # the first P t-slices (frames)
+    mask = torch.zeros(1, 1, *g_shape, device=like.device, dtype=like.dtype)
+    mask[:, :, :P] = 1
+    return Prompt(dom.shard(mask), dom.shard(field.expand(n, *field.shape[1:]).contiguous()))

@@ -57,7 +57,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import dynamics
@@ -66,8 +65,8 @@ from ..ops.wavelets import coeff_layout, dwt, flatten_coeffs, idwt, unflatten_co
 from . import diffusion as D
 from . import generation as G
 from .config import DiffusionConfig, ModelConfig
-from .fields import TextField, VideoLift
 from .losses import boundary_loss, composite_loss, first_rows_mask, loss_weights
+from .modalities import build_modality
 from .networks import ConditionEmbedding, FieldNet
 from .samplers import SAMPLERS
 
@@ -85,10 +84,11 @@ class SGFM(nn.Module):
         self.domain = LOCAL
         cfg, C, d, J = model_cfg, model_cfg.channels, model_cfg.field_ndim, model_cfg.levels
         self.cascade = diffusion_cfg.mode == "cascade"
-        if cfg.modality == "text":
-            self.text = TextField(cfg.vocab_size, C, cfg.pad_id)
-        elif cfg.modality == "video":
-            self.video = VideoLift(cfg.data_channels, C)
+        # the modality's encoder / readout; its learned maps (text embedding, video lift) are
+        # registered here under their own names, first, as they always were
+        self.modality = build_modality(cfg)
+        for name, module in self.modality.modules().items():
+            self.add_module(name, module)
         # conditions: one log-SNR per scale, lambda = (nu, forcing strength), cascade stage
         self.n_conditions = (J + 1) + 2 + (1 if self.cascade else 0)
         self.condition = ConditionEmbedding(self.n_conditions, cfg.fourier_features, cfg.cond_dim)
@@ -134,7 +134,7 @@ class SGFM(nn.Module):
     # ------------------------------------------------------------------ field maps
     def embedding_matrix(self) -> Tensor:
         """``[V, C]``: the vectors e_b the text field places at each position (norm sqrt(C))."""
-        if self.cfg.modality != "text":
+        if getattr(self, "text", None) is None:
             raise ValueError(f"embedding_matrix: only text models have an embedding (modality={self.cfg.modality!r})")
         return self.text.vectors()
 
@@ -142,28 +142,7 @@ class SGFM(nn.Module):
         """The clean field ``u0`` ``[B, C, *S]`` of a batch (checked)."""
         if not isinstance(batch, dict):
             raise ValueError(f"batch: expected a dict, got {type(batch).__name__}")
-        cfg = self.cfg
-        if cfg.modality == "text":
-            if "tokens" not in batch:
-                raise ValueError(f"batch: a text batch needs key 'tokens' (Long [B, T, L]); got keys {sorted(batch)}")
-            tokens = batch["tokens"]
-            self.text.check_tokens(tokens, "batch['tokens']")
-            if tokens.ndim != 3:
-                raise ValueError(f"batch['tokens']: expected [B, T, L], got shape {tuple(tokens.shape)}")
-            u0 = self.text.encode(tokens).to(self.math_dtype)
-        else:
-            if "field" not in batch:
-                raise ValueError(f"batch: a {cfg.modality} batch needs key 'field' ([B, C, T, H, W]); "
-                                 f"got keys {sorted(batch)}" + ("; a loader's uint8 'frames' become the field in "
-                                 "sgfm_dist.train.trainer.batch_to_device (data.fields.frames_to_field)"
-                                 if "frames" in batch else ""))
-            x = batch["field"]
-            want = cfg.data_channels if cfg.modality == "video" else cfg.channels
-            if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 5 or x.shape[1] != want:
-                raise ValueError(f"batch['field']: expected a float tensor [B, {want}, T, H, W], got "
-                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-            md = self.math_dtype
-            u0 = self.video.encode(x.to(md)) if cfg.modality == "video" else x.to(md)
+        u0 = self.modality.encode(self, batch)  # [B, C, *S]
         self._check_shape(tuple(u0.shape[2:]), "batch field")
         return u0
 
@@ -270,29 +249,10 @@ class SGFM(nn.Module):
 
     # ------------------------------------------------------------------ readout
     def _readout_loss(self, u_hat: Tensor, batch: dict, logsnr: Tensor, weight: Tensor | None = None) -> Tensor | None:
-        """Text: masked cross-entropy (nats per real token) of the tied readout of ``u_hat``, an
-        estimate made at noise level ``logsnr [B]``; video: MSE of the tied readout; physics:
-        None. ``weight [B]`` selects samples (cascade: the final stage)."""
-        dom = self.domain
-        if self.cfg.modality == "text":
-            tokens = batch["tokens"].long()  # [B, T, L]
-            mask = batch.get("pad_mask")
-            mask = (tokens != self.cfg.pad_id) if mask is None else mask.bool()
-            logits = self.text.logits(u_hat, logsnr)  # [B, T, L, V]
-            ce = F.cross_entropy(logits.flatten(0, -2), tokens.reshape(-1), reduction="none").view_as(tokens)
-            m = mask.to(ce.dtype)
-            if weight is not None:
-                m = m * weight.reshape(-1, 1, 1).to(ce.dtype)
-            num, den = dom.sum(((ce * m).sum(dim=(1, 2)))), dom.sum(m.sum(dim=(1, 2)))
-            return num.sum() / den.sum().clamp(min=1)
-        if self.cfg.modality == "video":
-            frames = batch["field"].to(u_hat.dtype)
-            err = (self.video.readout(u_hat) - frames).square().flatten(1).sum(1)  # [B]
-            err = dom.sum(err) / (frames.shape[1] * dom.numel(frames))
-            if weight is not None:
-                return (err * weight).sum() / weight.sum().clamp(min=1)
-            return err.mean()
-        return None
+        """The modality's readout term of ``u_hat``, an estimate made at noise level ``logsnr [B]``
+        (text: masked cross-entropy of the tied readout; video: its MSE; None without a readout).
+        ``weight [B]`` selects samples (cascade: the final stage)."""
+        return self.modality.readout_loss(self, u_hat, batch, logsnr, weight)
 
     # ------------------------------------------------------------------ training
     def training_loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -330,10 +290,10 @@ class SGFM(nn.Module):
         if dcfg.lambda_B > 0:
             rows = min(dcfg.bc_rows, self.domain.global_extent(u0, 2))
             terms["bc"] = boundary_loss(u_hat, u0, first_rows_mask(u0, rows, self.domain), self.domain).mean()
-        if dcfg.lambda_ce > 0 and cfg.modality != "physics":
+        if dcfg.lambda_ce > 0 and self.modality.readout_term is not None:
             final = (stage == J).to(u0.dtype) if self.cascade else None  # only the last stage has the whole field
             # the readout temperature follows the noisiest level (the finest; all equal without shift)
-            terms["ce" if cfg.modality == "text" else "recon"] = self._readout_loss(u_hat, batch, logsnr[:, -1], final)
+            terms[self.modality.readout_term] = self._readout_loss(u_hat, batch, logsnr[:, -1], final)
         total = composite_loss(terms, loss_weights(dcfg))
         return total, {k: v.detach() for k, v in terms.items()}
 
@@ -354,7 +314,7 @@ class SGFM(nn.Module):
                                 generator: torch.Generator | None = None) -> Tensor:
         """Nats per real token of the readout of ``u_hat`` from the field noised at ``alpha_bar``
         on every wavelet level (uniform: white noise per position, as the Bayes baseline sees)."""
-        if self.cfg.modality != "text":
+        if self.modality.readout_term != "ce":
             raise ValueError(f"denoising_cross_entropy: text models only (modality={self.cfg.modality!r})")
         if not 0.0 < float(alpha_bar) < 1.0:
             raise ValueError(f"alpha_bar: must lie in (0, 1), got {alpha_bar}")
@@ -418,7 +378,7 @@ class SGFM(nn.Module):
         prompt = G.make_prompt(self, prompt_tokens, prompt_field, n, like)
         noise = G.CoefficientNoise(self, like, generator)
         xi = self.forcing_noise(like, generator)
-        temperature = vocab_temperature if round_to_vocab and cfg.modality == "text" else None
+        temperature = self.modality.rounding_temperature(round_to_vocab, vocab_temperature)
         c = torch.zeros(n, cfg.channels, self._scale_index(shape, dev).numel(), device=dev, dtype=dtype)  # [n, C, N]
         # joint: one run over every coefficient; cascade (Eq. 20): scale 0 first, then each finer one
         for index in range(cfg.levels + 1) if self.cascade else [None]:
@@ -430,17 +390,7 @@ class SGFM(nn.Module):
         u = self.to_field(c, shape)  # [n, C, *S]
         if prompt is not None:
             u = prompt.paste(u)  # the prompt exactly
-        out = {"field": u}
-        if cfg.modality == "text":
-            clean = torch.full((n,), self.dcfg.logsnr_max, device=dev)  # the final estimate is clean
-            tokens = self.text.logits(u, clean).argmax(-1)  # [n, T, L]
-            if prompt is not None and prompt.ids is not None:
-                # the readout's bias could outvote an exact prompt embedding: write the ids
-                tokens = torch.where(prompt.mask[:, 0].bool(), prompt.ids.expand_as(tokens), tokens)
-            out["tokens"] = tokens
-        elif cfg.modality == "video":
-            out["frames"] = self.video.readout(u)
-        return out
+        return {"field": u, **self.modality.decode(self, u, prompt)}
 
 
 def build_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> SGFM:

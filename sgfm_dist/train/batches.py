@@ -19,24 +19,64 @@ def batch_to_device(batch: dict, device: str) -> dict:
     return out
 
 
-def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "train",
-                       num_workers: int | None = None):
-    """The batch source of ``cfg.data`` for the model's modality (``sgfm_dist.data``);
-    ``num_workers`` overrides ``data.num_workers`` (None: the config's for "train", 0 otherwise)."""
+def _loader_options(cfg: Config, split: str, num_workers: int | None, dp_rank: int, dp_size: int) -> dict:
+    d = cfg.data
+    # held-out batches are drawn a few at a time: worker processes would only add start-up cost
+    return dict(seed=d.seed, dp_rank=dp_rank, dp_size=dp_size, corrupt=d.corrupt,
+                num_workers=num_workers if num_workers is not None else d.num_workers if split == "train" else 0,
+                prefetch_factor=d.prefetch_factor)
+
+
+def _text_source(cfg: Config, source: str, split: str, loader: dict):
     from sgfm_dist.data import build_text_source
-    from sgfm_dist.data.fields import build_physics_source, build_video_source
 
     d = cfg.data
+    return build_text_source(source, split, batch_size=cfg.train.micro_batch, rows=d.rows, row_len=d.row_len,
+                             pad_id=cfg.model.pad_id, **loader)
+
+
+def _video_source(cfg: Config, source: str, split: str, loader: dict):
+    from sgfm_dist.data.fields import build_video_source
+
+    return build_video_source(source, split, batch_size=cfg.train.micro_batch, frames=cfg.data.frames or None,
+                              **loader)
+
+
+def _physics_source(cfg: Config, source: str, split: str, loader: dict):
+    from sgfm_dist.data.fields import build_physics_source
+
+    return build_physics_source(source, split, batch_size=cfg.train.micro_batch, frames=cfg.data.frames or None,
+                                **loader)
+
+
+SOURCES = {"text": _text_source, "video": _video_source, "physics": _physics_source}
+"""The batch source of each ``model.modality``: ``build(cfg, source, split, loader_options)``."""
+
+
+def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "train",
+                       num_workers: int | None = None):
+    """The batch source of ``cfg.data`` for the model's modality (``SOURCES``, over ``sgfm_dist.data``);
+    ``num_workers`` overrides ``data.num_workers`` (None: the config's for "train", 0 otherwise)."""
+    d = cfg.data
     source = d.source if split == "train" else (d.val_source or d.source)
-    # held-out batches are drawn a few at a time: worker processes would only add start-up cost
-    loader = dict(seed=d.seed, dp_rank=dp_rank, dp_size=dp_size, corrupt=d.corrupt,
-                  num_workers=num_workers if num_workers is not None else d.num_workers if split == "train" else 0,
-                  prefetch_factor=d.prefetch_factor)
-    if cfg.model.modality == "text":
-        return build_text_source(source, split, batch_size=cfg.train.micro_batch, rows=d.rows, row_len=d.row_len,
-                                 pad_id=cfg.model.pad_id, **loader)
-    build = build_physics_source if cfg.model.modality == "physics" else build_video_source
-    return build(source, split, batch_size=cfg.train.micro_batch, frames=d.frames or None, **loader)
+    if cfg.model.modality not in SOURCES:
+        raise ValueError(f"model.modality: no data source for {cfg.model.modality!r} (have {sorted(SOURCES)})")
+    return SOURCES[cfg.model.modality](cfg, source, split, _loader_options(cfg, split, num_workers, dp_rank, dp_size))
+
+
+def _text_field_shape(cfg: Config) -> tuple[int, ...]:
+    return cfg.data.field_shape
+
+
+def _stored_field_shape(cfg: Config) -> tuple[int, ...]:
+    batch = next(iter(build_train_source(cfg, 0, 1, num_workers=0)))  # one batch: no worker processes
+    if "frames" in batch:  # video as stored, uint8 [B, T, H, W, 3]
+        return tuple(int(n) for n in batch["frames"].shape[1:4])
+    return tuple(int(n) for n in batch["field"].shape[2:])  # [B, C, T, *S]
+
+
+FIELD_SHAPES = {"text": _text_field_shape, "video": _stored_field_shape, "physics": _stored_field_shape}
+"""How each modality knows the extents of one sample's field: from the config, or from the data."""
 
 
 def global_field_shape(cfg: Config) -> tuple[int, ...]:
@@ -44,12 +84,7 @@ def global_field_shape(cfg: Config) -> tuple[int, ...]:
     video/physics those of the data (``data.frames`` cuts T, the spatial extents are the
     corpus'), read from the first training batch of a reader of its own (the training source's
     position is untouched)."""
-    if cfg.model.modality == "text":
-        return cfg.data.field_shape
-    batch = next(iter(build_train_source(cfg, 0, 1, num_workers=0)))  # one batch: no worker processes
-    if "frames" in batch:  # video as stored, uint8 [B, T, H, W, 3]
-        return tuple(int(n) for n in batch["frames"].shape[1:4])
-    return tuple(int(n) for n in batch["field"].shape[2:])  # [B, C, T, *S]
+    return FIELD_SHAPES[cfg.model.modality](cfg)
 
 
 def batch_counts(batch: dict) -> tuple[float, float]:

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from sgfm_dist.model.modalities import MODALITIES
 from sgfm_dist.parallel import runtime
 from sgfm_dist.train import checkpoint as ckpt
 from sgfm_dist.train.batches import batch_to_device, build_train_source, global_field_shape
@@ -159,17 +160,14 @@ class Trainer:
         return self._eval_model
 
     def periodic_eval(self) -> None:
-        """Rank 0: sample texts and log the wavelet energy per level at fixed taus."""
-        from sgfm_dist.eval.text_metrics import generate_texts, wavelet_energy_table
+        """Rank 0: the modality's periodic samples (texts) and the wavelet energy per level at fixed taus."""
+        from sgfm_dist.eval.evaluate import periodic_samples
+        from sgfm_dist.eval.text_metrics import wavelet_energy_table
 
         e = self.cfg.eval
         model = self.eval_model()
-        if self.cfg.model.modality == "text":
-            texts = generate_texts(model, e.n_samples, self.cfg.data.field_shape, e.sample_steps, e.sampler,
-                                   physics_eta=e.physics_eta, seed=e.seed, device=self.device,
-                                   vocab_temperature=e.vocab_temperature)
-            for i, t in enumerate(texts):
-                self.monitor.text(self.step, f"samples/{i}", t)
+        for tag, text in periodic_samples(model, self.cfg, self.device).items():
+            self.monitor.text(self.step, tag, text)
         batch = batch_to_device(self._fixed_batch(), self.device)
         self.monitor.scalars(self.step, wavelet_energy_table(model, batch, e.energy_taus, seed=e.seed))
 
@@ -248,7 +246,7 @@ class Trainer:
         record = {f"loss/{k}": v for k, v in means.items()}
         record.update({"optim/grad_norm": grad_norm, "optim/lr": lr, "perf/cells_per_s": cells / dt,
                        "perf/peak_memory_bytes": peak_memory_bytes(self.device)})
-        if self.cfg.model.modality == "text":
+        if MODALITIES[self.cfg.model.modality].counts_tokens:
             record["perf/tokens_per_s"] = tokens / dt
         if data:
             record.update({"data/corrupt_shards_skipped": float(vals[n + 2]) / sp,
