@@ -6,6 +6,7 @@
     python tools/benchmark.py data       ...                  # WebDataset pipeline vs raw tar reads
     python tools/benchmark.py step       ...                  # SGFM training step vs attention block
     python tools/benchmark.py dist       ...                  # memory/time at sp = 1, 2, 4; ZeRO 1/2/3
+    python tools/benchmark.py profile    ...                  # SGFM step time/memory by operator group
 
 Every suite prints a table and, with ``--json PATH`` (``-`` for stdout), one JSON object per
 measurement (DESIGN.md section 4). Ratios are against a baseline measured in the same run.
@@ -19,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SUITES = ["ops", "parallel", "data", "step", "dist"]
+SUITES = ["ops", "parallel", "data", "step", "dist", "profile"]
 
 
 def main(argv=None) -> int:

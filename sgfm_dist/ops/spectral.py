@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from .domain import LOCAL, TWO_PI, Domain, box_lengths, check_real_field, normalize_axes
 
@@ -209,9 +210,10 @@ def leray_project(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | Non
     ``[B, G*k, *S] -> [B, G*k, *S]``. Idempotent and self-adjoint on real fields; the ``k = 0``
     mode (mean flow) is passed through unchanged.
     """
-    check_real_field(v, "v")
-    vector_components(v, len(flow_axes(axes, v.ndim)), axes)
-    return spectral_apply(v, axes, leray_project_hat, lengths, zero_nyquist=True, domain=domain)
+    with record_function("sgfm.projection"):  # profiler range (tools/benchmarks/profile.py); changes no value
+        check_real_field(v, "v")
+        vector_components(v, len(flow_axes(axes, v.ndim)), axes)
+        return spectral_apply(v, axes, leray_project_hat, lengths, zero_nyquist=True, domain=domain)
 
 
 def vorticity(v: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None, domain: Domain = LOCAL) -> Tensor:

@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.profiler import record_function
 
 from .collectives import LinearComm
 from .comm_stats import COMM_STATS
@@ -118,7 +119,8 @@ _TRANSPOSE = LinearComm(_transpose_forward, _transpose_adjoint)
 
 def transpose(x: Tensor, config: TransposeConfig) -> Tensor:
     """All-to-all transpose (differentiable: the backward is the reverse transpose)."""
-    return _TRANSPOSE(x, config)
+    with record_function("sgfm.transpose"):  # profiler range (tools/benchmarks/profile.py); changes no value
+        return _TRANSPOSE(x, config)
 
 
 # ---- plans ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.profiler import record_function
 
 from .collectives import LinearComm
 from .comm_stats import COMM_STATS
@@ -157,16 +158,18 @@ _HALO = LinearComm(_halo_forward, _halo_adjoint)
 # ---- public functions ------------------------------------------------------------------------
 def halo_exchange(x: Tensor, config: HaloConfig) -> Tensor:
     """``x`` with periodic ghost cells along ``config.dim`` (differentiable: backward is the adjoint)."""
-    if config.lo == 0 and config.hi == 0:
-        return x
-    return _HALO(x, config)
+    with record_function("sgfm.halo"):  # profiler range (tools/benchmarks/profile.py); changes no value
+        if config.lo == 0 and config.hi == 0:
+            return x
+        return _HALO(x, config)
 
 
 def halo_adjoint(g: Tensor, config: HaloConfig) -> Tensor:
     """The adjoint of :func:`halo_exchange`: ghost values returned to and added at their owners."""
-    if config.lo == 0 and config.hi == 0:
-        return g
-    return _HALO.T(g, config)
+    with record_function("sgfm.halo"):  # profiler range (tools/benchmarks/profile.py); changes no value
+        if config.lo == 0 and config.hi == 0:
+            return g
+        return _HALO.T(g, config)
 
 
 def halo_pad(x: Tensor, configs: Sequence[HaloConfig]) -> Tensor:

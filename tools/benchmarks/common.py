@@ -4,7 +4,9 @@ device, torch, commit)."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +54,25 @@ def time_call(fn: Callable[[], object], device="cpu", warmup: int = 2, repeat: i
     return times[len(times) // 2]
 
 
+def loglog_slope(xs, ys) -> float | None:
+    """Least-squares slope of log(y) against log(x) (a cost exponent); None with fewer than two
+    distinct positive points."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
+    if len({p[0] for p in pts}) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
+def spread(values) -> dict:
+    """``{"median", "min", "max", "n"}`` of the finite values (None entries dropped)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
 class Recorder:
     """Collects measurements, prints a table at the end and writes JSON lines (``--json PATH|-``)."""
 
@@ -63,10 +84,15 @@ class Recorder:
         self.commit = git_commit()
 
     def add(self, case: str, metric: str, value: float, baseline: str | None = None,
-            baseline_value: float | None = None, **extra) -> dict:
+            baseline_value: float | None = None, ratio: float | None = None, **extra) -> dict:
+        """One measurement. ``ratio`` defaults to value / baseline_value; pass it when it is a
+        statistic of its own (the median of per-run ratios, with ``ratio_min`` / ``ratio_max`` /
+        ``runs`` in ``extra``)."""
+        if ratio is None and baseline_value not in (None, 0):
+            ratio = float(value) / float(baseline_value)
         row = dict(suite=self.suite, case=case, metric=metric, value=float(value), baseline=baseline,
                    baseline_value=None if baseline_value is None else float(baseline_value),
-                   ratio=(float(value) / float(baseline_value)) if baseline_value not in (None, 0) else None,
+                   ratio=None if ratio is None else float(ratio),
                    device=self.device, torch=torch.__version__, commit=self.commit, **extra)
         self.rows.append(row)
         print(_fmt_row(row), flush=True)
@@ -92,4 +118,9 @@ def _fmt_num(v) -> str:
 
 def _fmt_row(r: dict) -> str:
     base = f"  vs {r['baseline']}={_fmt_num(r['baseline_value'])} ratio={_fmt_num(r['ratio'])}" if r["baseline"] else ""
+    if r.get("min") is not None and r.get("max") is not None and r.get("runs", 1) > 1:
+        base += f" [{_fmt_num(r['min'])}-{_fmt_num(r['max'])} over {r['runs']} runs]"
+    if r.get("ratio_min") is not None and r.get("ratio_max") is not None:
+        # the spread over repeated runs, printed beside the (median) ratio it qualifies
+        base += f" [{_fmt_num(r['ratio_min'])}-{_fmt_num(r['ratio_max'])} over {r.get('runs', '?')} runs]"
     return f"[{r['suite']}] {r['case']:<44} {r['metric']:<14} {_fmt_num(r['value']):>12}{base}"

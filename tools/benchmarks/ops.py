@@ -25,20 +25,28 @@ gets ``bw_fraction``: its compulsory traffic (bytes of inputs + outputs) / time 
 bandwidth. Target (reported, not asserted): DWT fwd+inv at least 0.5x the speed of one
 fftn+ifftn pair on CPU.
 
-Timing: every call of a case (baselines included) is timed in ``--rounds`` interleaved
-rounds and the best round's median is kept, so load from other processes hits operators and
-baselines alike. On a shared 2-core machine, ``--threads 1`` gives far steadier ratios than
-two OpenMP threads competing with other jobs.
+Timing, made to give the same ratios twice: the whole case set runs ``--runs`` times (3), each
+time in a fresh random order. Within a run, every call of a case (baselines included) is timed
+in ``--rounds`` interleaved rounds (each round visits the calls in a new random order, so
+baseline and candidate alternate; a call's time in a round is the median of ``--repeat``
+calls), and a ratio is taken *within* each round, candidate against baseline measured moments
+apart, then the median over the rounds: load from other processes that comes and goes hits both
+sides of a ratio alike. Printed per ratio: the median over the runs and, in brackets, the min-max
+over the runs (``ratio_min`` / ``ratio_max`` / ``runs`` in the JSON lines); cells/s is the median
+over runs of each run's median round. On a shared 2-core machine, ``--threads 1`` gives far
+steadier ratios than two OpenMP threads competing with other jobs.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import random
+import statistics
 from typing import Callable
 
 import torch
 
-from tools.benchmarks.common import time_call
+from tools.benchmarks.common import spread, time_call
 
 # (d, spatial extent, batch, channels): channels divisible by d so vector operators apply.
 CASES = [
@@ -53,9 +61,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="two tiny cases (64^2 x4, 16^3 x3): a smoke run")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="field dtype")
-    p.add_argument("--repeat", type=int, default=3, help="timed calls per measurement (median)")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="interleaved rounds over all calls of a case; the best round's median counts")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per call and round (median)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds over all calls of a case per run; ratios are per round, then the median")
+    p.add_argument("--runs", type=int, default=3,
+                   help="times the whole case set runs, each in a fresh order; the spread over runs is printed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the case and call orders")
 
 
 class _CatPadDomain:
@@ -156,76 +167,126 @@ def _operators(x: torch.Tensor, levels: int) -> list[tuple[str, Callable[[], obj
     return ops + [(name, fn, None) for name, fn in other]
 
 
+def _case_calls(d: int, n: int, batch: int, chan: int, device, dtype, wavelets) -> dict:
+    """The field of one case and everything timed on it: ``calls`` [(name, fn)] (copy, FFT pairs,
+    ptwt, operators), compulsory bytes ``moved`` per call, ``base_of`` (operator -> its ptwt
+    baseline), the names of the ptwt calls, cells and a tag."""
+    shape = (n,) * d
+    levels = min(3, wavelets.max_levels(n, WAVELET))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, chan, *shape, generator=g, dtype=dtype).to(device)
+    axes = tuple(range(2, 2 + d))
+    calls = [("copy", lambda: x.clone()),
+             ("fftn+ifftn", lambda: torch.fft.ifftn(torch.fft.fftn(x, dim=axes), dim=axes)),
+             ("rfftn+irfftn", lambda: torch.fft.irfftn(torch.fft.rfftn(x, dim=axes), s=shape, dim=axes))]
+    moved = {"copy": 2 * _nbytes(x),
+             # fftn reads R real bytes and writes 2R complex; ifftn reads and writes 2R each
+             "fftn+ifftn": 7 * _nbytes(x)}
+    ptwt_base = _ptwt_baselines(x, levels)  # {"fwd"/"fwd+inv": (name, call)}
+    candidates = [(name, fn, None) for name, fn in ptwt_base.values()] + _operators(x, levels)
+    tag = f"{n}^{d} x{batch * chan}"
+    base_of: dict[str, str] = {}
+    for name, fn, key in candidates:
+        try:
+            out = fn()  # also the warm-up that surfaces errors of operators still in progress
+        except Exception as e:  # a colleague's operator (or ptwt) must not stop the suite
+            print(f"[ops] note: {name} {tag} failed: {type(e).__name__}: {e}", flush=True)
+            continue
+        # compulsory traffic; dwt fwd+inv also writes the coefficients and reads them back
+        moved[name] = (_nbytes(x) + _nbytes(out)) * (2 if "fwd+inv" in name else 1)
+        calls.append((name, fn))
+        if key is not None and key in ptwt_base:
+            base_of[name] = ptwt_base[key][0]
+        del out
+    return dict(calls=calls, moved=moved, base_of=base_of, ptwt_names={nm for nm, _ in ptwt_base.values()},
+                cells=batch * chan * n ** d, tag=tag)
+
+
+def _time_rounds(calls, device, rounds: int, repeat: int, rng) -> dict[str, list[float]]:
+    """Seconds per call of every call in each of ``rounds`` interleaved rounds (a fresh random
+    visiting order per round; the median of ``repeat`` calls each)."""
+    times: dict[str, list[float]] = {name: [] for name, _ in calls}
+    order = list(range(len(calls)))
+    for r in range(rounds):
+        rng.shuffle(order)
+        for i in order:
+            name, fn = calls[i]
+            times[name].append(time_call(fn, device=device, warmup=1 if r == 0 else 0, repeat=repeat, min_time=0.0))
+    return times
+
+
+def round_ratio(times: dict[str, list[float]], candidate: str, baseline: str, speed: bool = True) -> float:
+    """Median over rounds of the within-round ratio: cells/s of ``candidate`` over ``baseline``
+    (``speed``), i.e. baseline time / candidate time."""
+    rs = [b / c for c, b in zip(times[candidate], times[baseline])]
+    return statistics.median(rs) if speed else 1.0 / statistics.median(rs)
+
+
 def run(args: argparse.Namespace, rec) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.rounds < 1 or args.repeat < 1:
-        raise ValueError(f"--rounds/--repeat: must be >= 1, got {args.rounds}/{args.repeat}")
+    if args.rounds < 1 or args.repeat < 1 or args.runs < 1:
+        raise ValueError(f"--rounds/--repeat/--runs: must be >= 1, got {args.rounds}/{args.repeat}/{args.runs}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested but torch.cuda.is_available() is False")
     dtype = getattr(torch, args.dtype)
     wavelets = importlib.import_module("sgfm_dist.ops.wavelets")
-    print(f"[ops] device={rec.device} threads={torch.get_num_threads()} dtype={args.dtype} rounds={args.rounds} "
-          f"(ratios are against baselines measured in this run)", flush=True)
-    for d, n, batch, chan in (QUICK_CASES if args.quick else CASES):
-        shape = (n,) * d
-        cells = batch * chan * n ** d
-        tag = f"{n}^{d} x{batch * chan}"
-        levels = min(3, wavelets.max_levels(n, WAVELET))
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(batch, chan, *shape, generator=g, dtype=dtype).to(device)
-        axes = tuple(range(2, 2 + d))
-        calls = [("copy", lambda: x.clone()),
-                 ("fftn+ifftn", lambda: torch.fft.ifftn(torch.fft.fftn(x, dim=axes), dim=axes)),
-                 ("rfftn+irfftn", lambda: torch.fft.irfftn(torch.fft.rfftn(x, dim=axes), s=shape, dim=axes))]
-        moved = {"copy": 2 * _nbytes(x),
-                 # fftn reads R real bytes and writes 2R complex; ifftn reads and writes 2R each
-                 "fftn+ifftn": 7 * _nbytes(x)}
-        ptwt_base = _ptwt_baselines(x, levels)  # {"fwd"/"fwd+inv": (name, call)}
-        candidates = [(name, fn, None) for name, fn in ptwt_base.values()] + _operators(x, levels)
-        base_of: dict[str, str] = {}  # operator -> name of its ptwt baseline
-        for name, fn, key in candidates:
-            try:
-                out = fn()  # also the warm-up that surfaces errors of operators still in progress
-            except Exception as e:  # a colleague's operator (or ptwt) must not stop the suite
-                print(f"[ops] note: {name} {tag} failed: {type(e).__name__}: {e}", flush=True)
-                continue
-            # compulsory traffic; dwt fwd+inv also writes the coefficients and reads them back
-            moved[name] = (_nbytes(x) + _nbytes(out)) * (2 if "fwd+inv" in name else 1)
-            calls.append((name, fn))
-            if key is not None and key in ptwt_base:
-                base_of[name] = ptwt_base[key][0]
-            del out
-        # Interleaved rounds, best (min) of each call's median: fluctuating load on a shared
-        # machine then hits operators and baselines alike.
-        best: dict[str, float] = {}
-        for _ in range(args.rounds):
-            for name, fn in calls:
-                t = time_call(fn, device=device, warmup=1, repeat=args.repeat, min_time=0.0)
-                best[name] = min(best.get(name, float("inf")), t)
-        copy_cps, fft_cps = cells / best["copy"], cells / best["fftn+ifftn"]
-        copy_bw = moved["copy"] / best["copy"]
-        rec.add(f"copy {tag}", "cells_per_s", copy_cps)
-        rec.add(f"fftn+ifftn {tag}", "cells_per_s", fft_cps, baseline="copy", baseline_value=copy_cps)
-        rec.add(f"rfftn+irfftn {tag}", "cells_per_s", cells / best["rfftn+irfftn"], baseline="fftn+ifftn",
-                baseline_value=fft_cps)
+    print(f"[ops] device={rec.device} threads={torch.get_num_threads()} dtype={args.dtype} runs={args.runs} "
+          f"rounds={args.rounds} repeat={args.repeat} (ratios are against baselines measured in the same round; "
+          f"[min-max] over the runs)", flush=True)
+    cases = QUICK_CASES if args.quick else CASES
+    rng = random.Random(args.seed)
+    # per case: per run, {call: median round seconds}, {(call, baseline): within-round ratio}
+    per_run: dict[tuple, list[tuple[dict, dict]]] = {c: [] for c in cases}
+    meta: dict[tuple, dict] = {}
+    for run_i in range(args.runs):
+        order = list(cases)
+        rng.shuffle(order)
+        print(f"[ops] run {run_i + 1}/{args.runs}: " + ", ".join(f"{n}^{d}" for d, n, _, _ in order), flush=True)
+        for case in order:
+            c = _case_calls(*case, device, dtype, wavelets)
+            times = _time_rounds(c["calls"], device, args.rounds, args.repeat, rng)
+            med = {name: statistics.median(ts) for name, ts in times.items()}
+            ratios = {}
+            for name in times:
+                for base in ("copy", "fftn+ifftn", c["base_of"].get(name)):
+                    if base is not None and base in times and base != name:
+                        ratios[(name, base)] = round_ratio(times, name, base)
+            per_run[case].append((med, ratios))
+            meta[case] = {k: v for k, v in c.items() if k != "calls"} | {"names": [nm for nm, _ in c["calls"]]}
+            del c
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for case in cases:
+        m = meta[case]
+        cells, tag, runs = m["cells"], m["tag"], per_run[case]
+
+        def cps(name):  # median over runs of cells/s
+            return cells / statistics.median(med[name] for med, _ in runs if name in med)
+
+        def add(name, base):
+            rs = spread(r.get((name, base)) for _, r in runs)
+            if rs["n"] == 0:
+                return
+            extra = dict(ratio_min=rs["min"], ratio_max=rs["max"], runs=rs["n"])
+            rec.add(f"{name} {tag}", "cells_per_s", cps(name), baseline=base, baseline_value=cps(base),
+                    ratio=rs["median"], **extra)
+
+        copy_bw = m["moved"]["copy"] / statistics.median(med["copy"] for med, _ in runs)
+        rec.add(f"copy {tag}", "cells_per_s", cps("copy"))
+        add("fftn+ifftn", "copy")
+        add("rfftn+irfftn", "fftn+ifftn")
         if device.type == "cuda":
             rec.add(f"copy {tag}", "bytes_per_s", copy_bw)
-            rec.add(f"fftn+ifftn {tag}", "bw_fraction", moved["fftn+ifftn"] / best["fftn+ifftn"] / copy_bw)
-        ptwt_names = {name for name, _ in ptwt_base.values()}
-        for name, _ in calls[3:]:
-            case = f"{name} {tag}"
-            cps = cells / best[name]
-            if name in ptwt_names:  # a baseline: against the FFT pair only, like rfftn+irfftn
-                rec.add(case, "cells_per_s", cps, baseline="fftn+ifftn", baseline_value=fft_cps)
+            rec.add(f"fftn+ifftn {tag}", "bw_fraction", m["moved"]["fftn+ifftn"] * cps("fftn+ifftn") / cells / copy_bw)
+        for name in m["names"][3:]:
+            if name in m["ptwt_names"]:  # a baseline: against the FFT pair only, like rfftn+irfftn
+                add(name, "fftn+ifftn")
             else:
-                rec.add(case, "cells_per_s", cps, baseline="copy", baseline_value=copy_cps)
-                rec.add(case, "cells_per_s", cps, baseline="fftn+ifftn", baseline_value=fft_cps)
-            if name in base_of and base_of[name] in best:
-                rec.add(case, "cells_per_s", cps, baseline=base_of[name], baseline_value=cells / best[base_of[name]])
+                add(name, "copy")
+                add(name, "fftn+ifftn")
+            if name in m["base_of"]:
+                add(name, m["base_of"][name])
             if device.type == "cuda":
-                rec.add(case, "bw_fraction", moved[name] / best[name] / copy_bw)
-        del x, calls
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                rec.add(f"{name} {tag}", "bw_fraction", m["moved"][name] * cps(name) / cells / copy_bw)
