@@ -46,6 +46,7 @@ from typing import Callable, Literal, Union
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from sgfm_dist.ops import finite_diff, spectral
 from sgfm_dist.ops.domain import LOCAL, Domain, check_real_field, field_axes, normalize_axes
@@ -351,8 +352,9 @@ def projected_drift(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain: 
     learned forcing network), evaluated at u.
     """
     _check_field(u, spec)
-    rhs_hat, ks_odd, _ = _rhs_hat(u, spec, forcing, domain)
-    return domain.irfft(spectral.leray_project_hat(rhs_hat, ks_odd), spec.flow_axes, u.shape)
+    with record_function("sgfm.physics"):  # profiler range (tools/benchmarks/profile.py); changes no value
+        rhs_hat, ks_odd, _ = _rhs_hat(u, spec, forcing, domain)
+        return domain.irfft(spectral.leray_project_hat(rhs_hat, ks_odd), spec.flow_axes, u.shape)
 
 
 def residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain: Domain = LOCAL) -> Tensor:
@@ -399,9 +401,10 @@ def physics_energy(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain: D
     and the guidance step eta (Eq. 24) need no retuning with resolution. Over a split field the
     sum and the cell count are global (``domain.sum``, ``domain.numel``).
     """
-    pr = projected_residual(u, spec, forcing, domain)                    # [B, C, *S]
-    local = pr.square().sum(dim=tuple(range(1, pr.ndim)))                # [B]
-    return domain.sum(local) / (pr.shape[1] * domain.numel(pr))
+    with record_function("sgfm.physics"):  # profiler range (tools/benchmarks/profile.py); changes no value
+        pr = projected_residual(u, spec, forcing, domain)                # [B, C, *S]
+        local = pr.square().sum(dim=tuple(range(1, pr.ndim)))            # [B]
+        return domain.sum(local) / (pr.shape[1] * domain.numel(pr))
 
 
 # ---- integrators (state [B, G*k, *S_spatial], no time axis) ----------------------------------

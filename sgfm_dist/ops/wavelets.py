@@ -60,6 +60,7 @@ from typing import Iterable, Sequence
 import pywt
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from sgfm_dist.ops.domain import LOCAL, Domain, check_real_field
 
@@ -428,9 +429,10 @@ def dwt(u: Tensor, wavelet: str = "db4", levels: int = 1, domain: Domain = LOCAL
     matrix = functools.partial(_cached_matrix, "analysis", wavelet, dtype=u.dtype, device=u.device)
     details = []
     x = u
-    for _ in range(levels):
-        x, det = _dwt_level(x, w.dec_len, matrix, domain)
-        details.append(det)
+    with record_function("sgfm.dwt"):  # profiler range (tools/benchmarks/profile.py); changes no value
+        for _ in range(levels):
+            x, det = _dwt_level(x, w.dec_len, matrix, domain)
+            details.append(det)
     return WaveletCoeffs(approx=x, details=details, wavelet=wavelet)
 
 
@@ -443,9 +445,10 @@ def idwt(coeffs: WaveletCoeffs, domain: Domain = LOCAL) -> Tensor:
     approx = coeffs.approx
     matrix = functools.partial(_cached_matrix, "synthesis", coeffs.wavelet, dtype=approx.dtype, device=approx.device)
     x = approx
-    for det in reversed(coeffs.details):
-        _check_details(x, det)
-        x = _idwt_level(x, det, length, matrix, domain)
+    with record_function("sgfm.idwt"):  # profiler range (tools/benchmarks/profile.py); changes no value
+        for det in reversed(coeffs.details):
+            _check_details(x, det)
+            x = _idwt_level(x, det, length, matrix, domain)
     return x
 
 
