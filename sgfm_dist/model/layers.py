@@ -34,9 +34,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compat import channel_rms_norm
-from ..ops.domain import LOCAL
+from ..ops.domain import LOCAL, Domain
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+def _conv4d(x: Tensor, weight: Tensor, bias: Tensor | None = None, groups: int = 1) -> Tensor:
+    """Unpadded 4-D convolution (a 3-D flow with its time axis; torch has no conv4d): the sum over
+    the first kernel axis of 3-D convolutions of shifted t-slices folded into the batch.
+    ``[B, I, T+k-1, *S3] -> [B, O, T, *S3']``."""
+    kt, (b, c, tp) = weight.shape[2], x.shape[:3]
+    t = tp - kt + 1
+    out = None
+    for i in range(kt):
+        xi = x[:, :, i:i + t].transpose(1, 2).reshape(b * t, c, *x.shape[3:])  # [B*T, I, *S3]
+        yi = F.conv3d(xi, weight[:, :, i], None, groups=groups)             # [B*T, O, *S3']
+        out = yi if out is None else out + yi
+    out = out.reshape(b, t, *out.shape[1:]).transpose(1, 2)                 # [B, O, T, *S3']
+    return out if bias is None else out + bias.reshape(1, -1, 1, 1, 1, 1)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d, 4: _conv4d}
 
 
 def _per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
@@ -52,8 +67,8 @@ def _per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ..
 
 
 def _check_ndim(ndim: int) -> None:
-    if ndim not in (1, 2, 3):
-        raise ValueError(f"ndim: fields have 1, 2 or 3 field axes, got {ndim}")
+    if ndim not in (1, 2, 3, 4):
+        raise ValueError(f"ndim: fields have 1 to 4 field axes, got {ndim}")
 
 
 def _check_field(x: Tensor, channels: int, ndim: int, name: str) -> None:
@@ -71,7 +86,7 @@ class PeriodicConv(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int | Sequence[int], ndim: int,
-                 domain=LOCAL, groups: int = 1, bias: bool = True):
+                 domain: Domain = LOCAL, groups: int = 1, bias: bool = True):
         super().__init__()
         _check_ndim(ndim)
         ks = _per_axis(kernel_size, ndim, "kernel_size")
@@ -111,7 +126,7 @@ class SpectralConv(nn.Module):
     Hermitian rules are in the module Notes.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, modes: int | Sequence[int], ndim: int, domain=LOCAL):
+    def __init__(self, in_ch: int, out_ch: int, modes: int | Sequence[int], ndim: int, domain: Domain = LOCAL):
         super().__init__()
         _check_ndim(ndim)
         modes = _per_axis(modes, ndim, "modes")
@@ -176,8 +191,10 @@ class SpectralConv(nn.Module):
             y_low = torch.einsum("bix,iox->box", low, w)
         elif self.ndim == 2:
             y_low = torch.einsum("bixy,ioxy->boxy", low, w)
-        else:
+        elif self.ndim == 3:
             y_low = torch.einsum("bixyz,ioxyz->boxyz", low, w)  # [B, O, *box_local]
+        else:
+            y_low = torch.einsum("bitxyz,iotxyz->botxyz", low, w)  # [B, O, *box_local]
         out_shape = (x.shape[0], self.out_ch, *x_hat.shape[2:])
         y_hat = y_low
         # scatter the kept modes back into a zero spectrum, one axis at a time

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.domain import LOCAL
+from ..ops.domain import LOCAL, Domain
 from .layers import ChannelRMSNorm, FiLM, FourierFeatures, PeriodicConv, SpectralConv
 
 
@@ -32,7 +32,7 @@ class FieldBlock(nn.Module):
     """One residual block: local + spectral mixing, then a pointwise MLP; both FiLM-conditioned."""
 
     def __init__(self, width: int, kernel_size: int | Sequence[int], modes: int | Sequence[int], ndim: int,
-                 cond_dim: int, mlp_ratio: int = 2, domain=LOCAL):
+                 cond_dim: int, mlp_ratio: int = 2, domain: Domain = LOCAL):
         super().__init__()
         self.norm1, self.film1 = ChannelRMSNorm(width), FiLM(cond_dim, width)
         self.local = PeriodicConv(width, width, kernel_size, ndim, domain)
@@ -57,7 +57,7 @@ class FieldNet(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, width: int, n_blocks: int, kernel_size: int | Sequence[int],
-                 modes: int | Sequence[int], ndim: int, cond_dim: int, mlp_ratio: int = 2, domain=LOCAL):
+                 modes: int | Sequence[int], ndim: int, cond_dim: int, mlp_ratio: int = 2, domain: Domain = LOCAL):
         super().__init__()
         self.in_ch, self.out_ch, self.ndim = in_ch, out_ch, ndim
         self.lift = PeriodicConv(in_ch, width, 1, ndim, domain)
