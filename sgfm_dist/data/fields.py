@@ -11,8 +11,12 @@ field ``[C, T, *S]`` with t the first field axis (DESIGN.md section 1):
   (docs/data.md); on an accelerator it is one cheap elementwise pass.
 * physics (``tools/simulate_ns.py``): float32 ``[T, k, *S]`` velocity (k = 2 or 3
   components along the spatial axes, in axis order) -> ``[k, T, *S]``; batches
-  ``{"field" [B, k, T, *S], "nu" [B], "dt" [B], "sample_ids"}`` (``dt`` is the time
-  between frames, what ``FlowSpec.dt`` should be).
+  ``{"field" [B, k, T, *S], "nu" [B], "dt" [B], "sample_ids"}`` plus ``"forcing_strength" [B]``
+  when the corpus states it (``dt`` is the time between frames: each sample's ``FlowSpec.dt``).
+  Every physics sample must carry its physical parameters in its ``.json``: ``nu`` (> 0) and
+  ``dt`` (> 0), finite; ``forcing_strength`` (>= 0) is optional (absent: the model config's).
+  A sample without them is an error naming the shard and the key (``physics_parameters``),
+  not a NaN in the conditioning three layers later.
 
 ``frames`` cuts a stored stack into windows of that many consecutive frames, ``frame_stride``
 apart (default: non-overlapping); ``frames=None`` keeps the whole stack. A sample id is
@@ -24,15 +28,88 @@ import ast
 import functools
 import json
 import math
+import os
+import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import numpy as np
 import torch
 
-from .stream import LoaderConfig, StreamingSource, as_tensor
+from .stream import CorruptShardError, LoaderConfig, StreamingSource, as_tensor
 from .transport import Alloc
 from .urls import TarReader, resolve_shards
+
+class PhysicsMetadataError(CorruptShardError):
+    """A physics sample without valid physical parameters. A mistake of the corpus, not damaged
+    bytes: it stops the stream under either ``corrupt`` policy ('skip' would drop the corpus)."""
+
+
+PHYSICS_KEYS = (("nu", True, True), ("dt", True, True), ("forcing_strength", False, False))
+"""(metadata key, required, strictly positive) of a physics sample's physical parameters."""
+
+
+def physics_parameters(meta: dict, where: str) -> dict[str, float]:
+    """The physical parameters of one physics sample's metadata, checked: ``{"nu", "dt"}`` and
+    ``"forcing_strength"`` when present. ``where`` names the sample and its shard in the error."""
+    out = {}
+    for key, required, strict in PHYSICS_KEYS:
+        if key not in meta:
+            if required:
+                raise PhysicsMetadataError(f"{where}: physics metadata has no {key!r} (keys {sorted(meta)}); every "
+                                           f"trajectory needs its nu and dt (the time between frames), as "
+                                           f"tools/simulate_ns.py writes")
+            continue
+        v = meta[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if strict else v >= 0)
+        if not ok:
+            raise PhysicsMetadataError(f"{where}: physics metadata {key!r} = {v!r} is invalid; expected a finite "
+                                       f"number {'> 0' if strict else '>= 0'}")
+        out[key] = float(v)
+    return out
+
+
+def ensure_corpus(source: str, command: str) -> bool:
+    """Make a missing local corpus with ``command`` (a config's ``data.generate``): run once,
+    in the repository root, with ``{source}`` the absolute path and ``{python}`` this
+    interpreter; ranks of one job that start together wait for the first one's run (a lock
+    file next to the corpus). A directory without ``manifest.json`` (a run that was stopped)
+    is completed: the converters skip finished shards. Returns whether it ran. URLs, shard
+    patterns, files and finished corpora are left alone."""
+    if not command or "://" in source or any(c in source for c in "*?[{"):
+        return False
+    if os.path.isfile(source) or os.path.exists(os.path.join(source, "manifest.json")):
+        return False
+    import fcntl  # POSIX only, and only needed here
+
+    target = os.path.abspath(source)
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    lock_path = target + ".lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here, then find the corpus made
+        try:
+            if os.path.exists(os.path.join(target, "manifest.json")):
+                return False
+            # plain replacement, not str.format: a command may hold braces of its own
+            cmd = command.replace("{source}", shlex.quote(target)).replace("{python}", shlex.quote(sys.executable))
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            # printed, not logged: the trainer's output is print-based and this can take minutes
+            print(f"data: {source} does not exist; making it (data.generate): {cmd}", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, shell=True, cwd=root, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"data.generate: {cmd!r} exited {proc.returncode} making {source}:\n"
+                                   f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            if not os.path.exists(os.path.join(target, "manifest.json")):
+                raise RuntimeError(f"data.generate: {cmd!r} ran but wrote no {source}/manifest.json")
+            print(f"data: made {source}", file=sys.stderr, flush=True)
+        finally:
+            try:
+                os.unlink(lock_path)  # a rank still waiting holds the old file open: it finds the manifest
+            except OSError:
+                pass
+    return True
 
 
 @functools.lru_cache(maxsize=1024)
@@ -142,6 +219,12 @@ class FrameStackCodec:
         size = n if self.frames is None else self.frames
         stride = self.frame_stride or size
         meta = json.loads(raw["json"]) if "json" in raw else {}
+        if self.kind == "physics":
+            # checked once per stored trajectory, before any window of it is decoded
+            where = f"physics shard {raw.get('__url__', '?')}, sample {key!r}"
+            if "json" not in raw:
+                raise PhysicsMetadataError(f"{where}: no .json metadata member; a physics sample needs nu and dt")
+            meta = physics_parameters(meta, where)
         for start in range(0, n - size + 1, stride):  # a stack shorter than T gives no window
             yield {"__key__": f"{key}@{start}", "__url__": raw.get("__url__"), "npy": raw["npy"],
                    "start": start, "size": size, "meta": meta}
@@ -156,8 +239,7 @@ class FrameStackCodec:
             return {"frames": arr, "fps": float(meta.get("fps", 0.0)), "sample_id": sample["__key__"]}  # [T, H, W, C]
         if arr.dtype.kind != "f":
             raise ValueError(f"sample {sample['__key__']!r}: physics fields must be floating point, got {arr.dtype}")
-        return {"field": np.swapaxes(arr, 0, 1), "nu": float(meta.get("nu", float("nan"))),  # [C, T, *S] view
-                "dt": float(meta.get("dt", float("nan"))), "sample_id": sample["__key__"]}
+        return {"field": np.swapaxes(arr, 0, 1), **meta, "sample_id": sample["__key__"]}  # field [C, T, *S] view
 
     def collate(self, samples: list[dict], alloc: Alloc) -> dict:
         key = "frames" if self.kind == "video" else "field"
@@ -173,9 +255,15 @@ class FrameStackCodec:
         for i, s in enumerate(samples):
             batch[i] = s[key]
         out = {key: batch, "sample_ids": [s["sample_id"] for s in samples]}
-        for name in ("fps", "nu", "dt"):
-            if name in samples[0]:
+        for name in ("fps", "nu", "dt", "forcing_strength"):
+            have = [name in s for s in samples]
+            if all(have):
                 out[name] = [s[name] for s in samples]
+            elif any(have):
+                # half a batch at the config's value would condition on a mixture silently
+                missing = [s["sample_id"] for s in samples if name not in s][:4]
+                raise ValueError(f"batch: {name!r} is in the metadata of some samples but not of {missing}; "
+                                 f"a corpus states it for every sample or for none")
         return out
 
     def batch_nbytes(self, batch_size: int) -> None:
@@ -186,7 +274,7 @@ class FrameStackCodec:
             batch["frames"] = as_tensor(batch["frames"], torch.uint8, pin)  # [B, T, H, W, C]
         else:
             batch["field"] = as_tensor(batch["field"], torch.float32, pin)  # [B, C, T, *S]
-        for name in ("fps", "nu", "dt"):
+        for name in ("fps", "nu", "dt", "forcing_strength"):
             if name in batch:
                 batch[name] = as_tensor(batch[name], torch.float32, pin)  # [B]
         return batch
@@ -220,7 +308,8 @@ def build_physics_source(source: str, split: Literal["train", "val", "all"], bat
                          dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 64,
                          units_per_block: int = 1, corrupt: Literal["skip", "fail"] = "fail", shuffle: bool = True,
                          prefetch_factor: int = 2, pin_memory: bool = True) -> StreamingSource:
-    """Navier-Stokes batches ``{"field" [B, k, T, *S], "nu" [B], "dt" [B], "sample_ids"}`` from
-    ``tools/simulate_ns.py`` shards."""
+    """Navier-Stokes batches ``{"field" [B, k, T, *S], "nu" [B], "dt" [B], "sample_ids"}`` (and
+    ``"forcing_strength" [B]`` where the corpus states it) from ``tools/simulate_ns.py`` shards;
+    a sample whose metadata lacks a valid nu or dt is an error naming its shard and the key."""
     return _build("physics", source, split, batch_size, frames, frame_stride, seed, dp_rank, dp_size, num_workers,
                   shuffle_buffer, units_per_block, corrupt, shuffle, prefetch_factor, pin_memory)

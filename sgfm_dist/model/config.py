@@ -9,6 +9,7 @@ config (``sgfm_dist.train.config``); ``train/config_loader.py`` reads them from 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,6 +120,10 @@ class ModelConfig:
     lengths: tuple[float, ...] | None = None
     """Periodic box length per field axis (None: 2*pi each, integer wavenumbers)."""
 
+    spatial_dims: int = 2
+    """Physics only: spatial axes after t. 2: a field (t, y, x) of 2-D Navier-Stokes; 3: (t, z, y, x),
+    a 3-D corpus (``tools/simulate_ns.py --dims 3``) with ``channels`` = 3 components (u_z, u_y, u_x)."""
+
     derivative: DerivativeKind = "spectral"
     """How the residual takes spatial derivatives: "spectral", "fd2" or "fd4" (passed to
     ``ops.dynamics.FlowSpec``)."""
@@ -155,6 +160,9 @@ class ModelConfig:
         check(self.wavelet in pywt.wavelist(kind="discrete") and pywt.Wavelet(self.wavelet).orthogonal,
               "model.wavelet", f"must be an orthogonal pywt wavelet (e.g. 'haar', 'db2', 'db4', 'sym4', "
                                f"'coif2'), got {self.wavelet!r}")
+        check(self.spatial_dims in (2, 3), "model.spatial_dims", f"must be 2 or 3, got {self.spatial_dims!r}")
+        check(self.spatial_dims == 2 or self.modality == "physics", "model.spatial_dims",
+              f"3 spatial axes are a physics field (t, z, y, x); a {self.modality} field has 2")
         non_negative("model.nu", self.nu)
         non_negative("model.forcing_strength", self.forcing_strength)
         positive("model.dt", self.dt)
@@ -173,12 +181,15 @@ class ModelConfig:
 
     @property
     def layout(self) -> FieldLayout:
-        """The field layout of the modality (``LAYOUTS``)."""
-        return LAYOUTS[self.modality]
+        """The field layout of the modality (``LAYOUTS``), with z in front of (y, x) for a 3-D physics field."""
+        layout = LAYOUTS[self.modality]
+        if self.spatial_dims == 3 and self.modality == "physics":
+            layout = dataclasses.replace(layout, axes=("t", "z", "y", "x"))
+        return layout
 
     @property
     def field_ndim(self) -> int:
-        """Number of field axes d: 2 for text (t, x), 3 for video and physics (t, y, x)."""
+        """Number of field axes d: 2 for text (t, x), 3 for video and physics (t, y, x), 4 for 3-D physics."""
         return len(self.layout.axes)
 
     def flow_axes(self) -> tuple[int, ...]:
@@ -186,6 +197,13 @@ class ModelConfig:
         flow = self.flow if self.flow != "auto" else self.layout.flow
         d = self.field_ndim
         return tuple(range(2, 2 + d)) if flow == "all" else tuple(range(3, 2 + d))
+
+    @property
+    def physical_conditions(self) -> tuple[str, ...]:
+        """The physical parameters lambda the networks are conditioned on (Eq. 20), each sample's
+        own where the data has them: nu and the forcing strength; a physics field also its frame
+        spacing dt, which differs between corpora and sets how much a trajectory moves per t-slice."""
+        return ("nu", "forcing_strength", "dt") if self.modality == "physics" else ("nu", "forcing_strength")
 
 
 @dataclass

@@ -17,7 +17,7 @@ Design decisions (see also DESIGN.md section 1):
   convolutions and spectral mixing (``networks.py``), and the output is transformed back
   with W. The network is conditioned (FiLM) on Fourier features of the per-level noise
   levels (one log-SNR per scale: the "per-scale noise-level input"), on the physical
-  parameters lambda = (nu, forcing strength) (Eq. 20) and, in cascade mode, on the stage.
+  parameters lambda = (nu, forcing strength; dt for physics) (Eq. 20) and, in cascade mode, on the stage.
 * **Modes.** *joint*: all scales are noised and denoised together. *cascade* (Eq. 20):
   a stage ``s`` in 0..J is drawn per sample; scales ``< s`` are clean (teacher forcing),
   scale ``s`` is noised, finer scales are absent (zero); the network also receives the
@@ -34,7 +34,11 @@ Design decisions (see also DESIGN.md section 1):
   flow axes (u = (u_t, u_x), grad = (d_t, d_x), Eq. 25-28); its lone d_t u is the same
   periodic derivative the gradient takes along t (``time_derivative="flow"``). The forcing network
   ``f_theta(u, xi)`` is a smaller stack of the same blocks, fed the field and a white-noise
-  input xi, scaled by ``forcing_strength``.
+  input xi, scaled by ``forcing_strength``. nu, dt and the forcing strength are each sample's
+  own (the batch's ``nu``, ``dt``, ``forcing_strength`` [B], from the corpus' metadata; the
+  config's where a batch has none): the residual, the drift and the conditioning all read
+  lambda ``[B, 3]`` (``physics_spec``), so a batch mixing viscosities is right sample by
+  sample. A 3-D flow is a field (t, z, y, x) (``model.spatial_dims: 3``).
 * **L_BC** (Eq. 44): mean square of ``u_hat - u0`` on the first ``bc_rows`` t-slices (the
   initial condition, i.e. the prompt rows of text / first frames of video);
   ``losses.boundary_loss``, the same function the sampler's guidance uses. The total of
@@ -53,6 +57,7 @@ Design decisions (see also DESIGN.md section 1):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -89,14 +94,15 @@ class SGFM(nn.Module):
         self.modality = build_modality(cfg)
         for name, module in self.modality.modules().items():
             self.add_module(name, module)
-        # conditions: one log-SNR per scale, lambda = (nu, forcing strength), cascade stage
-        self.n_conditions = (J + 1) + 2 + (1 if self.cascade else 0)
+        # conditions: one log-SNR per scale, the physical parameters lambda, cascade stage
+        self.n_physical = len(cfg.physical_conditions)
+        self.n_conditions = (J + 1) + self.n_physical + (1 if self.cascade else 0)
         self.condition = ConditionEmbedding(self.n_conditions, cfg.fourier_features, cfg.cond_dim)
         in_ch = 2 * C if self.cascade else C
         self.score_net = FieldNet(in_ch, C, cfg.width, cfg.n_blocks, cfg.kernel_size, cfg.spectral_modes, d,
                                   cfg.cond_dim, cfg.mlp_ratio)
         if cfg.forcing_blocks > 0:
-            self.forcing_condition = ConditionEmbedding(2, cfg.fourier_features, cfg.cond_dim, seed=1)
+            self.forcing_condition = ConditionEmbedding(self.n_physical, cfg.fourier_features, cfg.cond_dim, seed=1)
             self.forcing_net = FieldNet(C + cfg.forcing_noise_channels, C, cfg.forcing_width, cfg.forcing_blocks,
                                         cfg.kernel_size, cfg.spectral_modes, d, cfg.cond_dim, cfg.mlp_ratio)
         else:
@@ -104,6 +110,7 @@ class SGFM(nn.Module):
         flow = cfg.flow_axes()
         lengths = None if cfg.lengths is None else tuple(cfg.lengths[a - 2] for a in flow)
         # Text uses t as a flow axis too (Eq. 25-28): its d_t is then the gradient's own d_t.
+        # The config's nu and dt; a batch's own values replace them per sample (physics_spec).
         self.flow_spec = dynamics.FlowSpec(flow_axes=flow, time_axis=2, lengths=lengths, dt=cfg.dt,
                                            nu=cfg.nu, derivative=cfg.derivative,
                                            time_derivative="flow" if 2 in flow else cfg.time_derivative)
@@ -180,23 +187,48 @@ class SGFM(nn.Module):
                               d.logsnr_max if clamp_top else None, d.logsnr_shift)
 
     def _lambda(self, batch: dict | None, B: int, device) -> Tensor:
-        """Physical parameters ``[B, 2]``: (nu, forcing strength), per sample if the batch has them."""
+        """Physical parameters lambda ``[B, 3]``: (nu, forcing strength, dt), each sample's own where
+        the batch has them (``nu``, ``forcing_strength``, ``dt`` of ``[B]`` or one value), the
+        config's otherwise. A value that is not finite, or nu < 0, dt <= 0, is refused here: it
+        would turn the conditioning into NaN (the data layer names the shard; this catches the rest)."""
         cfg = self.cfg
-        nu = torch.full((B,), float(cfg.nu), device=device)
-        fs = torch.full((B,), float(cfg.forcing_strength), device=device)
-        if batch is not None:
-            nu = batch.get("nu", nu)
-            fs = batch.get("forcing_strength", fs)
-        nu = torch.as_tensor(nu, device=device, dtype=torch.float32).reshape(-1).expand(B)
-        fs = torch.as_tensor(fs, device=device, dtype=torch.float32).reshape(-1).expand(B)
-        return torch.stack([nu, fs], dim=1)
+        values = []
+        for key, default in (("nu", cfg.nu), ("forcing_strength", cfg.forcing_strength), ("dt", cfg.dt)):
+            v = batch.get(key) if batch is not None else None
+            if v is None:
+                values.append(torch.full((B,), float(default), device=device))
+                continue
+            v = torch.as_tensor(v, device=device, dtype=torch.float32).reshape(-1)  # [B] or [1]
+            if v.numel() not in (1, B):
+                raise ValueError(f"batch[{key!r}]: expected {B} per-sample values (or one), got {v.numel()}")
+            if v.device.type == "cpu":  # on an accelerator this would stall every step; the loader checked
+                ok = torch.isfinite(v) & ((v > 0) if key == "dt" else (v >= 0))
+                if not bool(ok.all()):
+                    raise ValueError(f"batch[{key!r}]: physical parameter must be finite and "
+                                     f"{'> 0' if key == 'dt' else '>= 0'}, got {v.tolist()}")
+            values.append(v.expand(B))
+        return torch.stack(values, dim=1)  # [B, 3]
+
+    def _physical_inputs(self, lam: Tensor) -> Tensor:
+        """O(1) network inputs ``[B, n_physical]`` of lambda ``[B, 3]``: log10(nu) / 3, the forcing
+        strength and, where the config conditions on it, log10(dt)."""
+        parts = [torch.log10(lam[:, 0].clamp(min=1e-6)) / 3.0, lam[:, 1]]
+        if self.n_physical > 2:
+            parts.append(torch.log10(lam[:, 2].clamp(min=1e-6)))
+        return torch.stack(parts, dim=1)
+
+    def physics_spec(self, lam: Tensor | None) -> dynamics.FlowSpec:
+        """The FlowSpec of a batch: the model's ``flow_spec`` with each sample's nu and dt of lambda
+        ``[B, 3]`` (None: the config's)."""
+        if lam is None:
+            return self.flow_spec
+        return dataclasses.replace(self.flow_spec, nu=lam[:, 0], dt=lam[:, 2])
 
     def _conditions(self, logsnr: Tensor, lam: Tensor, stage: Tensor | None) -> Tensor:
-        """``cond [B, cond_dim]`` from per-level log-SNR ``[B, J+1]``, lambda ``[B, 2]``, stage ``[B]``."""
+        """``cond [B, cond_dim]`` from per-level log-SNR ``[B, J+1]``, lambda ``[B, 3]``, stage ``[B]``."""
         dcfg = self.dcfg
         lsn = logsnr.clamp(dcfg.logsnr_min, dcfg.logsnr_max).float() / 10.0  # O(1) inputs
-        phys = torch.stack([torch.log10(lam[:, 0].clamp(min=1e-6)) / 3.0, lam[:, 1]], dim=1)
-        parts = [lsn, phys]
+        parts = [lsn, self._physical_inputs(lam)]
         if self.cascade:
             parts.append((stage.float() / self.cfg.levels).unsqueeze(1))
         return self.condition(torch.cat(parts, dim=1).to(lsn.device, self.param_dtype))
@@ -229,7 +261,7 @@ class SGFM(nn.Module):
                 xi = u.new_zeros(u.shape[0], self.cfg.forcing_noise_channels, *u.shape[2:])
             u = torch.cat([u, xi], dim=1)  # [B, C + Cxi, *S]
         pd = self.param_dtype
-        cond = self.forcing_condition(torch.stack([torch.log10(lam[:, 0].clamp(min=1e-6)) / 3.0, lam[:, 1]], 1).to(pd))
+        cond = self.forcing_condition(self._physical_inputs(lam).to(pd))
         f = self.forcing_net(u.to(pd), cond).to(u.dtype)  # [B, C, *S]
         return f * lam[:, 1].reshape(-1, *([1] * (f.ndim - 1))).to(f.dtype)
 
@@ -241,11 +273,11 @@ class SGFM(nn.Module):
         return dynamics.white_noise(like[:, :1].expand(-1, k, *like.shape[2:]), generator, self.domain)
 
     def physics_energy(self, u: Tensor, xi: Tensor | None = None, lam: Tensor | None = None) -> Tensor:
-        """``E(u) = mean |P R(u)|^2`` per sample ``[B]`` (Eq. 23 / 42), with the learned forcing."""
-        spec, dom = self.flow_spec, self.domain
+        """``E(u) = mean |P R(u)|^2`` per sample ``[B]`` (Eq. 23 / 42), with the learned forcing and
+        each sample's nu and dt of lambda ``[B, 3]`` (None: the config's)."""
         if lam is None:
             lam = self._lambda(None, u.shape[0], u.device)
-        return dynamics.physics_energy(u, spec, self.forcing(u, xi, lam), dom)
+        return dynamics.physics_energy(u, self.physics_spec(lam), self.forcing(u, xi, lam), self.domain)
 
     # ------------------------------------------------------------------ readout
     def _readout_loss(self, u_hat: Tensor, batch: dict, logsnr: Tensor, weight: Tensor | None = None) -> Tensor | None:
@@ -350,8 +382,12 @@ class SGFM(nn.Module):
                  sampler: Literal["euler_maruyama", "heun", "pc"] = "pc", prompt_tokens: Tensor | None = None,
                  physics_eta: float = 0.0, generator: torch.Generator | None = None, bc_eta: float = 0.0,
                  prompt_field: Tensor | None = None, round_to_vocab: bool = True, vocab_temperature: float = 1.0,
-                 disable_progress: bool = True) -> dict:
+                 disable_progress: bool = True, physics: dict | None = None) -> dict:
         """Draw ``n`` samples of a field of global shape ``field_shape`` with ``steps`` sampler steps.
+
+        ``physics``: the physical parameters of the samples, ``{"nu", "dt", "forcing_strength"}``
+        (each ``[n]`` or one value, any subset), e.g. those of the trajectory a forecast continues;
+        the conditioning and the physics guidance use them. None: the config's.
 
         ``prompt_tokens`` (text, ``[n or 1, P]`` ids) / ``prompt_field`` (video/physics,
         ``[n or 1, C_data, P, *S_rest]``) fix the first positions / t-slices: re-imposed at the
@@ -374,7 +410,7 @@ class SGFM(nn.Module):
         field_shape = G.check_request(self, n, field_shape, sampler, physics_eta, bc_eta, vocab_temperature)
         dev, dtype = next(self.parameters()).device, self.math_dtype
         like = self.domain.shard(torch.zeros(n, cfg.channels, *field_shape, device=dev, dtype=dtype))  # [n, C, *S_loc]
-        shape, lam = tuple(like.shape[2:]), self._lambda(None, n, dev)
+        shape, lam = tuple(like.shape[2:]), self._lambda(physics, n, dev)
         prompt = G.make_prompt(self, prompt_tokens, prompt_field, n, like)
         noise = G.CoefficientNoise(self, like, generator)
         xi = self.forcing_noise(like, generator)

@@ -64,7 +64,7 @@ def check_real_field(u: Tensor, name: str = "u") -> None:
     if u.is_complex() or not u.is_floating_point():
         raise ValueError(f"{name}: expected a real floating-point tensor (float32/float64), got dtype {u.dtype}")
     if u.ndim < 3:
-        raise ValueError(f"{name}: expected shape [B, C, *S] with 1 <= d <= 3 field axes, got {tuple(u.shape)}")
+        raise ValueError(f"{name}: expected shape [B, C, *S] with 1 <= d <= 4 field axes, got {tuple(u.shape)}")
 
 
 @runtime_checkable

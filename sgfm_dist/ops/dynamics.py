@@ -31,6 +31,13 @@ one-sided (non-periodic) time axis must not be split (a ``finite_diff`` rule).
 spectral sense. With finite-difference derivatives, advection and viscosity carry the stencil's
 truncation error; ``P`` still removes exactly the gradient part.
 
+*Per-sample physics.* ``FlowSpec.nu`` and ``FlowSpec.dt`` are Python floats (one value for the
+batch) or 1-D tensors ``[B]`` (each sample's own viscosity and frame spacing, as a corpus of
+trajectories at several viscosities carries them): every term broadcasts them as ``[B, 1, ..]``
+against the field. Per-sample values are never split: the ranks that share a sample along the
+field hold the same ``[B]`` tensor. ``dataclasses.replace(spec, nu=..., dt=...)`` makes the
+per-batch spec from a fixed one.
+
 *Integrators* step a velocity state without a time axis (``spec.time_axis is None``):
 classical RK4 on the projected drift, ETDRK4 (Cox & Matthews 2002, with the phi-function form of
 Kassam & Trefethen 2005) that treats the viscous term exactly, and Euler-Maruyama for the
@@ -55,6 +62,7 @@ DerivativeKind = Literal["spectral", "fd2", "fd4"]
 TimeDerivativeKind = Literal["periodic2", "periodic4", "one_sided2", "one_sided4", "flow"]
 IntegratorKind = Literal["rk4", "etdrk4", "euler_maruyama"]
 Forcing = Union[Tensor, Callable[[Tensor], Tensor], None]
+PerSample = Union[float, Tensor]
 
 _DERIVATIVES = ("spectral", "fd2", "fd4")
 _TIME_DERIVATIVES = ("periodic2", "periodic4", "one_sided2", "one_sided4", "flow")
@@ -83,12 +91,14 @@ class FlowSpec:
     """Periodic box length per flow axis, same order as ``flow_axes``; None means 2*pi each
     (integer wavenumbers)."""
 
-    dt: float = 1.0
-    """Spacing of the time axis (physical time between consecutive t-slices), > 0. Used by the
-    time derivative only; the integrators take their own step ``dt``."""
+    dt: PerSample = 1.0
+    """Spacing of the time axis (physical time between consecutive t-slices), > 0: one float, or a
+    ``[B]`` tensor of each sample's spacing. Used by the time derivative only; the integrators take
+    their own step ``dt``."""
 
-    nu: float = 1e-2
-    """Kinematic viscosity nu >= 0 of the nu Lap u term."""
+    nu: PerSample = 1e-2
+    """Kinematic viscosity nu >= 0 of the nu Lap u term: one float, or a ``[B]`` tensor of each
+    sample's viscosity."""
 
     derivative: DerivativeKind = "spectral"
     """Spatial derivatives: "spectral" (FFT, exact for band-limited fields) or central finite
@@ -133,10 +143,8 @@ class FlowSpec:
             if any(not (math.isfinite(v) and v > 0) for v in lengths):
                 raise ValueError(f"lengths: box lengths must be finite and > 0, got {lengths}")
             object.__setattr__(self, "lengths", lengths)
-        if not (math.isfinite(self.dt) and self.dt > 0):
-            raise ValueError(f"dt: time spacing must be finite and > 0, got {self.dt}")
-        if not (math.isfinite(self.nu) and self.nu >= 0):
-            raise ValueError(f"nu: viscosity must be finite and >= 0, got {self.nu}")
+        _check_parameter("dt", self.dt, "time spacing", strictly_positive=True)
+        _check_parameter("nu", self.nu, "viscosity", strictly_positive=False)
         if self.derivative not in _DERIVATIVES:
             raise ValueError(f"derivative: expected one of {_DERIVATIVES}, got {self.derivative!r}")
         if self.time_derivative not in _TIME_DERIVATIVES:
@@ -155,6 +163,49 @@ class FlowSpec:
 
 def _is_int(a) -> bool:
     return isinstance(a, int) and not isinstance(a, bool)
+
+
+def _check_parameter(name: str, value, what: str, strictly_positive: bool) -> None:
+    """A FlowSpec scalar: a finite float (> 0 or >= 0), or a 1-D float tensor of per-sample values.
+
+    Tensor values are inspected only on the CPU: on an accelerator the check would stall the
+    stream once per step, and the data layer (``data.fields``) already refuses a corpus whose
+    metadata is missing or invalid."""
+    bound = "> 0" if strictly_positive else ">= 0"
+    if isinstance(value, Tensor):
+        if value.ndim != 1 or value.numel() == 0 or not value.is_floating_point():
+            raise ValueError(f"{name}: a per-sample {what} is a 1-D float tensor [B], got "
+                             f"{value.dtype} {tuple(value.shape)}")
+        if value.device.type == "cpu":
+            v = value.detach()
+            ok = torch.isfinite(v) & ((v > 0) if strictly_positive else (v >= 0))
+            if not bool(ok.all()):
+                raise ValueError(f"{name}: {what} must be finite and {bound} for every sample, got "
+                                 f"{v.tolist()}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a float or a [B] tensor, got {type(value).__name__}")
+    if not (math.isfinite(value) and (value > 0 if strictly_positive else value >= 0)):
+        raise ValueError(f"{name}: {what} must be finite and {bound}, got {value}")
+
+
+def _per_sample(value: PerSample, u: Tensor, name: str, dtype: torch.dtype | None = None) -> PerSample:
+    """A FlowSpec scalar ready to multiply a tensor of u's batch: a float as it is (bit-identical to
+    a one-value spec), a ``[B]`` tensor as ``[B, 1, .., 1]`` on u's device in ``dtype`` (default
+    u's real dtype)."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.shape[0] not in (1, u.shape[0]):
+        raise ValueError(f"spec.{name}: {value.shape[0]} per-sample values for a batch of {u.shape[0]} "
+                         f"(field shape {tuple(u.shape)})")
+    if dtype is None:
+        dtype = u.real.dtype if u.is_complex() else u.dtype
+    return value.to(device=u.device, dtype=dtype).reshape(-1, *([1] * (u.ndim - 1)))  # [B, 1, .., 1]
+
+
+def _viscous(spec: FlowSpec) -> bool:
+    """Whether the nu Lap u term is present: a per-sample nu always counts (no host sync to ask)."""
+    return isinstance(spec.nu, Tensor) or spec.nu != 0
 
 
 def _check_field(u: Tensor, spec: FlowSpec, name: str = "u") -> None:
@@ -218,7 +269,8 @@ def _laplacian(u: Tensor, spec: FlowSpec, domain: Domain) -> Tensor:
 
 
 def time_derivative(u: Tensor, spec: FlowSpec, domain: Domain = LOCAL) -> Tensor:
-    """d_t u along ``spec.time_axis`` by the ``spec.time_derivative`` stencil with spacing ``spec.dt``."""
+    """d_t u along ``spec.time_axis`` by the ``spec.time_derivative`` stencil with spacing ``spec.dt``
+    (per sample when ``spec.dt`` is a ``[B]`` tensor)."""
     _check_field(u, spec)
     if spec.time_axis is None:
         raise ValueError("spec.time_axis: d_t u needs a time axis in the field; got time_axis=None")
@@ -230,8 +282,13 @@ def time_derivative(u: Tensor, spec: FlowSpec, domain: Domain = LOCAL) -> Tensor
                                          length / domain.global_extent(u, spec.time_axis), domain)
     kind, accuracy = spec.time_derivative[:-1], int(spec.time_derivative[-1])
     boundary = "periodic" if kind == "periodic" else "one_sided"
-    return finite_diff.fd_derivative(u, spec.time_axis, order=1, accuracy=accuracy, spacing=spec.dt,
-                                     domain=domain, boundary=boundary)
+    if not isinstance(spec.dt, Tensor):
+        return finite_diff.fd_derivative(u, spec.time_axis, order=1, accuracy=accuracy, spacing=spec.dt,
+                                         domain=domain, boundary=boundary)
+    # 1/dt in float64, then rounded once: the same factor a float spacing gives for the same value
+    inv_dt = _per_sample(1.0 / spec.dt.detach().double(), u, "dt")       # [B, 1, .., 1]
+    return finite_diff.fd_derivative(u, spec.time_axis, order=1, accuracy=accuracy, spacing=1.0,
+                                     domain=domain, boundary=boundary) * inv_dt
 
 
 # ---- dealiasing ---------------------------------------------------------------------------
@@ -300,9 +357,9 @@ def advection(u: Tensor, spec: FlowSpec, domain: Domain = LOCAL) -> Tensor:
 
 
 def viscous_term(u: Tensor, spec: FlowSpec, domain: Domain = LOCAL) -> Tensor:
-    """nu Lap u over the flow axes.  [B, C, *S] -> same."""
+    """nu Lap u over the flow axes (nu per sample when ``spec.nu`` is a ``[B]`` tensor).  [B, C, *S] -> same."""
     _check_field(u, spec)
-    return spec.nu * _laplacian(u, spec, domain)
+    return _per_sample(spec.nu, u, "nu") * _laplacian(u, spec, domain)
 
 
 def project(v: Tensor, spec: FlowSpec, domain: Domain = LOCAL) -> Tensor:
@@ -326,7 +383,7 @@ def _rhs_hat(u: Tensor, spec: FlowSpec, forcing: Forcing, domain: Domain, viscou
     f = _forcing_value(forcing, u)
     if spec.derivative != "spectral":
         rhs = -advection(u, spec, domain)                                 # [B, G*k, *S]
-        if viscous and spec.nu != 0:
+        if viscous and _viscous(spec):
             rhs = rhs + viscous_term(u, spec, domain)
         if f is not None:
             rhs = rhs + f
@@ -339,9 +396,9 @@ def _rhs_hat(u: Tensor, spec: FlowSpec, forcing: Forcing, domain: Domain, viscou
         rhs_hat = domain.rfft(adv, axes) * -mask
         if f is not None:
             rhs_hat = rhs_hat + domain.rfft(f.expand(u.shape), axes)
-    if viscous and spec.nu != 0:
+    if viscous and _viscous(spec):
         ks = domain.wavenumbers(u, axes, spec.lengths)                    # Nyquist kept: -k^2 is real
-        rhs_hat = rhs_hat + spec.nu * spectral.laplacian_hat(u_hat, ks)
+        rhs_hat = rhs_hat + _per_sample(spec.nu, u, "nu") * spectral.laplacian_hat(u_hat, ks)
     return rhs_hat, ks_odd, u_hat
 
 
@@ -368,7 +425,7 @@ def residual(u: Tensor, spec: FlowSpec, forcing: Forcing = None, domain: Domain 
         raise ValueError("spec.time_axis: the residual R(u) = d_t u + ... (Eq. 41) needs a time axis "
                          "in the field; got time_axis=None")
     r = time_derivative(u, spec, domain) + advection(u, spec, domain)
-    if spec.nu != 0:
+    if _viscous(spec):
         r = r - viscous_term(u, spec, domain)
     f = _forcing_value(forcing, u)
     if f is not None:
@@ -500,7 +557,8 @@ def etdrk4_coefficients(u: Tensor, dt: float, spec: FlowSpec, domain: Domain = L
     """Build the ETDRK4 multipliers for state shape ``u.shape`` and step ``dt`` (reuse them across
     steps: ``integrate`` does). Computed in float64, stored in u's dtype."""
     _check_state(u, dt, spec)
-    z = dt * spec.nu * _laplacian_symbol(u, spec, domain)                 # broadcast spectral layout
+    nu = _per_sample(spec.nu.detach(), u, "nu", torch.float64) if isinstance(spec.nu, Tensor) else spec.nu
+    z = dt * nu * _laplacian_symbol(u, spec, domain)                      # [1 or B, 1, *spectral]
     p1, p2, p3 = _phi_functions(z)
     h1, _, _ = _phi_functions(0.5 * z)
 

@@ -211,8 +211,8 @@ def _synthesis_matrix(rec_lo: Tensor, rec_hi: Tensor, block: int) -> Tensor:
 def _check_field(u: Tensor, name: str = "u") -> int:
     check_real_field(u, name)
     d = u.ndim - 2
-    if not 1 <= d <= 3:
-        raise ValueError(f"{name}: expected shape [B, C, *S] with 1 to 3 field axes, got {tuple(u.shape)} "
+    if not 1 <= d <= 4:
+        raise ValueError(f"{name}: expected shape [B, C, *S] with 1 to 4 field axes, got {tuple(u.shape)} "
                          f"({d} field axes)")
     return d
 
@@ -468,8 +468,8 @@ class CoeffLayout:
 
     def __post_init__(self) -> None:
         shape = tuple(self.field_shape)
-        if not 1 <= len(shape) <= 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
-            raise ValueError(f"field_shape: expected 1 to 3 positive int extents, got {self.field_shape!r}")
+        if not 1 <= len(shape) <= 4 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
+            raise ValueError(f"field_shape: expected 1 to 4 positive int extents, got {self.field_shape!r}")
         object.__setattr__(self, "field_shape", shape)
         _check_levels(self.levels)
         for i, n in enumerate(shape):

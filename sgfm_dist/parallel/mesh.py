@@ -273,7 +273,7 @@ class FieldLayout:
     """How a field ``[B, C, *S]`` is split over the sp ranks, seen from one rank."""
 
     global_extents: tuple[int, ...]
-    """``S``: extents of the field axes over the whole domain (1 to 3 axes)."""
+    """``S``: extents of the field axes over the whole domain (1 to 4 axes: a 3-D flow has t too)."""
     split_axes: tuple[int, ...] = ()
     """Tensor dims (``2 .. 1 + len(S)``) split over ranks; mesh dim ``k`` splits ``split_axes[k]``.
     One axis is a slab, two a pencil (3-D fields only)."""
@@ -294,8 +294,8 @@ class FieldLayout:
             if any(isinstance(x, bool) or not isinstance(x, int) for x in v):
                 raise ValueError(f"{name}: expected ints, got {v!r}")
         d = len(ext)
-        if not 1 <= d <= 3 or any(n < 1 for n in ext):
-            raise ValueError(f"global_extents: expected 1 to 3 positive extents, got {ext}")
+        if not 1 <= d <= 4 or any(n < 1 for n in ext):
+            raise ValueError(f"global_extents: expected 1 to 4 positive extents, got {ext}")
         if not len(axes) == len(ranks) == len(coords):
             raise ValueError(f"layout: split_axes {axes}, ranks {ranks} and coords {coords} must have equal lengths")
         if len(set(axes)) != len(axes) or any(not 2 <= a < 2 + d for a in axes):
@@ -303,10 +303,10 @@ class FieldLayout:
                              f"field with S = {ext}")
         if len(axes) > 2:
             raise ValueError(f"split_axes: at most 2 split axes (slab or pencil), got {axes}")
-        if len(axes) == 2 and d != 3:
+        if len(axes) == 2 and d < 3:
             # a 2-D field split on both axes has no whole axis for a local FFT (3 transposes
             # per FFT) and a slab of a 2-D field already scales to one row per rank
-            raise ValueError(f"split_axes: a pencil (2 split axes {axes}) needs a 3-D field; "
+            raise ValueError(f"split_axes: a pencil (2 split axes {axes}) needs a 3-D field at least; "
                              f"this field has {d} axes {ext}, split one axis (slab) instead")
         for a, p, c in zip(axes, ranks, coords):
             if p < 1 or not 0 <= c < p:

@@ -43,8 +43,9 @@ def _video_source(cfg: Config, source: str, split: str, loader: dict):
 
 
 def _physics_source(cfg: Config, source: str, split: str, loader: dict):
-    from sgfm_dist.data.fields import build_physics_source
+    from sgfm_dist.data.fields import build_physics_source, ensure_corpus
 
+    ensure_corpus(cfg.data.source, cfg.data.generate)  # a generated corpus is made on first use
     return build_physics_source(source, split, batch_size=cfg.train.micro_batch, frames=cfg.data.frames or None,
                                 **loader)
 

@@ -57,6 +57,11 @@ class DataConfig:
     corrupt: Literal["skip", "fail"] = "fail"
     """A corrupt or truncated shard: 'fail' stops the run with an error naming the shard; 'skip'
     warns naming it, goes on, and counts skipped shards/samples in the logs (``data/...``)."""
+    generate: str = ""
+    """Physics: shell command that makes the corpus when ``source`` is a local path that
+    does not exist yet (run once, before the first batch, from the repository root; ``{source}``
+    is the path, ``{python}`` this interpreter). E.g. ``{python} tools/simulate_ns.py --out
+    {source} --grid 32``. ``""``: the corpus must exist."""
 
     def __post_init__(self):
         check_fields(self, "data")

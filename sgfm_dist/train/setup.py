@@ -40,8 +40,8 @@ def resolve_split_axes(model_cfg, parallel_cfg) -> tuple[int, ...]:
     t axis whole. A split that cannot work is a ValueError naming the config keys."""
     grid = tuple(parallel_cfg.sp_grid) or (parallel_cfg.sp,)
     ndim = model_cfg.field_ndim
-    names = ("t", "x") if ndim == 2 else ("t", "y", "x")
-    if len(grid) > 1 and ndim != 3:
+    names = {2: ("t", "x"), 3: ("t", "y", "x"), 4: ("t", "z", "y", "x")}.get(ndim, tuple(range(ndim)))
+    if len(grid) > 1 and ndim < 3:
         raise ValueError(f"parallel.sp_grid: a pencil {list(grid)} needs a 3-D field; a {model_cfg.modality} field "
                          f"has {ndim} axes {names}: use a slab (parallel.sp_grid: [])")
     axes = tuple(parallel_cfg.split_axes)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sgfm_dist.data.converters.physics import NSConfig, initial_velocity, simulate_ns, simulate_trajectory
-from sgfm_dist.data.fields import build_physics_source
+from sgfm_dist.data.fields import PhysicsMetadataError, build_physics_source, ensure_corpus
 from sgfm_dist.parallel.mpi import SerialComm
 from sgfm_dist.data.urls import iter_shard_samples, resolve_shards
 
@@ -81,6 +81,8 @@ def test_shards_round_trip_and_source(memory_url):
         ref = torch.from_numpy(traj[int(start):int(start) + 3]).transpose(0, 1)  # [C, T, H, W]
         torch.testing.assert_close(batch["field"][b], ref, rtol=0, atol=0)
         assert batch["nu"][b].item() == pytest.approx(m["nu"], rel=1e-6)
+        assert batch["dt"][b].item() == pytest.approx(m["dt"], rel=1e-6)
+        assert batch["forcing_strength"][b].item() == 0.0 == m["forcing_strength"]  # a freely decaying flow
     too_long = build_physics_source(memory_url, "train", batch_size=1, frames=9)  # longer than any trajectory
     with pytest.raises(ValueError, match="no samples"):
         next(iter(too_long))  # an error, not an endless search for a window
@@ -117,3 +119,91 @@ def test_blow_up_is_reported():
     cfg = NSConfig(grid=16, frames=3, dt=5.0, save_every=5, nu=1e-4, u_rms=50.0, method="rk4", dealias=False)
     with pytest.raises(ValueError, match="blew up"):
         simulate_trajectory(cfg, 0)
+
+
+def test_forcing_strength_in_metadata():
+    _, meta = simulate_trajectory(NSConfig(grid=8, k_max=2.0, frames=2, dt=0.01, save_every=1, method="euler_maruyama",
+                                           noise_std=0.25, forcing="kolmogorov", forcing_amplitude=0.5), 0)
+    assert meta["forcing_strength"] == 0.75 and meta["forcing_amplitude"] == 0.5
+
+
+def _tar(path, members: dict[str, bytes]) -> str:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"dt": 0.1}, "has no 'nu'"),
+    ({"nu": 1e-3}, "has no 'dt'"),
+    ({"nu": 0.0, "dt": 0.1}, "'nu' = 0.0 is invalid"),
+    ({"nu": -1e-3, "dt": 0.1}, "'nu' = -0.001 is invalid"),
+    ({"nu": float("nan"), "dt": 0.1}, "'nu' = nan is invalid"),
+    ({"nu": 1e-3, "dt": 0.0}, "'dt' = 0.0 is invalid"),
+    ({"nu": 1e-3, "dt": "0.1"}, "'dt' = '0.1' is invalid"),
+    ({"nu": 1e-3, "dt": 0.1, "forcing_strength": -1.0}, "'forcing_strength' = -1.0 is invalid"),
+    (None, "no .json metadata"),
+])
+@pytest.mark.parametrize("corrupt", ["fail", "skip"])
+def test_missing_or_invalid_metadata_names_shard_and_key(tmp_path, meta, match, corrupt):
+    """A physics shard without valid nu / dt is an error naming the shard, the sample and the key,
+    under either corrupt policy (it used to give NaN conditioning)."""
+    import json
+
+    members = {"ns0.npy": _npy(np.zeros((4, 2, 8, 8), np.float32))}
+    if meta is not None:
+        members["ns0.json"] = json.dumps(meta).encode()
+    url = _tar(tmp_path / "bad-000000.tar", members)
+    src = build_physics_source(url, "train", batch_size=1, corrupt=corrupt, shuffle=False)
+    with pytest.raises(PhysicsMetadataError, match=match) as info:
+        next(iter(src))
+    assert "bad-000000.tar" in str(info.value) and "'ns0'" in str(info.value)
+
+
+def test_a_batch_mixing_stated_and_unstated_forcing_is_refused(tmp_path):
+    import json
+
+    members = {}
+    for i, meta in enumerate([{"nu": 1e-3, "dt": 0.1, "forcing_strength": 0.5}, {"nu": 1e-3, "dt": 0.1}]):
+        members[f"ns{i}.npy"] = _npy(np.zeros((2, 2, 8, 8), np.float32))
+        members[f"ns{i}.json"] = json.dumps(meta).encode()
+    src = build_physics_source(_tar(tmp_path / "mix-000000.tar", members), "train", batch_size=2, shuffle=False,
+                               shuffle_buffer=1)
+    with pytest.raises(ValueError, match="'forcing_strength' is in the metadata of some samples"):
+        next(iter(src))
+
+
+def test_3d_source_batches(memory_url):
+    cfg = NSConfig(dims=3, grid=8, k_max=2.0, frames=4, dt=0.05, save_every=1, trajectories=2, val_fraction=0.0,
+                   nu=1e-2, nu_max=5e-2)
+    simulate_ns(memory_url, cfg, SerialComm(), progress=False)
+    batch = next(iter(build_physics_source(memory_url, "train", batch_size=2, shuffle=False)))
+    assert batch["field"].shape == (2, 3, 4, 8, 8, 8)  # [B, (u_z, u_y, u_x), T, Z, Y, X]
+    assert batch["nu"].shape == batch["dt"].shape == (2,) and len(set(batch["nu"].tolist())) == 2
+
+
+def test_ensure_corpus_makes_a_missing_corpus_once(tmp_path, capfd):
+    target = tmp_path / "made"
+    cmd = ("{python} -c \"import os, sys; os.makedirs(sys.argv[1]); "
+           "open(os.path.join(sys.argv[1], 'manifest.json'), 'w').write('{}')\" {source}")
+    assert ensure_corpus(str(target), cmd) is True
+    assert (target / "manifest.json").exists() and not (tmp_path / "made.lock").exists()
+    assert "making it (data.generate)" in capfd.readouterr().err
+    assert ensure_corpus(str(target), cmd) is False  # made: left alone
+    assert ensure_corpus(str(tmp_path / "other"), "") is False  # no command: nothing to do
+    assert ensure_corpus("memory://x/y", cmd) is False and ensure_corpus(str(tmp_path / "a-{0..3}.tar"), cmd) is False
+    with pytest.raises(RuntimeError, match="exited 3"):
+        ensure_corpus(str(tmp_path / "broken"), "{python} -c 'import sys; sys.exit(3)'")
+    with pytest.raises(RuntimeError, match="wrote no"):
+        ensure_corpus(str(tmp_path / "empty"), "true {source}")

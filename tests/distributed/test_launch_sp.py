@@ -117,7 +117,7 @@ def test_deepspeed_physics_pencil_sp4_trains_checkpoints_resumes(tmp_path):
     _ok(_run([sys.executable, "tools/simulate_ns.py", "--out", str(tmp_path / "ns"), "--trajectories", "8",
               "--grid", "16", "--frames", "8", "--val-fraction", "0.2", "--shard-samples", "2", "--no-progress"]))
     cfg = _write_config(tmp_path, {
-        "base": os.path.join(REPO, "configs", "physics_tiny.yaml"),
+        "base": os.path.join(REPO, "configs", "ns2d_tiny.yaml"),
         "model": {"width": 8, "n_blocks": 1, "forcing_width": 8, "forcing_blocks": 1, "wavelet": "haar",
                   "spectral_modes": [2, 4, 4], "cond_dim": 16},
         "data": {"source": str(tmp_path / "ns"), "frames": 8},

@@ -13,7 +13,7 @@ from sgfm_dist.model.layers import ChannelRMSNorm, FiLM, FourierFeatures, Period
 from sgfm_dist.ops.domain import LocalDomain
 
 TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-SHAPES = {1: [(12,), (9,)], 2: [(8, 12), (7, 10)], 3: [(4, 6, 8), (5, 4, 6)]}
+SHAPES = {1: [(12,), (9,)], 2: [(8, 12), (7, 10)], 3: [(4, 6, 8), (5, 4, 6)], 4: [(4, 3, 4, 6), (3, 4, 5, 4)]}
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -41,6 +41,27 @@ def test_periodic_conv_anisotropic_kernel(kernel):
     torch.testing.assert_close(conv(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("kernel", [1, 3, (3, 1, 3, 5)])
+def test_periodic_conv_4d_equals_direct_sum(kernel, groups):
+    """Four field axes (a 3-D flow with its time axis; torch has no conv4d): against the direct
+    sum over kernel offsets of circularly shifted inputs."""
+    torch.manual_seed(4)
+    conv = PeriodicConv(4, 6, kernel, 4, groups=groups).double()
+    ks = conv.kernel_size
+    for shape in SHAPES[4]:
+        x = torch.randn(2, 4, *shape, dtype=torch.float64)
+        ref = conv.bias.reshape(1, -1, 1, 1, 1, 1).expand(2, 6, *shape).clone()
+        gi, go = 4 // groups, 6 // groups
+        for off in torch.cartesian_prod(*[torch.arange(k) for k in ks]).reshape(-1, 4).tolist():
+            shifted = torch.roll(x, shifts=[k // 2 - o for k, o in zip(ks, off)], dims=(2, 3, 4, 5))
+            w = conv.weight[(slice(None), slice(None), *off)]                # [O, I/g]
+            for g in range(groups):
+                ref[:, g * go:(g + 1) * go] += torch.einsum(
+                    "oi,bi...->bo...", w[g * go:(g + 1) * go], shifted[:, g * gi:(g + 1) * gi])
+        torch.testing.assert_close(conv(x), ref, rtol=1e-12, atol=1e-12)
+
+
 def _dft(n: int) -> torch.Tensor:
     """Dense DFT matrix F[k, x] = exp(-2 pi i k x / n) (rows in fftfreq order)."""
     x = torch.arange(n, dtype=torch.float64)
@@ -54,7 +75,7 @@ def _spectral_conv_dense(layer: SpectralConv, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape[2:]
     w = layer.hermitian_weight().detach()  # [I, O, *box]
     xc = x.to(torch.complex128)
-    letters = "xyz"[:d]
+    letters = "xyzw"[:d]
     for i, n in enumerate(shape):  # forward DFT along every axis
         xc = torch.movedim(torch.tensordot(xc, _dft(n), dims=([2 + i], [1])), -1, 2 + i)
     full = torch.zeros(layer.in_ch, layer.out_ch, *shape, dtype=torch.complex128)
@@ -79,10 +100,11 @@ def _spectral_conv_dense(layer: SpectralConv, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("modes", ["small", "large"])
-@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("ndim", [1, 2, 3, 4])
 def test_spectral_conv_matches_dense_dft(ndim, modes):
     torch.manual_seed(2)
-    m = {"small": {1: (3,), 2: (2, 3), 3: (2, 2, 2)}, "large": {1: (9,), 2: (6, 9), 3: (4, 5, 6)}}[modes][ndim]
+    m = {"small": {1: (3,), 2: (2, 3), 3: (2, 2, 2), 4: (2, 2, 2, 2)},
+         "large": {1: (9,), 2: (6, 9), 3: (4, 5, 6), 4: (2, 3, 3, 4)}}[modes][ndim]
     layer = SpectralConv(3, 2, m, ndim).double()
     with torch.no_grad():
         layer.weight.normal_()
@@ -159,7 +181,7 @@ def test_gradcheck_film_and_fourier_features():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(kernel_size=2), dict(kernel_size=(3, 4)), dict(kernel_size=(3,)), dict(ndim=4),
+    dict(kernel_size=2), dict(kernel_size=(3, 4)), dict(kernel_size=(3,)), dict(ndim=5),
 ])
 def test_periodic_conv_bad_arguments(bad):
     kw = dict(in_ch=2, out_ch=2, kernel_size=3, ndim=2) | bad

@@ -37,7 +37,7 @@ def test_layout_blocks_tile_the_field(S, axes, ranks, coords):
      "axis 2 has extent 3, too small to split over 4 ranks"),
     (dict(global_extents=(8, 8), split_axes=(4,), ranks=(2,), coords=(0,)), "split_axes: .* field dims in 2..3"),
     (dict(global_extents=(8, 8), split_axes=(2,), ranks=(2,), coords=(2,)), "coords: .* must lie in"),
-    (dict(global_extents=(8, 8, 8, 8), split_axes=(), ranks=(), coords=()), "1 to 3 positive extents"),
+    (dict(global_extents=(8, 8, 8, 8, 8), split_axes=(), ranks=(), coords=()), "1 to 4 positive extents"),
     (dict(global_extents=(8, 8, 8), split_axes=(2, 3, 4), ranks=(1, 1, 1), coords=(0, 0, 0)), "at most 2"),
 ])
 def test_layout_validation(kwargs, match):

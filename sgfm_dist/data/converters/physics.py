@@ -5,7 +5,11 @@ integrated with ``sgfm_dist.ops.dynamics`` (ETDRK4 by default, or RK4, or Euler-
 when stochastic forcing is on) on the periodic box [0, 2 pi)^d. Stored per sample:
 ``<key>.npy`` float32 ``[T, d, *S]`` (velocity components along the spatial axes in axis
 order: (u_y, u_x) in 2-D, (u_z, u_y, u_x) in 3-D) and ``<key>.json`` with nu, seed, dt
-(time between frames), the solver step, forcing and grid.
+(time between frames), the solver step, forcing and grid. ``nu``, ``dt`` and ``forcing_strength``
+are the physical parameters the model reads per sample (``sgfm_dist.data.fields``):
+``forcing_strength`` is the scale of what drives the flow besides its own dynamics, the
+Kolmogorov amplitude plus the stochastic forcing's strength, 0 for a freely decaying flow
+(so the model's learned forcing is switched off where the data has none).
 
 Initial condition. 2-D: vorticity w is white noise filtered to the shell
 ``k_min <= |k| <= k_max``; the stream function solves ``-Lap psi = w`` and
@@ -189,9 +193,10 @@ def simulate_trajectory(cfg: NSConfig, index: int) -> tuple[np.ndarray, dict]:
                                  f"or raise nu={nu}")
             frames.append(u[0].to(torch.float32))
     traj = torch.stack(frames).numpy()  # [T, d, *S]
+    amplitude = cfg.forcing_amplitude if cfg.forcing != "none" else 0.0
     meta = dict(index=index, seed=seed, nu=nu, dt=cfg.frame_dt, solver_dt=cfg.dt, save_every=cfg.save_every,
                 frames=cfg.frames, grid=[cfg.grid] * cfg.dims, box=[2 * math.pi] * cfg.dims, method=cfg.method,
-                forcing=cfg.forcing, forcing_amplitude=cfg.forcing_amplitude if cfg.forcing != "none" else 0.0,
+                forcing=cfg.forcing, forcing_amplitude=amplitude, forcing_strength=amplitude + cfg.noise_std,
                 forcing_k=cfg.forcing_k, noise_std=cfg.noise_std, k_band=[cfg.k_min, cfg.k_max], u_rms=cfg.u_rms,
                 layout="[T, d, *S], components along the spatial axes in axis order")
     return traj, meta
