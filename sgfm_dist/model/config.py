@@ -200,9 +200,10 @@ class ModelConfig:
 
     @property
     def physical_conditions(self) -> tuple[str, ...]:
-        """The physical parameters lambda the networks are conditioned on (Eq. 20), each sample's
-        own where the data has them: nu and the forcing strength; a physics field also its frame
-        spacing dt, which differs between corpora and sets how much a trajectory moves per t-slice."""
+        """The physical parameters lambda the score network is conditioned on (Eq. 20), each
+        sample's own where the data has them: nu and the forcing strength; a physics field also
+        its frame spacing dt, which differs between corpora and sets how much a trajectory moves
+        per t-slice (``SGFM.dt_condition``; the forcing, a function of the state, does not see dt)."""
         return ("nu", "forcing_strength", "dt") if self.modality == "physics" else ("nu", "forcing_strength")
 
 

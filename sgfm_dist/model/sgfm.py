@@ -94,15 +94,14 @@ class SGFM(nn.Module):
         self.modality = build_modality(cfg)
         for name, module in self.modality.modules().items():
             self.add_module(name, module)
-        # conditions: one log-SNR per scale, the physical parameters lambda, cascade stage
-        self.n_physical = len(cfg.physical_conditions)
-        self.n_conditions = (J + 1) + self.n_physical + (1 if self.cascade else 0)
+        # conditions: one log-SNR per scale, lambda = (nu, forcing strength), cascade stage
+        self.n_conditions = (J + 1) + 2 + (1 if self.cascade else 0)
         self.condition = ConditionEmbedding(self.n_conditions, cfg.fourier_features, cfg.cond_dim)
         in_ch = 2 * C if self.cascade else C
         self.score_net = FieldNet(in_ch, C, cfg.width, cfg.n_blocks, cfg.kernel_size, cfg.spectral_modes, d,
                                   cfg.cond_dim, cfg.mlp_ratio)
         if cfg.forcing_blocks > 0:
-            self.forcing_condition = ConditionEmbedding(self.n_physical, cfg.fourier_features, cfg.cond_dim, seed=1)
+            self.forcing_condition = ConditionEmbedding(2, cfg.fourier_features, cfg.cond_dim, seed=1)
             self.forcing_net = FieldNet(C + cfg.forcing_noise_channels, C, cfg.forcing_width, cfg.forcing_blocks,
                                         cfg.kernel_size, cfg.spectral_modes, d, cfg.cond_dim, cfg.mlp_ratio)
         else:
@@ -114,6 +113,17 @@ class SGFM(nn.Module):
         self.flow_spec = dynamics.FlowSpec(flow_axes=flow, time_axis=2, lengths=lengths, dt=cfg.dt,
                                            nu=cfg.nu, derivative=cfg.derivative,
                                            time_derivative="flow" if 2 in flow else cfg.time_derivative)
+        # The frame spacing dt conditions physics models (cfg.physical_conditions) through a
+        # branch added to the conditioning vector. Its output layer starts at zero and it is
+        # built last, on a forked RNG: every other weight, and the model's first step, are those
+        # of the same config without it.
+        self.dt_condition = None
+        if "dt" in cfg.physical_conditions:
+            with torch.random.fork_rng(devices=[]):
+                self.dt_condition = ConditionEmbedding(1, cfg.fourier_features, cfg.cond_dim, seed=2)
+            with torch.no_grad():
+                self.dt_condition.mlp[-2].weight.zero_()
+                self.dt_condition.mlp[-2].bias.zero_()
 
     # ------------------------------------------------------------------ domain
     def set_domain(self, domain: Domain) -> None:
@@ -210,12 +220,8 @@ class SGFM(nn.Module):
         return torch.stack(values, dim=1)  # [B, 3]
 
     def _physical_inputs(self, lam: Tensor) -> Tensor:
-        """O(1) network inputs ``[B, n_physical]`` of lambda ``[B, 3]``: log10(nu) / 3, the forcing
-        strength and, where the config conditions on it, log10(dt)."""
-        parts = [torch.log10(lam[:, 0].clamp(min=1e-6)) / 3.0, lam[:, 1]]
-        if self.n_physical > 2:
-            parts.append(torch.log10(lam[:, 2].clamp(min=1e-6)))
-        return torch.stack(parts, dim=1)
+        """O(1) network inputs ``[B, 2]`` of lambda ``[B, 3]``: log10(nu) / 3 and the forcing strength."""
+        return torch.stack([torch.log10(lam[:, 0].clamp(min=1e-6)) / 3.0, lam[:, 1]], dim=1)
 
     def physics_spec(self, lam: Tensor | None) -> dynamics.FlowSpec:
         """The FlowSpec of a batch: the model's ``flow_spec`` with each sample's nu and dt of lambda
@@ -231,7 +237,11 @@ class SGFM(nn.Module):
         parts = [lsn, self._physical_inputs(lam)]
         if self.cascade:
             parts.append((stage.float() / self.cfg.levels).unsqueeze(1))
-        return self.condition(torch.cat(parts, dim=1).to(lsn.device, self.param_dtype))
+        cond = self.condition(torch.cat(parts, dim=1).to(lsn.device, self.param_dtype))  # [B, cond_dim]
+        if self.dt_condition is not None:
+            log_dt = torch.log10(lam[:, 2:3].clamp(min=1e-6)).to(lsn.device, self.param_dtype)  # [B, 1]
+            cond = cond + self.dt_condition(log_dt)
+        return cond
 
     # ------------------------------------------------------------------ the eps-network
     def score_coeffs(self, c_in: Tensor, cond: Tensor, shape: tuple[int, ...],

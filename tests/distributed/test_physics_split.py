@@ -212,3 +212,34 @@ def test_split_metrics_equal_whole(results):
                 assert s == pytest.approx(w, rel=1e-9, abs=1e-15), (rank, key)
             else:
                 assert s == w, (rank, key)
+
+
+def test_model_reads_each_samples_physics():
+    """One process: lambda comes from the batch per sample (the config's where absent), bad values
+    are refused instead of becoming NaN conditioning, and the conditioning depends on nu and dt
+    (the dt branch starts at zero, so only once trained)."""
+    model = _model(_config(2))
+    lam = model._lambda({"nu": torch.tensor(NU), "dt": torch.tensor(DT)}, 2, "cpu")
+    torch.testing.assert_close(lam, torch.tensor([[NU[0], 1.0, DT[0]], [NU[1], 1.0, DT[1]]]))
+    for bad in ({"nu": torch.tensor([1e-3, float("nan")])}, {"dt": torch.tensor([0.1, 0.0])},
+                {"nu": torch.tensor([1e-3, 2e-3, 3e-3])}):
+        with pytest.raises(ValueError, match="batch"):
+            model._lambda(bad, 2, "cpu")
+    logsnr = torch.zeros(2, model.cfg.levels + 1)
+    cond = model._conditions(logsnr, lam, None)
+    assert not torch.allclose(cond[0], cond[1])  # nu differs
+    same_nu = lam.clone()
+    same_nu[:, 0] = NU[0]
+    fresh = _config(2)
+    from sgfm_dist.model.sgfm import build_model
+
+    untrained = build_model(fresh.model, fresh.diffusion)
+    c = untrained._conditions(logsnr, same_nu, None)
+    torch.testing.assert_close(c[0], c[1])  # a zero dt branch: dt does not matter yet
+    c = model._conditions(logsnr, same_nu, None)  # perturbed weights: dt matters
+    assert not torch.allclose(c[0], c[1])
+    # the physics energy uses each sample's nu: the same field at two viscosities differs
+    u = torch.randn(1, 2, *FIELD_2D, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1, -1)
+    with torch.no_grad():
+        e = model.physics_energy(u, lam=torch.tensor([[NU[0], 0.0, DT[0]], [NU[1], 0.0, DT[0]]]))
+    assert abs(float(e[0] - e[1])) > 1e-3 * float(e.max())
