@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--resume: {e}")
 
     device = resolve_device(cfg.train.device)
-    rank, _, _ = runtime.setup_distributed(device)
+    rank, _, _ = runtime.setup_distributed(device, timeout_s=cfg.train.collective_timeout_s)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if master:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         trainer.close()
         if master and not args.no_eval:
             final_evaluation(trainer, log)
-        runtime.barrier()  # the other ranks wait for rank 0's evaluation
+        runtime.store_barrier()  # the others wait for rank 0's evaluation, however long it takes
     finally:
         runtime.teardown_distributed(trainer.engine if trainer is not None else None)
     return 0

@@ -2,7 +2,8 @@
 
 * :func:`init_distributed` starts the default process group under ``torchrun`` / ``deepspeed``
   (env:// variables), under ``mpiexec`` (rank and size from mpi4py, a rendezvous address
-  broadcast from rank 0) or as a lone process; gloo on CPU, nccl on CUDA.
+  broadcast from rank 0), under SLURM's ``srun`` (rank, size, local rank and the first node of
+  the step from ``SLURM_*``) or as a lone process; gloo on CPU, nccl on CUDA.
 * :class:`ProcessMesh` splits the world into ``dp x sp``: ``dp`` groups hold different
   samples, the ``sp`` ranks of one group share a sample, each holding a slab (one split
   axis) or a pencil (two split axes, ``sp = p0 * p1``) of the field.
@@ -27,7 +28,10 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -38,18 +42,149 @@ DEFAULT_TIMEOUT_S = 600.0
 
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_timeout_s: float | None = None  # of the default group, when init_distributed made it
 
 
 # ---- launch ------------------------------------------------------------------------------
+def _is_srun_task(env) -> bool:
+    """A task of an ``srun`` step: srun sets SLURM_PROCID and SLURM_STEP_NUM_TASKS for every task.
+    A batch script itself also has SLURM_PROCID (0) and SLURM_NTASKS but no step task count: a
+    ``python`` started there is a lone process, not rank 0 of SLURM_NTASKS."""
+    return "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env
+
+
 def detect_launcher(env: dict | None = None) -> str:
     """``"env"`` (torchrun / deepspeed: RANK and WORLD_SIZE set), ``"mpi"`` (mpiexec: PMI_* or
-    OMPI_COMM_WORLD_* set) or ``"none"`` (a lone process)."""
+    OMPI_COMM_WORLD_* set), ``"slurm"`` (a task of ``srun``) or ``"none"`` (a lone process).
+
+    ``srun --mpi=pmi2/pmix`` sets MPI variables too, equal to SLURM's: that is SLURM (no MPI
+    needed). ``mpirun`` inside an allocation inherits the SLURM variables of its own daemons,
+    which disagree with the MPI rank and size: that is MPI."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return "env"
-    if any(v in env for v in _MPI_RANK_VARS):
+    mpi_rank = next((env[v] for v in _MPI_RANK_VARS if v in env), None)
+    mpi_size = next((env[v] for v in _MPI_SIZE_VARS if v in env), None)
+    if _is_srun_task(env):
+        if mpi_rank is None or (mpi_rank == env["SLURM_PROCID"] and mpi_size in (None, env["SLURM_STEP_NUM_TASKS"])):
+            return "slurm"
+        return "mpi"
+    if mpi_rank is not None:
         return "mpi"
     return "none"
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a SLURM node list in its compact form, in order: ``"node[01-03,07],gpu5"``
+    -> ``["node01", "node02", "node03", "node07", "gpu5"]`` (zero padding kept; several bracket
+    groups in one name multiply out, as ``scontrol show hostnames`` does). ValueError naming the
+    list when it is malformed."""
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist.strip(), nodelist):
+        names = [""]
+        for text, ranges in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", item):
+            if not text and not ranges:
+                continue
+            suffixes = _expand_ranges(ranges, nodelist) if ranges else [""]
+            names = [n + text + x for n in names for x in suffixes]
+        hosts.extend(names)
+    if not hosts:
+        raise ValueError(f"SLURM node list {nodelist!r}: no host names")
+    return hosts
+
+
+def _split_top_level(text: str, whole: str) -> list[str]:
+    """Split on the commas outside brackets."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if depth not in (0, 1):
+            raise ValueError(f"SLURM node list {whole!r}: unbalanced brackets")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise ValueError(f"SLURM node list {whole!r}: unbalanced brackets")
+    items.append(cur)
+    if any(not i for i in items):
+        raise ValueError(f"SLURM node list {whole!r}: an empty host name")
+    return items
+
+
+def _expand_ranges(ranges: str, whole: str) -> list[str]:
+    out = []
+    for part in ranges.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not m:
+            raise ValueError(f"SLURM node list {whole!r}: {part!r} is not a number or a range a-b")
+        lo, hi = m.group(1), m.group(2) or m.group(1)
+        if int(hi) < int(lo):
+            raise ValueError(f"SLURM node list {whole!r}: range {part!r} runs backwards")
+        out.extend(str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1))
+    return out
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """``scontrol show hostnames NODELIST`` when ``scontrol`` is on the PATH (SLURM's own
+    expansion), else :func:`expand_nodelist`."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out
+        except (OSError, subprocess.SubprocessError):
+            pass  # an unreachable controller: the list itself says the same
+    return expand_nodelist(nodelist)
+
+
+def slurm_env(env) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT of an ``srun``
+    task, from SLURM_PROCID, SLURM_STEP_NUM_TASKS (SLURM_NTASKS), SLURM_LOCALID,
+    SLURM_STEP_TASKS_PER_NODE and the step's first node (SLURM_STEP_NODELIST, SLURM_JOB_NODELIST
+    or SLURM_NODELIST). MASTER_ADDR / MASTER_PORT already in ``env`` win; the default port is
+    ``20000 + SLURM_JOB_ID % 10000`` (below the ephemeral range, the same on every node without
+    any communication)."""
+    rank = _env_int(env, "SLURM_PROCID")
+    world = _env_int(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS")
+    local = _env_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+    out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local)}
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if per_node and "SLURM_NODEID" in env:
+        counts = expand_tasks_per_node(per_node)
+        node = _env_int(env, "SLURM_NODEID")
+        if 0 <= node < len(counts):
+            out["LOCAL_WORLD_SIZE"] = str(counts[node])
+    if env.get("MASTER_ADDR"):
+        out["MASTER_ADDR"] = env["MASTER_ADDR"]
+    else:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise ValueError("SLURM: none of SLURM_STEP_NODELIST, SLURM_JOB_NODELIST, SLURM_NODELIST is set and "
+                             "MASTER_ADDR is not either: cannot tell where rank 0 runs")
+        out["MASTER_ADDR"] = slurm_hostnames(nodelist)[0]
+    if env.get("MASTER_PORT"):
+        out["MASTER_PORT"] = env["MASTER_PORT"]
+    else:
+        job = _env_int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
+        out["MASTER_PORT"] = str(20000 + job % 10000)
+    return out
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """SLURM's tasks-per-node form, ``"2(x3),1"`` -> ``[2, 2, 2, 1]``."""
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise ValueError(f"SLURM tasks per node {spec!r}: {part!r} is not N or N(xM)")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
 
 
 def free_port(host: str = "") -> int:
@@ -99,8 +234,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     """Start the default process group and return ``(rank, world_size)``.
 
     Works under ``torchrun`` / ``deepspeed`` (env://: RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT), under ``mpiexec -n N`` (mpi4py discovery, then env://) and
-    as a lone process (world size 1 on a free local port). ``backend`` defaults to nccl
+    MASTER_ADDR, MASTER_PORT), under ``mpiexec -n N`` (mpi4py discovery, then env://), as the
+    tasks of ``srun`` (:func:`slurm_env`, then env://) and as a lone process (world size 1 on a
+    free local port). The groups a :class:`ProcessMesh` creates later get the same timeout. ``backend`` defaults to nccl
     when CUDA is available, else gloo. ``timeout_s`` bounds every collective: a rank that
     dies or stalls mid-collective makes the others raise instead of hanging forever.
     Does nothing but report when a group already exists (e.g. started by the test harness).
@@ -112,6 +248,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     launcher = detect_launcher()
     if launcher == "mpi":
         _mpi_discovery()
+    elif launcher == "slurm":
+        os.environ.update(slurm_env(os.environ))
     elif launcher == "none":
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -130,6 +268,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    global _timeout_s
+    _timeout_s = float(timeout_s)
     return rank, world
 
 
@@ -187,6 +327,8 @@ class ProcessMesh:
         self.dp, self.sp, self.sp_grid = config.resolve(self.world_size)
         self.dp_rank, self.sp_rank = divmod(self.rank, self.sp)
         self.sp_coords = self.coords_of(self.sp_rank)
+        # new_group's own default is torch's (30 min on gloo), not the default group's
+        timeout_s = _timeout_s if timeout_s is None else timeout_s
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
 
         def groups(enumeration: list[list[int]]):

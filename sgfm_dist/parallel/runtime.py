@@ -20,27 +20,46 @@ Every function also works without a process group (one process: identities).
 from __future__ import annotations
 
 import os
+import time
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
-def setup_distributed(device: str) -> tuple[int, int, int]:
+def setup_distributed(device: str, timeout_s: float | None = None) -> tuple[int, int, int]:
     """Start the process group (env://, mpiexec discovery or a lone process) and DeepSpeed's
-    communication layer on top of it; returns ``(rank, world size, local rank)``. Idempotent."""
+    communication layer on top of it; returns ``(rank, world size, local rank)``. Idempotent.
+    ``timeout_s``: how long a collective waits for the other ranks (None: ``DEFAULT_TIMEOUT_S``)."""
     import deepspeed
     import deepspeed.ops
 
-    from .mesh import init_distributed
+    from .mesh import DEFAULT_TIMEOUT_S, init_distributed
 
     if device == "cpu":
         # no JIT-compiled shared-memory all-reduce on CPU: gloo does the job for our sizes
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if device == "cuda" else "gloo"
-    rank, world = init_distributed(backend=backend)
+    timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    rank, world = init_distributed(backend=backend, timeout_s=timeout_s)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)  # finds the group and wraps it
+    _give_deepspeed_world_clone(timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     return rank, world, local_rank
+
+
+def _give_deepspeed_world_clone(timeout_s: float) -> None:
+    """DeepSpeed reduces gradients over its own copy of the world group, which it makes with
+    ``new_group(ranks)`` and hence torch's default timeout (30 min on gloo), not the default
+    group's: a hung rank would stall the others that long whatever ``timeout_s`` says. Making
+    that copy here, with ``timeout_s``, before the engine asks for it, fixes that."""
+    import datetime
+
+    from deepspeed.utils import groups
+
+    if dist.get_world_size() > 1 and getattr(groups, "_WORLD_GROUP", None) is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())),
+                                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def teardown_distributed(engine=None) -> None:
@@ -103,3 +122,60 @@ def setup_if_launched(device: str) -> tuple[int, int, bool]:
     if detect_launcher() == "none":
         return 0, 1, False
     return *init_distributed(backend="nccl" if device == "cuda" else "gloo"), True
+
+
+# ---- waiting longer than the process-group timeout, and failed collectives -----------------
+_store_barriers = 0
+
+
+def store_barrier(poll_s: float = 0.5) -> None:
+    """A barrier that may wait longer than the process-group timeout: for the ranks that wait
+    while rank 0 alone works (an evaluation, a long save).
+
+    A collective barrier fails after the group's timeout, so an evaluation longer than that
+    killed the job. Here every rank adds 1 to a counter in the rendezvous store (the TCPStore
+    every launcher sets up) and polls it until all have: no collective is in flight meanwhile,
+    so nothing times out. A rank that dies is still noticed: the launcher ends the job, and
+    when the store's host (rank 0, or torchrun's agent) is gone the poll raises. A short
+    collective barrier ends it, so no rank leaves (and rank 0 takes the store down on exit)
+    while another still polls. Every rank must call it, in the same order (like ``barrier``)."""
+    global _store_barriers
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    _store_barriers += 1
+    store, key, world_size = _get_default_store(), f"sgfm/store_barrier/{_store_barriers}", dist.get_world_size()
+    store.add(key, 1)
+    while store.add(key, 0) < world_size:
+        time.sleep(poll_s)
+    dist.barrier()
+
+
+def all_agree(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one all-reduce of a scalar)."""
+    x = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+    return bool(all_reduce_sum(x)[0] > 0)
+
+
+_FAILURE_HINTS = {
+    "Connection reset": "a peer's connection was reset: that rank (or its node) died",
+    "Connection closed": "a peer's connection was closed: that rank (or its node) died",
+    "Broken pipe": "a peer's connection broke: that rank (or its node) died",
+    "Timed out": "the collective timed out: a rank hung or its node became unreachable",
+    "timed out": "the collective timed out: a rank hung or its node became unreachable",
+    "Timeout": "the collective timed out: a rank hung or its node became unreachable",
+    "NCCL": "NCCL reported an error: a rank died, hung or its GPU failed",
+}
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """What a failed collective means, in words, or None when ``exc`` is not a failed collective
+    (gloo raises plain RuntimeErrors naming its transport; nccl ``DistBackendError``)."""
+    text = str(exc)
+    if not (isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in text)):
+        return None
+    for needle, meaning in _FAILURE_HINTS.items():
+        if needle in text:
+            return meaning
+    return "a collective failed: another rank died or stopped responding"

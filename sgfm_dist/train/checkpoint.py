@@ -11,7 +11,8 @@ Layout of ``<ckpt_dir>``::
 
 A checkpoint counts only once ``complete.json`` exists: it is written after
 ``engine.save_checkpoint`` returned on every rank (a barrier), by temp-file + ``os.replace``,
-so a run killed mid-save leaves a directory without a marker that ``--resume`` never picks.
+so a run killed mid-save leaves a directory without a marker that ``--resume`` never picks
+(the next save of that step first deletes it: :func:`remove_incomplete`).
 
 Client state (in ``mp_rank_00_model_states.pt``): ``config`` (the whole run config as a
 dict), ``step``, ``ema`` (fp32 averaged weights, the model's own names), ``rng`` and ``data``
@@ -72,6 +73,17 @@ def latest_complete(ckpt_dir: str) -> str | None:
     """Tag directory of the newest complete checkpoint, or None."""
     found = complete_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
+
+
+def remove_incomplete(ckpt_dir: str, tag: str) -> bool:
+    """Delete ``<ckpt_dir>/<tag>`` when it exists without a marker (a save killed half-way), so a
+    new save of that step does not mix its files with the dead one's (e.g. ZeRO shards of
+    another world size, which DeepSpeed would count on load). Returns whether it did."""
+    path = os.path.join(ckpt_dir, tag)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MARKER)):
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    return False
 
 
 def prune(ckpt_dir: str, keep: int) -> None:

@@ -150,6 +150,15 @@ class TrainConfig:
     """Keep the newest this many complete checkpoints (0 = keep all)."""
     eval_interval: int = 0
     """Sample texts and log wavelet energies every this many steps (0 = only at the end)."""
+    max_bad_steps: int = 10
+    """Stop with an error after this many skipped steps in a row (0 = never stop). A step whose
+    loss or gradient is NaN/inf on any rank is skipped by every rank (no parameter, optimizer or
+    EMA update; its batch and LR slot are used up) and counted in ``optim/skipped_steps``."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective waits for the other ranks before it fails (the process-group
+    timeout): how long a job whose rank hangs, or whose node vanished, takes to fail when no
+    launcher ends it first. Rank 0's evaluation does not count against it (the others wait
+    without a collective)."""
 
     def __post_init__(self):
         check_fields(self, "train")
@@ -165,6 +174,8 @@ class TrainConfig:
         non_negative_int("train.ckpt_interval", self.ckpt_interval)
         non_negative_int("train.keep_checkpoints", self.keep_checkpoints)
         non_negative_int("train.eval_interval", self.eval_interval)
+        non_negative_int("train.max_bad_steps", self.max_bad_steps)
+        positive("train.collective_timeout_s", self.collective_timeout_s)
 
     @property
     def last_step(self) -> int:

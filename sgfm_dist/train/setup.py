@@ -17,11 +17,13 @@ different noise.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from sgfm_dist.parallel import runtime
 from sgfm_dist.parallel.mesh import ProcessMesh
@@ -128,33 +130,112 @@ class StepResult:
     losses: dict[str, float]
     """``total`` and each loss term, mean over the step's micro-batches."""
     grad_norm: float
-    """Global gradient norm before clipping (NaN when DeepSpeed reports none)."""
+    """Global gradient norm before clipping (NaN when DeepSpeed reports none; NaN or inf on a
+    skipped step)."""
     cells: float
     """Field cells of this rank's whole (unsharded) batches."""
     tokens: float
     """Real text tokens of those batches (0 for video/physics)."""
+    skipped: bool = False
+    """The step had a non-finite loss (on any rank) or gradient and changed nothing: no
+    parameter, optimizer-moment or EMA update. The same on every rank."""
 
 
-def train_step(t: Training, micro_batches: Iterable[dict]) -> StepResult:
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: the ``inject="grad"`` test hook (a finite loss whose
+    gradient is not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+def _inject(loss: Tensor, kind: str | None) -> Tensor:
+    """Test hook (``SGFM_NAN_AT``): ``"loss"`` makes the loss NaN, ``"inf"`` +inf, ``"grad"`` keeps
+    the loss and makes its gradient NaN."""
+    if kind is None:
+        return loss
+    if kind == "grad":
+        return _NanGradient.apply(loss)
+    return loss + float("nan" if kind == "loss" else "inf")
+
+
+def _skip_zero0_update(engine, bad_local: bool) -> bool:
+    """ZeRO 0 (DeepSpeed hands the step to torch's AdamW, which has no overflow check): agree on
+    ``bad_local`` over all ranks and, when any rank has it, drop the gradients, so the coming
+    ``engine.step()`` updates nothing (AdamW skips parameters without a gradient) while
+    DeepSpeed's step counters and the LR schedule advance as on any step. Returns the agreed flag."""
+    bad = runtime.all_agree(bad_local)
+    if bad and getattr(engine, "torch_autocast_z0_gradscaler", None) is None:
+        # (fp16's GradScaler needs the gradients: its own inf check skips the update instead)
+        for p in engine.module.parameters():
+            p.grad = None
+    return bad
+
+
+@contextlib.contextmanager
+def _clipping_off(engine, off: bool):
+    """DeepSpeed's ZeRO-0 gradient clipping fails on a model without any gradient (an empty
+    parameter list); a skipped step has none, and nothing to clip."""
+    saved = engine._config.gradient_clipping
+    if off:
+        engine._config.gradient_clipping = 0.0
+    try:
+        yield
+    finally:
+        engine._config.gradient_clipping = saved
+
+
+def train_step(t: Training, micro_batches: Iterable[dict], inject: str | None = None) -> StepResult:
     """One optimizer step: for each of the ``grad_accum`` micro-batches (this dp group's whole
     samples, on the device) shard it to this rank's block, forward through the engine, back-
-    propagate the mesh-scaled loss, ``engine.step()``; then update the EMA."""
+    propagate the mesh-scaled loss, ``engine.step()``; then update the EMA.
+
+    A non-finite loss or gradient skips the step on every rank together (``StepResult.skipped``):
+    the parameters, the optimizer state and the EMA stay as they were; the batch, the noise
+    draws and the LR-schedule slot of the step are used up as on any step, so what follows does
+    not depend on whether a step was skipped. How all ranks agree without an extra collective
+    under ZeRO >= 1: a rank whose loss is not finite back-propagates it times NaN, so the
+    reduced gradient is NaN on every rank; DeepSpeed's ZeRO optimizers then find a non-finite
+    global norm (all-reduced) and skip the update themselves. ZeRO 0 checks the (already
+    reduced) gradient norm plus the loss flag in one all-reduce of a scalar before ``step``.
+    ``inject``: test hook, see :func:`_inject`."""
     engine, plan = t.engine, t.plan
     accum = plan.accounting.grad_accum
+    zero0 = engine.zero_optimization_stage() == 0
     sums: dict[str, float] = {}
     cells = tokens = 0.0
     grad_norm = None
+    loss_finite = True
+    bad_zero0 = False
     engine.train()
     for whole in micro_batches:
         batch = plan.shard(whole)  # this rank's block of the field
         loss, terms = engine(batch, generator=t.generator)
+        loss = _inject(loss, inject)
         # a global mean replicated over sp, scaled so that DeepSpeed's mean over all dp x sp
         # ranks equals the single-process gradient (parallel/batch.py)
-        engine.backward(plan.backward_loss(loss))
+        backward = plan.backward_loss(loss)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            loss_finite = False
+            backward = backward * float("nan")  # poison the reduced gradient on every rank (docstring)
+        engine.backward(backward)
         if engine.is_gradient_accumulation_boundary():
             grad_norm = grad_norm_before_step(engine)
-        engine.step()
-        sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / accum
+            if zero0:
+                # under fp16 an inf gradient is a loss-scale overflow, not a bad step: the
+                # GradScaler skips that update and lowers the scale itself
+                grads_bad = not math.isfinite(grad_norm) and getattr(engine, "torch_autocast_z0_gradscaler",
+                                                                     None) is None
+                bad_zero0 = _skip_zero0_update(engine, not loss_finite or grads_bad)
+        with _clipping_off(engine, bad_zero0):
+            engine.step()
+        sums["total"] = sums.get("total", 0.0) + value / accum
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v) / accum
         c, n = batch_counts(whole)
@@ -163,6 +244,13 @@ def train_step(t: Training, micro_batches: Iterable[dict]) -> StepResult:
     if grad_norm is None:
         g = engine.get_global_grad_norm()
         grad_norm = float(g) if g is not None else float("nan")
+    skipped = bad_zero0 if zero0 else not engine.was_step_applied()
+    if skipped:
+        if not zero0 and engine.lr_scheduler is not None:
+            # DeepSpeed does not advance the schedule on a step its optimizer skipped; we do,
+            # so the LR stays a function of the step number (as under ZeRO 0)
+            engine.lr_scheduler.step()
+        return StepResult(losses=sums, grad_norm=grad_norm, cells=cells, tokens=tokens, skipped=True)
     with full_parameters(engine) as module:
         t.ema.update(module.state_dict().items())
     return StepResult(losses=sums, grad_norm=grad_norm, cells=cells, tokens=tokens)

@@ -16,11 +16,23 @@ uninterrupted one, and logs the same losses.
 Counts: ``step`` is the number of optimizer steps taken; one step is ``grad_accum``
 micro-batches per rank. Throughput counts field cells (B * T * L) and real tokens over all
 data-parallel ranks.
+
+Faults: a step whose loss or gradient is NaN/inf is skipped by every rank
+(:func:`sgfm_dist.train.setup.train_step`), counted (``optim/skipped_steps``) and, after
+``train.max_bad_steps`` in a row, the run stops naming the step and the norms. A collective
+that fails because another rank died or hung is re-raised saying so and naming the checkpoint
+``--resume`` continues from. Rank 0's evaluations are waited for without a collective
+(``runtime.store_barrier``), so they may outlast ``train.collective_timeout_s``. The test hooks
+(environment variables, read once per ``fit``) are listed below: ``SGFM_FAIL_AT``,
+``SGFM_KILL_AT``, ``SGFM_NAN_AT`` / ``SGFM_NAN_KIND``, ``SGFM_SLOW_EVAL``.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
+import signal
+import sys
 import time
 
 import numpy as np
@@ -51,6 +63,65 @@ def _injected_fault() -> tuple[int, int] | None:
     except ValueError:
         raise ValueError(f"{FAULT_ENV}={spec!r}: expected RANK:STEP, e.g. 1:3") from None
     return rank, step
+
+
+KILL_ENV = "SGFM_KILL_AT"
+"""Test hook: ``SGFM_KILL_AT=RANK:STEP`` makes that rank SIGKILL itself as that step starts (the
+other ranks are then inside the step's collectives); ``RANK:STEP:save`` does it inside the
+checkpoint save of that step, after DeepSpeed wrote this rank's files and before the checkpoint
+is marked complete; ``RANK:STEP:hang`` makes it sleep forever instead (a hung rank: the others
+wait for the collective timeout). Each prints ``SGFM_KILL_AT ... at <unix time>`` to stderr first."""
+
+NAN_ENV, NAN_KIND_ENV = "SGFM_NAN_AT", "SGFM_NAN_KIND"
+"""Test hook: ``SGFM_NAN_AT=[RANK:]STEPS`` makes the loss of those steps non-finite on that rank
+(all ranks without ``RANK:``); STEPS is a comma list of steps and ranges (``3,6-20``).
+``SGFM_NAN_KIND`` = ``loss`` (NaN, the default), ``inf``, or ``grad`` (the loss stays finite,
+its gradient is NaN)."""
+
+SLOW_EVAL_ENV = "SGFM_SLOW_EVAL"
+"""Test hook: ``SGFM_SLOW_EVAL=SECONDS`` makes each of rank 0's periodic evaluations that much longer."""
+
+
+def _injected_kill() -> tuple[int, int, str] | None:
+    spec = os.environ.get(KILL_ENV, "")
+    if not spec:
+        return None
+    parts = spec.split(":")
+    try:
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("save", "hang")):
+            raise ValueError
+        return int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else "step"
+    except ValueError:
+        raise ValueError(f"{KILL_ENV}={spec!r}: expected RANK:STEP, RANK:STEP:save or RANK:STEP:hang, "
+                         f"e.g. 1:6") from None
+
+
+def _kill_self(rank: int, step: int, where: str) -> None:
+    what = "hangs" if where == "hang" else "SIGKILLs itself"
+    print(f"{KILL_ENV}: rank {rank} {what} at step {step} ({where}) at {time.time():.3f}", file=sys.stderr, flush=True)
+    while where == "hang":
+        time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _injected_nan(rank: int) -> tuple[set[int], str | None]:
+    """The steps at which this rank's loss is made non-finite, and how."""
+    spec, kind = os.environ.get(NAN_ENV, ""), os.environ.get(NAN_KIND_ENV, "loss")
+    if not spec:
+        return set(), None
+    if kind not in ("loss", "inf", "grad"):
+        raise ValueError(f"{NAN_KIND_ENV}={kind!r}: expected loss, inf or grad")
+    try:
+        who, _, steps = spec.rpartition(":")
+        chosen = set()
+        for part in steps.split(","):
+            first, _, last = part.partition("-")
+            chosen.update(range(int(first), int(last or first) + 1))
+        if who and int(who) != rank:
+            return set(), None
+    except ValueError:
+        raise ValueError(f"{NAN_ENV}={spec!r}: expected [RANK:]STEPS, e.g. 3, 4-20, 3,6-20 or 1:3") from None
+    return chosen, kind
 
 
 def checkpoint_dir(cfg: Config) -> str:
@@ -99,6 +170,10 @@ class Trainer:
                     t.plan.checkpointed_blocks else ""))
         self.source = build_train_source(cfg, self.dp_rank, self.dp)
         self.step = 0
+        self.skipped_steps = 0
+        """Steps skipped for a non-finite loss or gradient, over the whole run (resumes keep it)."""
+        self.bad_in_a_row = 0
+        """Skipped steps since the last applied one."""
         self.resumed_from: str | None = None
         if resume_from is not None:
             self._resume(resume_from)
@@ -117,6 +192,8 @@ class Trainer:
             # ... but got ()" (DeepSpeed issue #3599). Re-partitioning them first avoids it.
             self.engine.empty_partition_cache()
         self.step = int(client["step"])
+        self.skipped_steps = int(client.get("skipped_steps", 0))
+        self.bad_in_a_row = int(client.get("bad_in_a_row", 0))
         self.ema.load_state_dict(client["ema"])
         rngs, datas = client.get("rng", []), client.get("data", [])
         if len(rngs) == self.world:
@@ -134,13 +211,18 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Collective: every rank calls it. Returns the tag directory (complete on return)."""
+        tag = ckpt.tag_for_step(self.step)
+        if self.is_main:  # a dead save's leftovers of this step go first (the gathers below wait for it)
+            ckpt.remove_incomplete(self.ckpt_dir, tag)
         rng_all = runtime.all_gather_objects(ckpt.rng_state(self.generator))
         data_all = runtime.all_gather_objects(self.source.state_dict())
         sp = self.plan.sp
         client = {"config": config_to_dict(self.cfg), "step": self.step, "ema": self.ema.state_dict(),
-                  "rng": rng_all, "data": data_all[::sp]}
-        tag = ckpt.tag_for_step(self.step)
+                  "rng": rng_all, "data": data_all[::sp], "skipped_steps": self.skipped_steps,
+                  "bad_in_a_row": self.bad_in_a_row}
         self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client, save_latest=False)
+        if _injected_kill() == (self.rank, self.step, "save"):
+            _kill_self(self.rank, self.step, "save")
         runtime.barrier()  # every rank's shard is written before the checkpoint is marked complete
         if self.is_main:
             ckpt.mark_complete(self.ckpt_dir, tag, self.step, client["config"])
@@ -166,6 +248,7 @@ class Trainer:
 
         e = self.cfg.eval
         model = self.eval_model()
+        time.sleep(float(os.environ.get(SLOW_EVAL_ENV, 0)))  # test hook (module docstring)
         for tag, text in periodic_samples(model, self.cfg, self.device).items():
             self.monitor.text(self.step, tag, text)
         batch = batch_to_device(self._fixed_batch(), self.device)
@@ -194,40 +277,88 @@ class Trainer:
                  f"{effective_precision(cfg, self.device)} on {self.device}")
         self.monitor = RunMonitor(self.out_dir, cfg.logging.tensorboard_dir, cfg.logging.progress,
                                   total_steps=last, initial_step=self.step, enabled=self.is_main)
-        fault = _injected_fault()
-        while self.step < last:
-            if fault == (self.rank, self.step + 1):
-                raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {self.rank} at step {self.step + 1}")
-            t0 = time.perf_counter()
-            lr = float(engine.get_lr()[0])  # the rate this step's update uses
-            micro_batches = (batch_to_device(next(it), self.device) for _ in range(cfg.train.grad_accum))
-            result = train_step(self.training, micro_batches)
-            sums, grad_norm, cells, tokens = result.losses, result.grad_norm, result.cells, result.tokens
-            self.step += 1
-            window["time"] += time.perf_counter() - t0
-            window["cells"] += cells
-            window["tokens"] += tokens
-            self.monitor.advance(1, {"loss": f"{sums['total']:.4f}"})
+        fault, kill = _injected_fault(), _injected_kill()
+        nan_steps, nan_kind = _injected_nan(self.rank)
+        try:
+            while self.step < last:
+                if fault == (self.rank, self.step + 1):
+                    raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {self.rank} at step {self.step + 1}")
+                if kill is not None and kill[:2] == (self.rank, self.step + 1) and kill[2] != "save":
+                    _kill_self(*kill)
+                t0 = time.perf_counter()
+                lr = float(engine.get_lr()[0])  # the rate this step's update uses
+                micro_batches = (batch_to_device(next(it), self.device) for _ in range(cfg.train.grad_accum))
+                result = train_step(self.training, micro_batches,
+                                    inject=nan_kind if self.step + 1 in nan_steps else None)
+                sums, grad_norm, cells, tokens = result.losses, result.grad_norm, result.cells, result.tokens
+                self.step += 1
+                self._count_skipped(result)
+                window["time"] += time.perf_counter() - t0
+                window["cells"] += cells
+                window["tokens"] += tokens
+                self.monitor.advance(1, {"loss": f"{sums['total']:.4f}"})
 
-            if self.step % cfg.logging.log_interval == 0 or self.step == last:
-                record = self._log_step(sums, grad_norm, lr, window)
-                history.append(record)
-                window = {"time": 0.0, "cells": 0.0, "tokens": 0.0}
-            if cfg.train.ckpt_interval and self.step % cfg.train.ckpt_interval == 0 and self.step != last:
-                self.save_checkpoint()
-            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.step != last:
+                if self.step % cfg.logging.log_interval == 0 or self.step == last:
+                    record = self._log_step(sums, grad_norm, lr, window)
+                    history.append(record)
+                    window = {"time": 0.0, "cells": 0.0, "tokens": 0.0}
+                self._stop_after_bad_steps(result)
+                if cfg.train.ckpt_interval and self.step % cfg.train.ckpt_interval == 0 and self.step != last:
+                    self.save_checkpoint()
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.step != last:
+                    if self.is_main:
+                        self.periodic_eval()
+                    runtime.store_barrier()  # may take longer than a collective's timeout
+            if self.step > start or self.resumed_from is None:
+                final = self.save_checkpoint()
                 if self.is_main:
                     self.periodic_eval()
-                runtime.barrier()
-        if self.step > start or self.resumed_from is None:
-            final = self.save_checkpoint()
-            if self.is_main:
-                self.periodic_eval()
-        else:  # resumed at the last step: nothing trained, the checkpoint is already there
-            final = self.resumed_from
+            else:  # resumed at the last step: nothing trained, the checkpoint is already there
+                final = self.resumed_from
+        except Exception as e:
+            meaning = runtime.collective_failure(e)
+            if meaning is None:
+                raise
+            newest = ckpt.latest_complete(self.ckpt_dir)
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(
+                f"rank {self.rank}: the job cannot go on at step {self.step + 1}: {meaning} ({first_line}). "
+                f"Restart it with --resume: it continues from "
+                f"{newest if newest else 'step 0 (no complete checkpoint yet)'}") from e
         self.monitor.close()
         self.log(f"checkpoint: {final}")
         return {"step": self.step, "checkpoint": final, "history": history}
+
+    def _count_skipped(self, result) -> None:
+        """Count a skipped step (skipping is agreed on: the counts are the same on every rank)."""
+        if not result.skipped:
+            self.bad_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        limit = self.cfg.train.max_bad_steps
+        self.log(f"step {self.step}: skipped, non-finite loss or gradient (loss {result.losses['total']:.6g} on "
+                 f"rank 0, grad norm {result.grad_norm:.6g}); {self.bad_in_a_row} in a row"
+                 + (f" of at most {limit}" if limit else ""))
+
+    def _stop_after_bad_steps(self, result) -> None:
+        """After ``train.max_bad_steps`` skipped steps in a row (the count is the same on every
+        rank), stop naming the steps, every rank's loss (and its non-finite terms) and the grad norm."""
+        limit = self.cfg.train.max_bad_steps
+        if not result.skipped or not limit or self.bad_in_a_row < limit:
+            return
+        # every rank takes this branch at the same step (skipping is agreed on): one gather
+        losses = runtime.all_gather_objects({k: v for k, v in result.losses.items()
+                                             if k == "total" or not math.isfinite(v)})
+        per_rank = "; ".join(f"rank {r}: loss {d['total']:.6g}"
+                             + "".join(f", {k} {v:.6g}" for k, v in sorted(d.items()) if k != "total")
+                             for r, d in enumerate(losses))
+        first = self.step - self.bad_in_a_row + 1
+        raise RuntimeError(
+            f"step {self.step}: {self.bad_in_a_row} steps in a row (steps {first}-{self.step}) had a non-finite "
+            f"loss or gradient and were skipped; stopping (train.max_bad_steps={limit}). At step {self.step}: "
+            f"grad norm {result.grad_norm:.6g}; {per_rank}. The weights are those after step {first - 1}; "
+            f"the newest complete checkpoint is {ckpt.latest_complete(self.ckpt_dir) or 'none'}")
 
     def _log_step(self, sums: dict[str, float], grad_norm: float, lr: float, window: dict) -> dict:
         """All-reduce the step's loss terms (mean over ranks) and the window's counts (sum), log on rank 0."""
@@ -244,7 +375,8 @@ class Trainer:
         cells, tokens = float(vals[n]) / sp, float(vals[n + 1]) / sp
         dt = max(window["time"], 1e-9)
         record = {f"loss/{k}": v for k, v in means.items()}
-        record.update({"optim/grad_norm": grad_norm, "optim/lr": lr, "perf/cells_per_s": cells / dt,
+        record.update({"optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped_steps": float(self.skipped_steps),
+                       "perf/cells_per_s": cells / dt,
                        "perf/peak_memory_bytes": peak_memory_bytes(self.device)})
         if MODALITIES[self.cfg.model.modality].counts_tokens:
             record["perf/tokens_per_s"] = tokens / dt
