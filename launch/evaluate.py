@@ -2,11 +2,19 @@
 """Evaluate a trained text SGFM on held-out text, EMA weights.
 
     python launch/evaluate.py --ckpt runs/text_tiny [--out eval.json] [--samples 16] [--steps 64]
+    python launch/evaluate.py --ckpt runs/text_tiny --baseline-ckpt runs/transformer_tiny
+    python launch/evaluate.py --ckpt runs/transformer_tiny
 
 Reports, in bits per byte: (a) the model's denoising cross-entropy (readout of its clean
 estimate u_hat from the noised field) and (b) the context-free Bayes denoiser's, at the
 three alpha_bar where (b) is 25 / 50 / 75 % of the unigram entropy (bisection); and the
-printable-byte and in-vocabulary-word fractions of SGFM samples vs unigram samples.
+printable-byte and in-vocabulary-word fractions of SGFM samples vs unigram samples. Likelihoods
+(``sgfm_dist.eval.likelihood``): the SGFM's variational upper bound on bits per byte of the
+held-out full windows with its Monte-Carlo error (``--elbo-levels`` noise levels per window),
+unigram / bigram entropy of its samples and, with ``--baseline-ckpt`` (a ``model.kind:
+transformer`` run), the transformer's exact bits per byte on the same windows and the
+generative perplexity of the SGFM's samples under it. A transformer run itself is evaluated by
+its exact bits per byte and its (ancestral) samples.
 Writes a JSON summary (default ``<run>/eval_stepN.json``) and prints a table.
 
 One process: the held-out set is small, and the evaluation is the one ``launch/train.py`` runs
@@ -34,6 +42,10 @@ def parse_args(argv=None):
                    help="readout temperature of the sampler's rounding to the vocabulary (default: eval.vocab_temperature)")
     p.add_argument("--val-batches", type=int, default=None, help="held-out batches (default: eval.val_batches)")
     p.add_argument("--val-source", default=None, help="held-out text (default: the run's data.val_source/source)")
+    p.add_argument("--baseline-ckpt", default=None,
+                   help="trained transformer run to score the SGFM against (default: eval.baseline_ckpt)")
+    p.add_argument("--elbo-levels", type=int, default=None,
+                   help="Monte-Carlo noise levels per window of the SGFM's bound, even (default: eval.elbo_levels)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     if args.temperature is not None and not args.temperature > 0:
@@ -48,7 +60,8 @@ def main(argv=None) -> int:
     from sgfm_dist.train.engine import resolve_device
 
     overrides = dict(metric_samples=args.samples, sample_steps=args.steps, sampler=args.sampler,
-                     vocab_temperature=args.temperature, val_batches=args.val_batches)
+                     vocab_temperature=args.temperature, val_batches=args.val_batches,
+                     baseline_ckpt=args.baseline_ckpt, elbo_levels=args.elbo_levels)
     try:
         evaluate_checkpoint(args.ckpt, resolve_device(args.device), overrides, val_source=args.val_source,
                             out=args.out)

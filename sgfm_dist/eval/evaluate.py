@@ -38,22 +38,38 @@ def _evaluate_text(model, cfg: Config, device: str, log=print) -> dict:
     e = cfg.eval
     val = iter(build_train_source(cfg, 0, 1, split="val"))
     val_batches = [batch_to_device(next(val), "cpu") for _ in range(e.val_batches)]
+    if cfg.model.kind == "transformer":  # the baseline: exact likelihood, ancestral samples
+        from sgfm_dist.eval.likelihood import evaluate_baseline_text
+
+        return evaluate_baseline_text(model, iter(build_train_source(cfg, 0, 1, split="train")), val_batches,
+                                      field_shape=cfg.data.field_shape, pad_id=cfg.model.pad_id,
+                                      prior_bytes=e.prior_bytes, metric_samples=e.metric_samples, seed=e.seed,
+                                      device=device, log=log)
+    baseline = None
+    if e.baseline_ckpt:
+        from sgfm_dist.eval.likelihood import load_baseline
+
+        baseline = load_baseline(e.baseline_ckpt, device, cfg.model.vocab_size, cfg.model.pad_id).model
+        log(f"baseline for likelihoods: {e.baseline_ckpt}")
     return evaluate_text(model, iter(build_train_source(cfg, 0, 1, split="train")), val_batches,
                          field_shape=cfg.data.field_shape, pad_id=cfg.model.pad_id, prior_bytes=e.prior_bytes,
                          fractions=e.entropy_fractions, metric_samples=e.metric_samples,
                          sample_steps=e.sample_steps, sampler=e.sampler, physics_eta=e.physics_eta, seed=e.seed,
-                         device=device, vocab_temperature=e.vocab_temperature, log=log)
+                         device=device, vocab_temperature=e.vocab_temperature, elbo_levels=e.elbo_levels,
+                         baseline=baseline, log=log)
 
 
 def _report_text(summary: dict, log=print, show_samples: int = 0) -> None:
+    from sgfm_dist.eval.likelihood import format_baseline_summary
     from sgfm_dist.eval.text_metrics import format_summary
 
+    table = format_baseline_summary if summary.get("kind") == "transformer" else format_summary
     if show_samples:
         log("\n=== samples (EMA weights, %s sampler, %d steps) ===" % (summary["sampler"], summary["sample_steps"]))
         for i, t in enumerate(summary["sample_texts"][:show_samples]):
             log(f"--- sample {i} ---\n{t}")
     log("\n=== evaluation (held-out text) ===")
-    log(format_summary(summary))
+    log(table(summary))
 
 
 def _periodic_text(model, cfg: Config, device: str) -> dict[str, str]:

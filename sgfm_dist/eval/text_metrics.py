@@ -25,6 +25,10 @@ Sample quality: the fraction of printable bytes (ASCII 32..126, tab, newline, ca
 and the fraction of whitespace-separated words that occur in the training corpus's
 vocabulary, for SGFM samples and for bytes drawn i.i.d. from the unigram prior.
 
+Likelihoods on the transformer baseline's scale (the SGFM's variational bound on bits per byte,
+the baseline's exact bits per byte and generative perplexity, sample entropies) are
+``sgfm_dist.eval.likelihood``'s, added to the summary as ``likelihood``.
+
 Only byte-level text is evaluated here (ids 0..255 are bytes, the pad id is masked).
 """
 from __future__ import annotations
@@ -209,6 +213,8 @@ def wavelet_energy_table(model, batch: dict, taus: Iterable[float], seed: int = 
     level at fixed diffusion times; its keys name the levels)."""
     from sgfm_dist.model.sgfm import wavelet_energy_per_level
 
+    if not hasattr(model, "to_coeffs"):  # the transformer baseline has no wavelet field
+        return {}
     # The model draws this noise from the global RNG: fork it so training's RNG stream (and
     # with it exact resume) is untouched by evaluation.
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -238,8 +244,12 @@ def _flatten_scalars(obj, prefix: str) -> dict[str, float]:
 def evaluate_text(model, train_batches: Iterable[dict], val_batches: list[dict], *, field_shape: tuple[int, int],
                   pad_id: int, prior_bytes: int, fractions=(0.25, 0.5, 0.75), metric_samples: int = 16,
                   sample_steps: int = 64, sampler: str = "pc", physics_eta: float = 0.0, seed: int = 1234,
-                  device: str = "cpu", vocab_temperature: float = 1.0, log=print) -> dict:
-    """The whole text evaluation; returns a JSON-able summary (see ``format_summary``)."""
+                  device: str = "cpu", vocab_temperature: float = 1.0, elbo_levels: int = 32, baseline=None,
+                  log=print) -> dict:
+    """The whole text evaluation; returns a JSON-able summary (see ``format_summary``). Its
+    ``likelihood`` part (``sgfm_dist.eval.likelihood.text_likelihood``): the variational bound on
+    bits per byte with ``elbo_levels`` noise levels per window, sample entropies and, with a
+    ``baseline`` transformer, its exact bits per byte and the samples' generative perplexity."""
     model.eval()
     stats = corpus_statistics(train_batches, prior_bytes, pad_id)
     H = stats.entropy_bits
@@ -281,6 +291,11 @@ def evaluate_text(model, train_batches: Iterable[dict], val_batches: list[dict],
         "unigram": {"printable": printable_fraction(uni_ids, pad_id),
                     "in_vocabulary": in_vocabulary_fraction(uni_texts, stats.vocabulary)},
     }
+    from sgfm_dist.eval.likelihood import text_likelihood
+
+    likelihood = text_likelihood(model, val_batches, sgfm_ids, pad_id=pad_id, n_levels=elbo_levels, seed=seed,
+                                 device=device, baseline=baseline, unigram_ids=uni_ids,
+                                 reference_ids=[b["tokens"][b["pad_mask"]] for b in val_batches], log=log)
     by_frac = {lv["fraction"]: lv for lv in levels}
     checks = {
         "model_below_bayes_at_50": _below(by_frac.get(0.5)),
@@ -301,6 +316,7 @@ def evaluate_text(model, train_batches: Iterable[dict], val_batches: list[dict],
         "sampler": sampler,
         "sample_steps": sample_steps,
         "vocab_temperature": vocab_temperature,
+        "likelihood": likelihood,
         "checks": checks,
     }
 
@@ -338,6 +354,10 @@ def format_summary(s: dict) -> str:
     lines.append(f"samples ({how}): {'':>{max(0, 26 - len(how))}} {'printable':>10} {'in-vocab words':>15}")
     for name in ("sgfm", "unigram"):
         lines.append(f"  {name:>37} {sm[name]['printable']:>10.3f} {sm[name]['in_vocabulary']:>15.3f}")
+    if "likelihood" in s:
+        from sgfm_dist.eval.likelihood import format_likelihood
+
+        lines.append(format_likelihood(s["likelihood"]))
     lines.append("checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in s["checks"].items()
                                         if v is not None))
     return "\n".join(lines)

@@ -51,6 +51,27 @@ LAYOUTS: dict[str, FieldLayout] = {
 class ModelConfig:
     """The field representation and the score / forcing networks."""
 
+    kind: Literal["sgfm", "transformer"] = "sgfm"
+    """Which network the run trains. sgfm: the Spectral Generative Flow Model. transformer: the
+    decoder-only byte transformer baseline (``model/transformer.py``; text only, sp = 1): next-byte
+    cross-entropy over each window's T x L bytes read row-major, trained by the same pipeline. Its
+    shape is ``tf_layers`` / ``tf_width`` / ``tf_heads``; the SGFM fields of this same config then
+    only set the parameter budget it is matched to (``transformer.match_sgfm``)."""
+
+    tf_layers: int = 0
+    """Transformer only: residual blocks. 0: chosen with ``tf_width`` so that the parameter count
+    matches the SGFM this config builds with ``kind: sgfm`` (within 5%)."""
+
+    tf_width: int = 0
+    """Transformer only: model width d (a multiple of ``tf_heads``). 0: matched like ``tf_layers``."""
+
+    tf_heads: int = 0
+    """Transformer only: attention heads. 0: the most heads with a head size of at least 32 that
+    divide the width."""
+
+    tf_mlp_ratio: int = 4
+    """Transformer only: hidden expansion of each block's MLP (GPT-2's 4)."""
+
     modality: Literal["text", "video", "physics"] = "text"
     """What a sample is. text: byte/token ids ``[B, T, L]`` embedded into a field
     ``[B, channels, T, L]`` (axes t, x); video: frames ``[B, data_channels, T, H, W]`` lifted
@@ -143,8 +164,19 @@ class ModelConfig:
         for name in ("vocab_size", "channels", "data_channels", "width", "n_blocks", "mlp_ratio",
                      "forcing_width", "levels", "fourier_features", "cond_dim"):
             positive_int(f"model.{name}", getattr(self, name))
-        for name in ("forcing_blocks", "forcing_noise_channels"):
+        for name in ("forcing_blocks", "forcing_noise_channels", "tf_layers", "tf_width", "tf_heads"):
             non_negative_int(f"model.{name}", getattr(self, name))
+        positive_int("model.tf_mlp_ratio", self.tf_mlp_ratio)
+        if self.kind == "transformer":
+            # the baseline reads bytes; other modalities have no next-token factorisation here
+            check(self.modality == "text", "model.kind",
+                  f"the transformer baseline models text; model.modality is {self.modality!r}")
+            check((self.tf_layers == 0) == (self.tf_width == 0), "model.tf_layers",
+                  f"set both tf_layers and tf_width, or neither (0: matched to the SGFM's parameter count); "
+                  f"got tf_layers={self.tf_layers}, tf_width={self.tf_width}")
+            if self.tf_heads and self.tf_width:
+                check(self.tf_width % self.tf_heads == 0, "model.tf_width",
+                      f"{self.tf_width} is not a multiple of tf_heads={self.tf_heads}")
         check(self.fourier_features % 2 == 0, "model.fourier_features",
               f"must be even (sin/cos pairs), got {self.fourier_features}")
         if self.modality == "text":

@@ -439,8 +439,13 @@ class SGFM(nn.Module):
         return {"field": u, **self.modality.decode(self, u, prompt)}
 
 
-def build_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> SGFM:
-    """The SGFM for these configs (a fresh, randomly initialised model)."""
+def build_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> nn.Module:
+    """The model ``model_cfg.kind`` names for these configs (a fresh, randomly initialised one):
+    the SGFM, or the transformer baseline (``transformer.ByteTransformer``)."""
+    if getattr(model_cfg, "kind", "sgfm") == "transformer":
+        from .transformer import build_transformer  # not at the top: transformer.py imports this module
+
+        return build_transformer(model_cfg, diffusion_cfg)
     return SGFM(model_cfg, diffusion_cfg)
 
 

@@ -279,9 +279,19 @@ class EvalConfig:
     """Samples (SGFM and unigram) scored for printable-byte and in-vocabulary-word fractions."""
     seed: int = 1234
     """Seed of evaluation noise and samples, so evaluations are comparable across steps."""
+    baseline_ckpt: str = ""
+    """Text: a trained ``model.kind: transformer`` run (or checkpoint) to score the SGFM against:
+    its exact bits per byte on the held-out windows of the SGFM's bound, and the generative
+    perplexity of the SGFM's samples under it (``sgfm_dist.eval.likelihood``). "" = none."""
+    elbo_levels: int = 32
+    """Text: Monte-Carlo noise levels per held-out window of the SGFM's variational bound on bits
+    per byte (even: stratified in pairs; the reported MC error shrinks at least like 1/sqrt)."""
 
     def __post_init__(self):
         check_fields(self, "eval")
+        positive_int("eval.elbo_levels", self.elbo_levels)
+        check(self.elbo_levels % 2 == 0, "eval.elbo_levels",
+              f"must be even (two draws per stratum give the Monte-Carlo error), got {self.elbo_levels}")
         positive_int("eval.n_samples", self.n_samples)
         positive_int("eval.sample_steps", self.sample_steps)
         non_negative("eval.physics_eta", self.physics_eta)
