@@ -5,7 +5,9 @@ Layout of ``<ckpt_dir>``::
 
     step00000200/                      one checkpoint (tag = step number)
         mp_rank_00_model_states.pt     DeepSpeed: module, optimizer (ZeRO 0), scheduler + our client state
-        zero_pp_rank_*_optim_states.pt DeepSpeed ZeRO >= 1 optimizer shards
+                                       (ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank,
+                                       without module weights)
+        zero_pp_rank_*_optim_states.pt DeepSpeed ZeRO >= 1 optimizer shards, one per rank
         complete.json                  written LAST, atomically: {"step", "tag", "config"}
     latest                             tag of the newest complete checkpoint (atomic rename)
 
@@ -15,7 +17,8 @@ so a run killed mid-save leaves a directory without a marker that ``--resume`` n
 (the next save of that step first deletes it: :func:`remove_incomplete`).
 
 Client state (in ``mp_rank_00_model_states.pt``): ``config`` (the whole run config as a
-dict), ``step``, ``ema`` (fp32 averaged weights, the model's own names), ``rng`` and ``data``
+dict), ``step``, ``ema`` (fp32 averaged weights, the model's own names, whole also when
+training shards it under ZeRO-3), ``rng`` and ``data``
 (one entry per rank: torch / numpy / python / noise-generator states and the batch source's
 ``state_dict()``). Everything is tensors and plain Python, so ``torch.load(...,
 weights_only=True)`` reads it.
@@ -34,6 +37,9 @@ import torch
 
 MARKER = "complete.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES_ZERO3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+"""Under ZeRO-3 every rank writes its own model-states file (no module weights, each with the
+client state); rank 0's is read."""
 _TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -119,8 +125,26 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def read_marker(tag_dir: str) -> dict:
-    with open(os.path.join(tag_dir, MARKER)) as f:
-        return json.load(f)
+    path = os.path.join(tag_dir, MARKER)
+    try:
+        with open(path) as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint marker ({e})") from None
+    if not isinstance(marker, dict) or not {"step", "tag", "config"} <= set(marker):
+        raise ValueError(f"{path}: not a checkpoint marker (expected the keys step, tag, config)")
+    return marker
+
+
+_ZERO_SHARD_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def saved_world_size(tag_dir: str) -> int | None:
+    """How many ranks wrote the ZeRO (>= 1) partitions of ``tag_dir`` (DeepSpeed partitions over
+    all ranks: one optimizer-state file each); None for a ZeRO-0 checkpoint (no partitions: it
+    loads at any world size)."""
+    ranks = {int(m.group(1)) for m in map(_ZERO_SHARD_RE.match, os.listdir(tag_dir)) if m}
+    return len(ranks) if ranks else None
 
 
 def load_client_state(tag_dir: str) -> dict:
@@ -128,12 +152,48 @@ def load_client_state(tag_dir: str) -> dict:
     ``weights_only=True``; a file that needs arbitrary unpickling is reported, not executed."""
     path = os.path.join(tag_dir, MODEL_STATES)
     if not os.path.isfile(path):
-        raise ValueError(f"{tag_dir}: missing {MODEL_STATES} (not a DeepSpeed checkpoint?)")
+        path = os.path.join(tag_dir, MODEL_STATES_ZERO3)
+    if not os.path.isfile(path):
+        raise ValueError(f"{tag_dir}: missing {MODEL_STATES} (or {MODEL_STATES_ZERO3} under ZeRO-3): "
+                         f"not a DeepSpeed checkpoint?")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError with the offending global
-        raise ValueError(f"{path}: cannot be loaded with weights_only=True ({e}); refusing to unpickle "
-                         f"arbitrary objects from a checkpoint") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (EOF, zip errors) or pickle.UnpicklingError with the offending global
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot be loaded with weights_only=True ({first}); a truncated or tampered "
+                         f"checkpoint file (arbitrary objects are never unpickled)") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a DeepSpeed model-states file (a {type(state).__name__})")
+    return state
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its ZeRO optimizer-state files pickle (enums, the loss scaler,
+    fragment addresses: plain data), allowed in addition to tensors when checking them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def check_files(tag_dir: str) -> None:
+    """Read every ``*.pt`` file of ``tag_dir`` with ``weights_only=True`` (plus DeepSpeed's plain
+    data classes) before anything that unpickles them freely (zero_to_fp32) runs: a truncated
+    file, or one whose pickle would construct other objects (run code), is a ValueError naming it."""
+    allowed = _deepspeed_safe_globals()
+    for name in sorted(os.listdir(tag_dir)):
+        if not name.endswith(".pt"):
+            continue
+        path = os.path.join(tag_dir, name)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            why = f"it would unpickle {m.group(1)}" if m else first
+            raise ValueError(f"{path}: a truncated or tampered checkpoint file ({why})") from None
 
 
 MODEL_SECTIONS = ("model", "diffusion")

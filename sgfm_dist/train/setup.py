@@ -30,7 +30,7 @@ from sgfm_dist.parallel.mesh import ProcessMesh
 from sgfm_dist.parallel.parallelize import ParallelizeConfig, ParallelPlan, check_parallel_setup, parallelize
 from sgfm_dist.train.batches import batch_counts
 from sgfm_dist.train.config import Config
-from sgfm_dist.train.ema import EMA
+from sgfm_dist.train.ema import EMA, ShardedEMA
 from sgfm_dist.train.engine import build_engine, deepspeed_config, full_parameters, grad_norm_before_step
 
 
@@ -79,7 +79,7 @@ class Training:
     engine: object
     """The DeepSpeed engine."""
     ema: EMA
-    """Exponential moving average of the weights."""
+    """Exponential moving average of the weights (:class:`ShardedEMA` under ZeRO-3)."""
     generator: torch.Generator
     """This dp group's diffusion noise."""
     n_params: int
@@ -118,6 +118,9 @@ def build_training(cfg: Config, device: str, field_shape: tuple[int, ...], model
     # the EMA copies the full weights now: under ZeRO-3 the engine partitions them
     ema = EMA(model.to(device), cfg.train.ema_decay, cfg.train.ema_warmup)
     engine = build_engine(model, plan.ds_config, cfg.optim, cfg.train.steps, device)
+    if engine.zero_optimization_stage() == 3:
+        # keep only this rank's partition of the EMA, like the parameters (ema.py)
+        ema = ShardedEMA(engine.module.model, ema)
     return Training(model=model, plan=plan, engine=engine, ema=ema,
                     generator=noise_generator(cfg, plan.dp_rank, device), n_params=n_params, rank=rank,
                     world=world, device=device)
@@ -251,6 +254,9 @@ def train_step(t: Training, micro_batches: Iterable[dict], inject: str | None = 
             # so the LR stays a function of the step number (as under ZeRO 0)
             engine.lr_scheduler.step()
         return StepResult(losses=sums, grad_norm=grad_norm, cells=cells, tokens=tokens, skipped=True)
-    with full_parameters(engine) as module:
-        t.ema.update(module.state_dict().items())
+    if isinstance(t.ema, ShardedEMA):  # ZeRO-3: from this rank's partitions, no gather
+        t.ema.update_from_partitions(engine.module.model)
+    else:
+        with full_parameters(engine) as module:
+            t.ema.update(module.state_dict().items())
     return StepResult(losses=sums, grad_norm=grad_norm, cells=cells, tokens=tokens)

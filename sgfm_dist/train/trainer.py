@@ -44,6 +44,7 @@ from sgfm_dist.train import checkpoint as ckpt
 from sgfm_dist.train.batches import batch_to_device, build_train_source, global_field_shape
 from sgfm_dist.train.config import Config, effective_precision
 from sgfm_dist.train.config_loader import config_to_dict
+from sgfm_dist.train.ema import ShardedEMA
 from sgfm_dist.train.monitor import RunMonitor, peak_memory_bytes
 from sgfm_dist.train.setup import build_training, train_step
 
@@ -179,11 +180,36 @@ class Trainer:
             self._resume(resume_from)
         self.monitor: RunMonitor | None = None  # opened by fit()
         self._eval_model = None
+        self._ema_full: tuple[int, dict | None] = (-1, None)
+        """(step, whole EMA on rank 0) gathered from a ZeRO-3 EMA's shards by :meth:`gather_ema`."""
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, tag_dir: str) -> None:
         marker = ckpt.read_marker(tag_dir)
-        load_path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=marker["tag"])
+        stage, saved_world = self.engine.zero_optimization_stage(), ckpt.saved_world_size(tag_dir)
+        other_world = stage >= 1 and saved_world is not None and saved_world != self.world
+        if other_world:
+            # DeepSpeed cannot re-partition ZeRO optimizer state for another world size; it can load
+            # the fp32 weights consolidated from the old partitions (ZeRO-3: zero_to_fp32; ZeRO 1-2:
+            # the whole module in the model-states file) and rebuild its master copies from them
+            self.log(f"--resume: {tag_dir} holds ZeRO-{stage} partitions of {saved_world} ranks, this run has "
+                     f"{self.world}: loading its fp32 weights, EMA, LR schedule and step counters; the optimizer "
+                     f"moments (AdamW exp_avg, exp_avg_sq) restart from zero")
+        try:
+            if other_world and stage == 3 and saved_world < self.world:
+                load_path, client = self._load_zero3_grown(tag_dir, marker["tag"])
+            elif other_world:
+                load_path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=marker["tag"],
+                                                                load_optimizer_states=False,
+                                                                load_lr_scheduler_states=True)
+            else:
+                load_path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=marker["tag"])
+        except Exception as e:  # a truncated or tampered file: name the checkpoint, not DeepSpeed's internals
+            if runtime.collective_failure(e) is not None:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{tag_dir} cannot be loaded ({type(e).__name__}: {first}); a truncated "
+                             f"or tampered checkpoint? Remove it to resume from the one before") from None
         if load_path is None:
             raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
         if self.engine.zero_optimization_stage() == 3:
@@ -208,6 +234,38 @@ class Trainer:
                      f"the data order restarts")
         self.resumed_from = tag_dir
         self.log(f"resumed from {tag_dir} at step {self.step}")
+
+    def _load_zero3_grown(self, tag_dir: str, tag: str) -> tuple[str, dict]:
+        """A ZeRO-3 checkpoint of fewer ranks: DeepSpeed's loader wants this rank's own model-states
+        file, which a smaller world never wrote. The same steps by hand: the consolidated fp32
+        weights (zero_to_fp32) into the gathered parameters (re-partitioned on exit), the
+        optimizer's fp32 partitions rebuilt from them, then the LR schedule and counters from
+        rank 0's model-states file."""
+        import contextlib
+        import io
+
+        import deepspeed
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        engine = self.engine
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32's per-tensor progress
+            sd = get_fp32_state_dict_from_zero_checkpoint(self.ckpt_dir, tag=tag)
+        params = dict(engine.module.named_parameters())
+        missing = sorted(set(params) - set(sd))
+        if missing:
+            raise ValueError(f"{tag_dir}: the consolidated weights miss {missing[:5]}")
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(sd[name].to(p.dtype))
+        engine.optimizer._restore_from_bit16_weights()
+        client = ckpt.load_client_state(tag_dir)
+        if engine.lr_scheduler is not None and client.get("lr_scheduler") is not None:
+            engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
+        engine.global_steps = int(client.get("global_steps", 0))
+        engine.global_samples = int(client.get("global_samples", engine.global_steps * engine.train_batch_size()))
+        engine.skipped_steps = int(client.get("skipped_steps", 0))
+        return tag_dir, client
 
     def save_checkpoint(self) -> str:
         """Collective: every rank calls it. Returns the tag directory (complete on return)."""
@@ -237,9 +295,25 @@ class Trainer:
 
         if self._eval_model is None:
             self._eval_model = build_model(self.cfg.model, self.cfg.diffusion).to(self.device)
-        self.ema.copy_to(self._eval_model)
+        if isinstance(self.ema, ShardedEMA):
+            step, full = self._ema_full
+            if step != self.step:
+                raise RuntimeError(f"eval_model: the ZeRO-3 EMA of step {self.step} was not gathered "
+                                   f"(Trainer.gather_ema on every rank first)")
+            if full is not None:  # else: already in the eval model
+                own = self._eval_model.state_dict()
+                self._eval_model.load_state_dict({k: v.to(own[k].dtype) for k, v in full.items()})
+                self._ema_full = (step, None)  # the eval model holds it now: not a second whole copy
+        else:
+            self.ema.copy_to(self._eval_model)
         self._eval_model.eval()
         return self._eval_model
+
+    def gather_ema(self) -> None:
+        """Collective before rank 0 evaluates: the ZeRO-3 EMA is sharded, so rank 0 gathers the
+        whole one (once per evaluated step); nothing to do for the full EMA of ZeRO 0-2."""
+        if isinstance(self.ema, ShardedEMA) and self._ema_full[0] != self.step:
+            self._ema_full = (self.step, self.ema.full_shadow(to_all=False))
 
     def periodic_eval(self) -> None:
         """Rank 0: the modality's periodic samples (texts) and the wavelet energy per level at fixed taus."""
@@ -306,15 +380,18 @@ class Trainer:
                 if cfg.train.ckpt_interval and self.step % cfg.train.ckpt_interval == 0 and self.step != last:
                     self.save_checkpoint()
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.step != last:
+                    self.gather_ema()
                     if self.is_main:
                         self.periodic_eval()
                     runtime.store_barrier()  # may take longer than a collective's timeout
             if self.step > start or self.resumed_from is None:
                 final = self.save_checkpoint()
+                self.gather_ema()
                 if self.is_main:
                     self.periodic_eval()
             else:  # resumed at the last step: nothing trained, the checkpoint is already there
                 final = self.resumed_from
+                self.gather_ema()  # for the final evaluation
         except Exception as e:
             meaning = runtime.collective_failure(e)
             if meaning is None:

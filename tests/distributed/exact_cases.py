@@ -131,7 +131,7 @@ def distributed_step(variant: str, dp: int, sp: int, stage: int) -> dict:
         dist.all_reduce(total)
         with full_parameters(t.engine) as module:
             params = {n: p.detach().clone() for n, p in module.named_parameters()}
-        ema = {n: v.clone() for n, v in t.ema.shadow.items()}  # ema_decay 0: the updated weights
+        ema = {n: v.clone() for n, v in t.ema.full_shadow().items()}  # ema_decay 0: the updated weights
         return {"loss": float(total) / (dp * sp), "grad_norm": result.grad_norm, "params": params, "ema": ema}
     finally:
         t.engine.destroy()

@@ -20,7 +20,8 @@ parallelized with ``sgfm_dist.parallel.parallelize`` exactly as training does.
 * ``zero``: one AdamW step through DeepSpeed at ZeRO 1, 2, 3 over all ranks; per rank the
   bytes of parameters (ZeRO-3: its partition), master copies and optimizer state, storages
   counted once, against the 1-rank total of the same stage divided by the rank count (the
-  ``1/P`` ideal; target for ZeRO-3: within 10%).
+  ``1/P`` ideal; target for ZeRO-3: within 10%). ``zero<k> EMA``: the EMA's bytes per rank
+  (fp32; a full copy at ZeRO 1-2, this rank's partition at ZeRO-3), against the same ``1/P``.
 
 On a machine with fewer cores than ranks the times measure oversubscription, not scaling;
 the memory figures do not depend on it.
@@ -151,6 +152,7 @@ def _bench_rank(args: dict) -> dict:
             tokens = torch.randint(0, 256, (1, 16, 16), generator=torch.Generator().manual_seed(3)).to(device)
             train_step(t, [{"tokens": tokens, "pad_mask": tokens != 256}])
             out[("zero", stage)] = _param_optimizer_bytes(t.engine)
+            out[("ema", stage)] = t.ema.bytes()  # ZeRO-3: this rank's shard (sharded like the parameters)
             t.engine.destroy()
     return out
 
@@ -184,6 +186,14 @@ def run(args, rec) -> None:
                 ideal = base[key] / p
                 rec.add(f"zero{stage} param+optimizer P={p}", "bytes_per_rank", worst, baseline=f"total/P",
                         baseline_value=ideal)
+                continue
+            if key[0] == "ema":
+                stage = key[1]
+                worst = max(r[key] for r in per_rank)
+                if p == 1:
+                    base[key] = worst
+                rec.add(f"zero{stage} EMA P={p}", "bytes_per_rank", worst, baseline="total/P",
+                        baseline_value=base[key] / p)
                 continue
             scaling, S, ckpt = key
             case = f"{scaling} sp={p} field={S[0]}x{S[1]}{' ckpt' if ckpt else ''}"
