@@ -77,7 +77,7 @@ def _distributed(dp: int, stage: int) -> dict:
         with full_parameters(t.engine) as module:
             params = {n: p.detach().clone() for n, p in module.named_parameters()}
         return {"loss": float(total) / dp, "grad_norm": r.grad_norm, "params": params,
-                "ema": {n: v.clone() for n, v in t.ema.shadow.items()}}
+                "ema": {n: v.clone() for n, v in t.ema.full_shadow().items()}}
     finally:
         t.engine.destroy()
 
