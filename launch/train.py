@@ -78,7 +78,10 @@ def main(argv=None) -> int:
 
     trainer = None
     try:
-        trainer = Trainer(cfg, device, resume=args.resume, log=log)
+        try:
+            trainer = Trainer(cfg, device, resume=args.resume, log=log)
+        except ValueError as e:  # a bad checkpoint or setup: its message, not a traceback
+            raise SystemExit(f"error: {e}")
         trainer.fit()
         trainer.close()
         if master and not args.no_eval:

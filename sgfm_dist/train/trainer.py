@@ -195,6 +195,8 @@ class Trainer:
             self.log(f"--resume: {tag_dir} holds ZeRO-{stage} partitions of {saved_world} ranks, this run has "
                      f"{self.world}: loading its fp32 weights, EMA, LR schedule and step counters; the optimizer "
                      f"moments (AdamW exp_avg, exp_avg_sq) restart from zero")
+        if other_world:  # every rank unpickles every partition here: refuse tampered files first
+            ckpt.check_files(tag_dir)
         try:
             if other_world and stage == 3 and saved_world < self.world:
                 load_path, client = self._load_zero3_grown(tag_dir, marker["tag"])

@@ -197,3 +197,11 @@ def test_truncated_or_tampered_checkpoint_is_refused(runs, tmp_path):
     wf.write_bytes(data[: len(data) // 3])
     p = _run([sys.executable, SAMPLE, "--ckpt", str(wf), "--length", "64", "--steps", "2", "--device", "cpu"])
     _bad(p, str(wf))
+
+    # a truncated ZeRO partition given to --resume on another world size
+    run = tmp_path / "run"
+    shutil.copytree(runs["root"] / "z2_saved", run / "checkpoints")
+    shard = next((run / "checkpoints" / "step00000004").glob("*zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    p = _train(runs["root"], str(run), "parallel.zero_stage=2", resume=True, world=1)
+    _bad(p, str(shard))
