@@ -17,5 +17,6 @@ swapping the model's domain (``SGFM.set_domain``).
 """
 from .config import DiffusionConfig, ModelConfig
 from .sgfm import SGFM, build_model, wavelet_energy_per_level
+from . import transformer  # noqa: F401  (registers model.kind "transformer" in sgfm.MODEL_KINDS)
 
 __all__ = ["DiffusionConfig", "ModelConfig", "SGFM", "build_model", "wavelet_energy_per_level"]

@@ -439,14 +439,20 @@ class SGFM(nn.Module):
         return {"field": u, **self.modality.decode(self, u, prompt)}
 
 
+MODEL_KINDS: dict = {"sgfm": SGFM}
+"""Builders ``(model_cfg, diffusion_cfg) -> nn.Module`` by ``model.kind``. Other kinds register
+themselves when the package imports them (``model/transformer.py`` adds "transformer"), so this
+module never imports them: a baseline depends on the SGFM (it matches its parameter count), not
+the other way round."""
+
+
 def build_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> nn.Module:
     """The model ``model_cfg.kind`` names for these configs (a fresh, randomly initialised one):
-    the SGFM, or the transformer baseline (``transformer.ByteTransformer``)."""
-    if getattr(model_cfg, "kind", "sgfm") == "transformer":
-        from .transformer import build_transformer  # not at the top: transformer.py imports this module
-
-        return build_transformer(model_cfg, diffusion_cfg)
-    return SGFM(model_cfg, diffusion_cfg)
+    the SGFM, or a registered baseline (``MODEL_KINDS``)."""
+    kind = getattr(model_cfg, "kind", "sgfm")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind: {kind!r} has no builder (there are: {sorted(MODEL_KINDS)})")
+    return MODEL_KINDS[kind](model_cfg, diffusion_cfg)
 
 
 @torch.no_grad()

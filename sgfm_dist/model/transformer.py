@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ..ops.domain import LOCAL, Domain, LocalDomain
 from .config import DiffusionConfig, ModelConfig
+from .sgfm import MODEL_KINDS, SGFM
 
 MATCH_TOLERANCE = 0.05
 """Largest relative difference of the matched transformer's parameter count from the SGFM's."""
@@ -85,8 +86,6 @@ def default_heads(width: int) -> int:
 def sgfm_param_count(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> int:
     """Parameters of the SGFM that ``model_cfg`` builds with ``kind: sgfm`` (built on the meta
     device: no memory, no draw from the global RNG)."""
-    from .sgfm import SGFM
-
     cfg = dataclasses.replace(model_cfg, kind="sgfm")
     with torch.device("meta"):
         model = SGFM(cfg, diffusion_cfg)
@@ -312,3 +311,6 @@ class ByteTransformer(nn.Module):
 def build_transformer(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> ByteTransformer:
     """The baseline for these configs (a fresh, randomly initialised model)."""
     return ByteTransformer(model_cfg, diffusion_cfg)
+
+
+MODEL_KINDS["transformer"] = build_transformer  # ``build_model`` dispatches on model.kind through it
