@@ -39,7 +39,7 @@ def _evaluate_text(model, cfg: Config, device: str, log=print) -> dict:
     val = iter(build_train_source(cfg, 0, 1, split="val"))
     val_batches = [batch_to_device(next(val), "cpu") for _ in range(e.val_batches)]
     if cfg.model.kind == "transformer":  # the baseline: exact likelihood, ancestral samples
-        from sgfm_dist.eval.likelihood import evaluate_baseline_text
+        from sgfm_dist.eval.text_metrics import evaluate_baseline_text
 
         return evaluate_baseline_text(model, iter(build_train_source(cfg, 0, 1, split="train")), val_batches,
                                       field_shape=cfg.data.field_shape, pad_id=cfg.model.pad_id,
@@ -60,7 +60,7 @@ def _evaluate_text(model, cfg: Config, device: str, log=print) -> dict:
 
 
 def _report_text(summary: dict, log=print, show_samples: int = 0) -> None:
-    from sgfm_dist.eval.likelihood import format_baseline_summary
+    from sgfm_dist.eval.text_metrics import format_baseline_summary
     from sgfm_dist.eval.text_metrics import format_summary
 
     table = format_baseline_summary if summary.get("kind") == "transformer" else format_summary

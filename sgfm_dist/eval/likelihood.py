@@ -326,7 +326,7 @@ def load_baseline(path: str, device: str = "cpu", vocab_size: int | None = None,
 
 
 # ----------------------------------------------------------------------------- sample entropy
-def _sequences(samples) -> list[list[int]]:
+def byte_sequences(samples) -> list[list[int]]:
     """Byte sequences of strings, bytes, or id lists / tensors (ids outside 0..255 dropped)."""
     out = []
     for s in samples:
@@ -350,7 +350,7 @@ def sample_entropy(samples: Sequence) -> dict:
     """Unigram entropy (bits per byte), bigram entropy (bits per consecutive pair, within each
     sample) and the conditional bigram entropy ``H(X2 | X1)`` of byte samples (strings, bytes or
     ids; pads and ids > 255 dropped first)."""
-    seqs = _sequences(samples)
+    seqs = byte_sequences(samples)
     uni = Counter(b for s in seqs for b in s)
     pairs = Counter((a, b) for s in seqs for a, b in zip(s, s[1:]))
     firsts = Counter(a for s in seqs for a in s[:-1])
@@ -384,7 +384,7 @@ def text_likelihood(model, val_batches: list[dict], sample_ids: Tensor, *, pad_i
     entropies = {"sgfm": sample_entropy(sample_ids)}
     n_bytes = entropies["sgfm"]["bytes"]
     if reference_ids is not None:
-        ref = [b for s in _sequences(reference_ids) for b in s][:max(n_bytes, 2)]
+        ref = [b for s in byte_sequences(reference_ids) for b in s][:max(n_bytes, 2)]
         entropies["heldout"] = sample_entropy([ref])
     if unigram_ids is not None:
         entropies["unigram"] = sample_entropy(unigram_ids)
@@ -423,66 +423,6 @@ def format_likelihood(s: dict) -> str:
         for name, g in s["generative_perplexity"].items():
             lines.append(f"  generative perplexity of {name} samples under the transformer: {g['perplexity']:.3f} "
                          f"({g['bits_per_byte']:.4f} bits/byte)")
-    lines.append(f"sample entropy, bits: {'unigram':>9} {'bigram':>8} {'H(X2|X1)':>9}")
-    for name, h in s["entropy"].items():
-        lines.append(f"  {name:>19} {h['unigram_bits']:>9.4f} {h['bigram_bits']:>8.4f} "
-                     f"{h['conditional_bigram_bits']:>9.4f}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- the baseline's own evaluation
-@torch.no_grad()
-def evaluate_baseline_text(model, train_batches: Iterable[dict], val_batches: list[dict], *,
-                           field_shape: tuple[int, int], pad_id: int, prior_bytes: int, metric_samples: int = 16,
-                           seed: int = 1234, device: str = "cpu", log=print) -> dict:
-    """The text evaluation of a ``model.kind: transformer`` run: exact bits per byte on every
-    held-out real byte and on the full windows (those the SGFM's bound uses), and its samples
-    (ancestral, temperature 1) scored like the SGFM's: printable and in-vocabulary fractions and
-    entropies, next to unigram samples."""
-    from sgfm_dist.eval.text_metrics import (corpus_statistics, ids_to_text, in_vocabulary_fraction,
-                                             printable_fraction, unigram_samples)
-
-    model.eval()
-    stats = corpus_statistics(train_batches, prior_bytes, pad_id)
-    tokens = torch.cat([b["tokens"] for b in val_batches])
-    mask = torch.cat([b["pad_mask"] for b in val_batches])
-    windows = full_windows(val_batches, pad_id)
-    every = transformer_bits(model, tokens, mask, device=device)
-    full = transformer_bits(model, windows, device=device) if windows.shape[0] else None
-    log(f"  transformer: {every['bits_per_byte']:.4f} bits/byte on {every['bytes']} held-out bytes"
-        + (f", {full['bits_per_byte']:.4f} on the {full['windows']} full windows" if full else ""))
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = model.generate(metric_samples, tuple(field_shape), generator=gen)["tokens"].cpu()
-    uni_ids = unigram_samples(stats.prior, metric_samples, tuple(field_shape), torch.Generator().manual_seed(seed))
-    texts, uni_texts = [ids_to_text(t, pad_id) for t in ids], [ids_to_text(t, pad_id) for t in uni_ids]
-    samples = {"transformer": {"printable": printable_fraction(ids, pad_id),
-                               "in_vocabulary": in_vocabulary_fraction(texts, stats.vocabulary)},
-               "unigram": {"printable": printable_fraction(uni_ids, pad_id),
-                           "in_vocabulary": in_vocabulary_fraction(uni_texts, stats.vocabulary)}}
-    n = sample_entropy(ids)["bytes"]
-    heldout = [b for s in _sequences([t[m] for t, m in zip(tokens, mask)]) for b in s][:max(n, 2)]
-    return {"kind": "transformer", "unigram_entropy_bits": stats.entropy_bits,
-            "unigram_heldout_ce_bits": float(-stats.prior.log2()[tokens[mask]].mean()),
-            "heldout_bits_per_byte": every, "full_window_bits_per_byte": full, "samples": samples,
-            "entropy": {"transformer": sample_entropy(ids), "heldout": sample_entropy([heldout]),
-                        "unigram": sample_entropy(uni_ids)},
-            "sample_texts": texts[:4], "unigram_texts": uni_texts[:2], "sampler": "ancestral", "sample_steps": 0,
-            "temperature": 1.0}
-
-
-def format_baseline_summary(s: dict) -> str:
-    """A readable table of :func:`evaluate_baseline_text`'s summary."""
-    e, f = s["heldout_bits_per_byte"], s["full_window_bits_per_byte"]
-    lines = [f"unigram entropy H = {s['unigram_entropy_bits']:.4f} bits/byte (held-out unigram CE "
-             f"{s['unigram_heldout_ce_bits']:.4f})",
-             f"transformer, exact bits per byte: {e['bits_per_byte']:.4f} +- {e['window_stderr']:.4f} on "
-             f"{e['bytes']} held-out bytes ({e['windows']} windows)"]
-    if f is not None:
-        lines.append(f"  on the {f['windows']} full windows ({f['bytes']} bytes): {f['bits_per_byte']:.4f} "
-                     f"+- {f['window_stderr']:.4f}")
-    lines.append(f"samples (ancestral, T=1): {'printable':>14} {'in-vocab words':>15}")
-    for name, v in s["samples"].items():
-        lines.append(f"  {name:>23} {v['printable']:>14.3f} {v['in_vocabulary']:>15.3f}")
     lines.append(f"sample entropy, bits: {'unigram':>9} {'bigram':>8} {'H(X2|X1)':>9}")
     for name, h in s["entropy"].items():
         lines.append(f"  {name:>19} {h['unigram_bits']:>9.4f} {h['bigram_bits']:>8.4f} "

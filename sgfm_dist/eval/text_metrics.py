@@ -361,3 +361,62 @@ def format_summary(s: dict) -> str:
     lines.append("checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in s["checks"].items()
                                         if v is not None))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the baseline's own evaluation
+@torch.no_grad()
+def evaluate_baseline_text(model, train_batches: Iterable[dict], val_batches: list[dict], *,
+                           field_shape: tuple[int, int], pad_id: int, prior_bytes: int, metric_samples: int = 16,
+                           seed: int = 1234, device: str = "cpu", log=print) -> dict:
+    """The text evaluation of a ``model.kind: transformer`` run: exact bits per byte on every
+    held-out real byte and on the full windows (those the SGFM's bound uses), and its samples
+    (ancestral, temperature 1) scored like the SGFM's: printable and in-vocabulary fractions and
+    entropies, next to unigram samples."""
+    from sgfm_dist.eval.likelihood import byte_sequences, full_windows, sample_entropy, transformer_bits
+
+    model.eval()
+    stats = corpus_statistics(train_batches, prior_bytes, pad_id)
+    tokens = torch.cat([b["tokens"] for b in val_batches])
+    mask = torch.cat([b["pad_mask"] for b in val_batches])
+    windows = full_windows(val_batches, pad_id)
+    every = transformer_bits(model, tokens, mask, device=device)
+    full = transformer_bits(model, windows, device=device) if windows.shape[0] else None
+    log(f"  transformer: {every['bits_per_byte']:.4f} bits/byte on {every['bytes']} held-out bytes"
+        + (f", {full['bits_per_byte']:.4f} on the {full['windows']} full windows" if full else ""))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = model.generate(metric_samples, tuple(field_shape), generator=gen)["tokens"].cpu()
+    uni_ids = unigram_samples(stats.prior, metric_samples, tuple(field_shape), torch.Generator().manual_seed(seed))
+    texts, uni_texts = [ids_to_text(t, pad_id) for t in ids], [ids_to_text(t, pad_id) for t in uni_ids]
+    samples = {"transformer": {"printable": printable_fraction(ids, pad_id),
+                               "in_vocabulary": in_vocabulary_fraction(texts, stats.vocabulary)},
+               "unigram": {"printable": printable_fraction(uni_ids, pad_id),
+                           "in_vocabulary": in_vocabulary_fraction(uni_texts, stats.vocabulary)}}
+    n = sample_entropy(ids)["bytes"]
+    heldout = [b for s in byte_sequences([t[m] for t, m in zip(tokens, mask)]) for b in s][:max(n, 2)]
+    return {"kind": "transformer", "unigram_entropy_bits": stats.entropy_bits,
+            "unigram_heldout_ce_bits": float(-stats.prior.log2()[tokens[mask]].mean()),
+            "heldout_bits_per_byte": every, "full_window_bits_per_byte": full, "samples": samples,
+            "entropy": {"transformer": sample_entropy(ids), "heldout": sample_entropy([heldout]),
+                        "unigram": sample_entropy(uni_ids)},
+            "sample_texts": texts[:4], "unigram_texts": uni_texts[:2], "sampler": "ancestral", "sample_steps": 0,
+            "temperature": 1.0}
+
+
+def format_baseline_summary(s: dict) -> str:
+    """A readable table of :func:`evaluate_baseline_text`'s summary."""
+    e, f = s["heldout_bits_per_byte"], s["full_window_bits_per_byte"]
+    lines = [f"unigram entropy H = {s['unigram_entropy_bits']:.4f} bits/byte (held-out unigram CE "
+             f"{s['unigram_heldout_ce_bits']:.4f})",
+             f"transformer, exact bits per byte: {e['bits_per_byte']:.4f} +- {e['window_stderr']:.4f} on "
+             f"{e['bytes']} held-out bytes ({e['windows']} windows)"]
+    if f is not None:
+        lines.append(f"  on the {f['windows']} full windows ({f['bytes']} bytes): {f['bits_per_byte']:.4f} "
+                     f"+- {f['window_stderr']:.4f}")
+    lines.append(f"samples (ancestral, T=1): {'printable':>14} {'in-vocab words':>15}")
+    for name, v in s["samples"].items():
+        lines.append(f"  {name:>23} {v['printable']:>14.3f} {v['in_vocabulary']:>15.3f}")
+    lines.append(f"sample entropy, bits: {'unigram':>9} {'bigram':>8} {'H(X2|X1)':>9}")
+    for name, h in s["entropy"].items():
+        lines.append(f"  {name:>19} {h['unigram_bits']:>9.4f} {h['bigram_bits']:>8.4f} "
+                     f"{h['conditional_bigram_bits']:>9.4f}")
+    return "\n".join(lines)

@@ -238,7 +238,8 @@ def test_sgfm_bound_end_to_end():
 @pytest.mark.slow
 def test_text_likelihood_with_a_baseline_and_the_baseline_evaluation():
     from sgfm_dist.eval.evaluate import evaluate_model
-    from sgfm_dist.eval.likelihood import format_baseline_summary, format_likelihood, text_likelihood
+    from sgfm_dist.eval.likelihood import format_likelihood, text_likelihood
+    from sgfm_dist.eval.text_metrics import format_baseline_summary
     from sgfm_dist.model.config import DiffusionConfig, ModelConfig
     from sgfm_dist.model.sgfm import build_model
     from sgfm_dist.train.config import Config, DataConfig, EvalConfig, TrainConfig
