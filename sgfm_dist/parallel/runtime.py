@@ -179,3 +179,24 @@ def collective_failure(exc: BaseException) -> str | None:
         if needle in text:
             return meaning
     return "a collective failed: another rank died or stopped responding"
+
+
+def group_rank(group) -> int:
+    """This process's rank within ``group`` (a process group of the mesh or of DeepSpeed's ZeRO)."""
+    return dist.get_rank(group=group)
+
+
+def gather_shards(shard: Tensor, group, to_all: bool = True) -> list[Tensor] | None:
+    """Every rank's equally shaped ``shard`` in ``group``, in group-rank order: on every rank
+    (``to_all``), or only on the group's first rank (the others get None), for host-side state
+    that is kept sharded (the ZeRO-3 EMA) and assembled only to be saved or evaluated."""
+    world = dist.get_world_size(group=group)
+    if to_all:
+        parts = [torch.empty_like(shard) for _ in range(world)]
+        dist.all_gather(parts, shard, group=group)
+        return parts
+    dst = dist.get_global_rank(group, 0)
+    mine = dist.get_rank() == dst
+    parts = [torch.empty_like(shard) for _ in range(world)] if mine else None
+    dist.gather(shard, parts, dst=dst, group=group)
+    return parts

@@ -21,6 +21,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from sgfm_dist.parallel import runtime
+
 
 class EMA:
     """``shadow <- d * shadow + (1 - d) * weights`` with ``d = min(decay, (1+n)/(10+n))``
@@ -112,11 +114,9 @@ class ShardedEMA(EMA):
     def _slice(self, name: str, value: Tensor) -> Tensor:
         """This rank's partition of a whole tensor ``value`` for parameter ``name`` (DeepSpeed's
         layout: the flat tensor padded to P * part, rank r holds [r * part, (r + 1) * part))."""
-        import torch.distributed as dist
-
         p = self._params[name]
         part = p.ds_tensor.numel()
-        r = dist.get_rank(group=p.ds_process_group)
+        r = runtime.group_rank(p.ds_process_group)
         flat = value.detach().reshape(-1).to(torch.float32)
         out = torch.zeros(part, dtype=torch.float32, device=p.ds_tensor.device)
         start = r * part
@@ -165,8 +165,6 @@ class ShardedEMA(EMA):
         """Collective: the whole averaged state dict, on every rank (``to_all``) or only on the
         group's first rank (the others get None): one parameter at a time, so the transient
         is one parameter, not the model."""
-        import torch.distributed as dist
-
         out: dict[str, Tensor] | None = {}
         for k in self._keys:
             if k not in self._params:
@@ -174,19 +172,10 @@ class ShardedEMA(EMA):
                     out[k] = self.shadow[k].clone()
                 continue
             p, shard = self._params[k], self.shadow[k]
-            group = p.ds_process_group
-            world = dist.get_world_size(group=group)
-            if to_all:
-                parts = [torch.empty_like(shard) for _ in range(world)]
-                dist.all_gather(parts, shard, group=group)
-            else:
-                dst = dist.get_global_rank(group, 0)
-                mine = dist.get_rank() == dst
-                parts = [torch.empty_like(shard) for _ in range(world)] if mine else None
-                dist.gather(shard, parts, dst=dst, group=group)
-                if not mine:
-                    out = None
-                    continue
+            parts = runtime.gather_shards(shard, p.ds_process_group, to_all)
+            if parts is None:  # not the group's first rank (to_all=False)
+                out = None
+                continue
             out[k] = torch.cat(parts)[:p.ds_numel].view(tuple(p.ds_shape)).clone()
         return out
 
