@@ -111,7 +111,7 @@ def _write_fields(root, n_shards: int = 3, per_shard: int = 5) -> dict[str, np.n
                 key = f"s{s}-{i:03d}"
                 arrays[key] = np.random.default_rng([s, i]).standard_normal((4, 2, 16, 16)).astype(np.float32)
                 tar.write({"__key__": key, "npy": npy_bytes(arrays[key]),
-                           "json": json_bytes(dict(nu=0.01 * i, dt=0.1))})
+                           "json": json_bytes(dict(nu=0.01 * (i + 1), dt=0.1))})  # nu > 0: a valid viscosity
     return arrays
 
 
@@ -128,7 +128,7 @@ def test_worker_batches_are_the_stored_arrays_while_batches_are_held(tmp_path, n
             key, start = sid.split("@")
             stored = arrays[key][int(start):int(start) + 2]  # [T, C, H, W]
             np.testing.assert_array_equal(field.numpy(), stored.swapaxes(0, 1))
-            assert nu == pytest.approx(0.01 * int(key.split("-")[1]))
+            assert nu == pytest.approx(0.01 * (int(key.split("-")[1]) + 1))
         if step % 5 == 0:
             held.append((batch["field"], batch["field"].clone()))  # the trainer keeps some (the eval batch)
     for kept, copy in held:
