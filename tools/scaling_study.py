@@ -47,8 +47,9 @@ training, per model and size); ``<name>`` is ``--name``, by default the config's
 Printed: a line per point with its rate and the study's ETA, then a table, the fitted exponents
 (all sizes, and the two largest, where fixed per-step costs no longer dominate; with repeats,
 the min-max of the per-repeat fits), and ratios against baselines measured in the same run:
-each model against ``--baseline-model`` at the same (N, P), and each P against P = 1 (the
-parallel speed-up), as the median over repeats with the min-max beside it. ``--json PATH|-``
+each model against ``--baseline-model`` at the same (N, P) (step time, peak memory), and each
+P against P = 1 (cells/s: the parallel speed-up; peak memory), as the median over repeats with
+the min-max beside it. ``--json PATH|-``
 writes one JSON object per measurement (DESIGN.md section 4, suite "scaling").
 """
 from __future__ import annotations
@@ -72,8 +73,10 @@ sys.path.insert(0, REPO)
 
 from tools.benchmarks.common import Recorder, device_name, git_commit, loglog_slope, spread  # noqa: E402
 
-QUICK = dict(sizes="1024,4096,16384", ranks="1,2", steps=20, warmup=5, repeats=1, point_timeout_s=240.0)
-"""The ``--quick`` preset: 3 sizes x 2 world sizes of 20 steps each, about 4 min on 2 CPU cores."""
+QUICK = dict(sizes="1024,4096,16384", ranks="1,2", steps=20, warmup=5, repeats=1, point_timeout_s=240.0,
+             max_point_s=75.0)
+"""The ``--quick`` preset: 3 sizes x 2 world sizes of 20 steps each; points predicted to take
+more than 75 s (the transformer beyond 1k positions on 2 CPU cores) are skipped: < 10 min."""
 
 
 # ----------------------------------------------------------------------------- points
@@ -254,10 +257,11 @@ def paired_ratios(points: list[Point], metric: str, match, baseline_of) -> list[
     return out
 
 
-def predict_wall(done: list[Point], todo: list[Point], steps: int) -> float:
+def predict_wall(done: list[Point], todo: list[Point], steps: int, same_model_only: bool = False) -> float:
     """Seconds the remaining points should take: per (model, ranks) a log-log fit of step time
     against cells from the finished points (or the nearest finished point scaled linearly),
-    plus the median launch overhead (wall - steps x step time)."""
+    plus the median launch overhead (wall - steps x step time). ``same_model_only``: NaN for a
+    point whose model has no finished point yet (no guess from another model)."""
     ok = [p for p in done if p.status == "ok" and p.s_per_step and p.wall_s]
     if not ok:
         return float("nan")
@@ -265,7 +269,11 @@ def predict_wall(done: list[Point], todo: list[Point], steps: int) -> float:
     total = 0.0
     for q in todo:
         same = [p for p in ok if p.model == q.model and p.ranks == q.ranks] or \
-               [p for p in ok if p.model == q.model] or ok
+               [p for p in ok if p.model == q.model]
+        if not same:
+            if same_model_only:
+                return float("nan")
+            same = ok
         slope = loglog_slope([p.cells for p in same], [p.s_per_step for p in same])
         ref = min(same, key=lambda p: abs(math.log(max(p.cells, 1)) - math.log(max(q.cells, 1))))
         e = slope if slope is not None and 0.5 <= slope <= 2.5 else 1.0
@@ -337,8 +345,8 @@ def plot_scaling(points: list[Point], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _smooth(ys: list, frac: float = 0.1) -> list:
-    """Trailing running mean over a tenth of the curve (a batch-1 loss is noisy step to step)."""
+def _smooth(ys: list, frac: float = 0.2) -> list:
+    """Trailing running mean over a fifth of the curve (a batch-1 loss is noisy step to step)."""
     w = max(1, int(len(ys) * frac))
     out, acc, vals = [], 0.0, []
     for y in ys:
@@ -359,12 +367,19 @@ def plot_loss_vs_compute(points: list[Point], curves: dict[str, dict], path: str
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    maps = ["Blues", "Reds", "Greens", "Purples", "Oranges"]
+    models = sorted({p.model for p in points})
+    sizes = sorted({p.cells for p in points})
     for p in sorted(points, key=lambda p: (p.model, p.cells, p.ranks)):
         c = curves.get(p.key)
         if p.status != "ok" or p.repeat != 0 or not c:
             continue
+        # one hue per model, darker for larger fields; P = 1 solid, larger P dashed
+        shade = 0.45 + 0.5 * sizes.index(p.cells) / max(1, len(sizes) - 1)
+        color = plt.get_cmap(maps[models.index(p.model) % len(maps)])(shade)
         xs = [s * p.ranks for s in c["seconds"]]
-        ax.semilogx(xs, _smooth(c["loss"]), label=f"{p.model} {p.field} P={p.ranks}", lw=1)
+        ax.semilogx(xs, _smooth(c["loss"]), label=f"{p.model} {p.field} P={p.ranks}", lw=1.2, color=color,
+                    ls="-" if p.ranks == 1 else "--")
     ax.set_xlabel("training compute, rank-seconds")
     ax.set_ylabel("training loss (loss/total, running mean)")
     ax.grid(True, which="both", alpha=0.3)
@@ -589,6 +604,9 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="prefix of the plot files (default: the config's file stem)")
     p.add_argument("--json", default=None, help="append JSON lines to PATH ('-' for stdout)")
     p.add_argument("--point-timeout-s", type=float, default=1800.0, help="give up a launch after this long")
+    p.add_argument("--max-point-s", type=float, default=0.0,
+                   help="skip a point whose launch is predicted (from the model's finished points at smaller sizes) "
+                        "to take longer than this; 0 = no limit")
     p.add_argument("--quick", action="store_true",
                    help="preset: sizes 1024,4096,16384, P 1,2, 20 steps (5 warm-up), 1 repeat: < 10 min on 2 CPU cores")
     p.add_argument("--fresh", action="store_true", help="forget points.csv / curves.jsonl and run every point")
@@ -675,7 +693,9 @@ def main(argv=None) -> int:
                     prev = done.get(key)
                     if prev is not None and (prev.status == "ok" or (prev.status != "ok" and not args.retry_failed)):
                         continue
-                    todo.append(Point(model=m, size=n, ranks=r, repeat=rep))
+                    _, cells, label = study.field_overrides(n)
+                    todo.append(Point(model=m, size=n, ranks=r, repeat=rep, cells=cells, field=label,
+                                      modality=study.modality))
     if args.mesh == "sp" and any(not kind_splits(m) for m in models) and any(r > 1 for r in ranks):
         print("[scaling] note: " + ", ".join(m for m in models if not kind_splits(m)) +
               " cannot split a sample: its P > 1 points run data parallel (each rank its own samples)", flush=True)
@@ -689,6 +709,13 @@ def main(argv=None) -> int:
     t_start = time.time()
     finished: list[Point] = [p for p in done.values() if p.status == "ok"]
     for i, p in enumerate(todo):
+        predicted = predict_wall(finished, [p], args.steps, same_model_only=True)
+        if args.max_point_s and math.isfinite(predicted) and predicted > args.max_point_s:
+            p.status, p.note = "skipped", f"predicted {predicted:.0f} s > --max-point-s {args.max_point_s:.0f}"
+            print(f"[scaling] {i + 1}/{len(todo)} {p.model} size {p.size} P={p.ranks} rep {p.repeat}: skipped, "
+                  f"{p.note}", flush=True)
+            done[p.key] = p  # reported, but not written to points.csv: a later run with a larger budget runs it
+            continue
         # one thread count for every point (cores / the largest P): the P = 1 points then do not
         # get more cores per rank than the others, and OpenMP threads never outnumber the cores
         study.threads = args.threads or max(1, cores // max(ranks))
@@ -701,7 +728,9 @@ def main(argv=None) -> int:
             curves[p.key] = {"key": p.key, **curve}
         done[p.key] = p
         finished.append(p)
-        eta = predict_wall(finished, todo[i + 1:], args.steps)
+        rest = [q for q in todo[i + 1:] if not (args.max_point_s and predict_wall(
+            finished, [q], args.steps, same_model_only=True) > args.max_point_s)]  # those will be skipped
+        eta = predict_wall(finished, rest, args.steps)
         if p.status == "ok":
             what = (f"{p.s_per_step:.3f} s/step, {p.cells_per_s:.3g} cells/s, peak "
                     f"{(p.peak_bytes or 0) / 2 ** 20:.0f} MiB, loss {p.loss:.4g}")
@@ -763,7 +792,8 @@ def report(points: list[Point], curves: dict, args, device: str, torch_version: 
     label = {p.size: f"{p.field} N={p.cells}" for p in ok}  # size -> the field it made
     if args.baseline_model in models:
         print(f"\nratios against {args.baseline_model} at the same (N, P) (median over repeats [min-max])")
-        for metric in ("s_per_step", "peak_bytes", "loss"):
+        # (no loss ratio: the models' training losses are different objectives)
+        for metric in ("s_per_step", "peak_bytes"):
             for r in paired_ratios(ok, metric, lambda p: p.model != args.baseline_model,
                                    lambda p: (args.baseline_model, p.size, p.ranks)):
                 model, size, ranks = r["key"]
@@ -772,8 +802,9 @@ def report(points: list[Point], curves: dict, args, device: str, torch_version: 
                         baseline_value=r["baseline_value"], ratio=r["ratio"],
                         **(dict(ratio_min=r["ratio_min"], ratio_max=r["ratio_max"], runs=r["runs"]) if r["runs"] > 1 else {}))
     if any(p.ranks == 1 for p in ok) and any(p.ranks > 1 for p in ok):
-        print("\nratios against P=1 (step time: < 1 is a speed-up; median over repeats [min-max])")
-        for metric in ("s_per_step", "peak_bytes"):
+        print("\nratios against P=1 (cells/s: the parallel speed-up, > 1 is faster, whether the P ranks split "
+              "one sample (sp) or each take their own (dp); peak memory of rank 0; median over repeats [min-max])")
+        for metric in ("cells_per_s", "peak_bytes"):
             for r in paired_ratios(ok, metric, lambda p: p.ranks > 1, lambda p: (p.model, p.size, 1)):
                 model, size, ranks = r["key"]
                 rec.add(f"{model} {label[size]} P={ranks}", metric, r["value"], baseline=f"{model} {label[size]} P=1",

@@ -38,7 +38,8 @@ Printed per size: the unprofiled step time, the process's peak resident set duri
 profiled steps (VmHWM, reset before them), the state every step keeps (parameters, gradients,
 AdamW moments, EMA: computed from the tensors), then per group the profiled ms per step, the
 share of the operator time and the bytes held at the live peak, and the largest tensors alive
-at that moment (allocating operator with its input shapes, group). ``--plot PNG`` draws the two as stacked bars per size.
+at that moment (the package function that made them: Class.method, the operator with its
+input shapes, group). ``--plot PNG`` draws the two as stacked bars per size.
 """
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-len", type=int, default=64, help="text row length L")
     p.add_argument("--micro-batch", type=int, default=1, help="samples per step")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
-    p.add_argument("--timed", type=int, default=3, help="unprofiled steps timed (median)")
-    p.add_argument("--steps", type=int, default=1, help="profiled steps")
+    p.add_argument("--timed", type=int, default=5, help="unprofiled steps timed (median)")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps (times are per step; memory is the highest live peak)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, as launch/train.py's --set (repeatable)")
@@ -200,7 +201,8 @@ class Attribution:
                 self.op_outer[(group, e.name, outer)] += self_ns
             else:
                 a = e.typed[1]
-                self.allocs.append((t, int(a.ptr), int(a.alloc_size), group, _op_of(e)))
+                where = f"{_frame_of(e)}: {_op_of(e)}" if a.alloc_size > 0 else ""
+                self.allocs.append((t, int(a.ptr), int(a.alloc_size), group, where))
 
     @staticmethod
     def _innermost(contexts, items) -> list[str | None]:
@@ -256,6 +258,63 @@ class Attribution:
             holders[(op, group)] += size
         ranked = sorted(((b, op, g) for (op, g), b in holders.items()), reverse=True)[:top]
         return peak, dict(groups), ranked
+
+    def held_by_function(self) -> dict[str, int]:
+        """Bytes alive at the live peak per package function (``Class.method``) that made them."""
+        _, _, ranked = self.memory_at_peak(top=10 ** 9)
+        out: dict[str, int] = defaultdict(int)
+        for b, where, _g in ranked:
+            out[where.split(": aten::")[0].split(": ")[0] if where else "?"] += b
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+_QUALNAMES: dict[str, str] | None = None
+
+
+def _qualnames() -> dict[str, str]:
+    """``"<file tail>(<first line>): <name>"`` -> ``Class.method`` for the functions of the
+    model and operator modules, so a Python frame names the layer it belongs to."""
+    global _QUALNAMES
+    if _QUALNAMES is None:
+        import importlib
+        import inspect
+        import pkgutil
+
+        _QUALNAMES = {}
+        for pkg_name in ("sgfm_dist", "sgfm_dist.model", "sgfm_dist.ops", "sgfm_dist.parallel", "sgfm_dist.train"):
+            pkg = importlib.import_module(pkg_name)
+            for info in pkgutil.iter_modules(pkg.__path__):
+                try:
+                    mod = importlib.import_module(f"{pkg_name}.{info.name}")
+                except Exception:
+                    continue
+                objs = [(n, o) for n, o in vars(mod).items() if getattr(o, "__module__", None) == mod.__name__]
+                for name, obj in objs:
+                    members = vars(obj).items() if inspect.isclass(obj) else [(None, obj)]
+                    for mname, fn in members:
+                        fn = getattr(fn, "__func__", fn)
+                        code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+                        if code is None:
+                            continue
+                        tail = "/".join(code.co_filename.replace(os.sep, "/").split("/")[-2:])
+                        _QUALNAMES[f"{tail}({code.co_firstlineno}): {code.co_name}"] = \
+                            f"{name}.{mname}" if mname else name
+    return _QUALNAMES
+
+
+def _frame_of(e) -> str:
+    """The innermost frame of the package's own code around an allocation, as ``Class.method``
+    (``with_stack``): which layer or operator made the tensor."""
+    names = _qualnames()
+    p = e.parent
+    while p is not None:
+        if str(p.tag).rsplit(".", 1)[-1] == "PyCall" and "sgfm_dist/" in p.name:
+            for key, qual in names.items():
+                if p.name.endswith(key):
+                    return qual
+            return p.name.rsplit("/", 1)[-1]
+        p = p.parent
+    return "(no package frame)"
 
 
 def _op_of(e) -> str:
@@ -356,6 +415,7 @@ def profile_case(opts: dict) -> dict:
         hwm = _status("VmHWM") if rss_ok else None
         att = Attribution(prof.profiler.kineto_results.experimental_event_tree())
         peak, groups, holders = att.memory_at_peak(opts["top"])
+        by_function = list(att.held_by_function().items())[:opts["top"]]
         per_step = 1e-6 / opts["steps"]  # ns -> ms per step
         others = sorted(((ns, name if outer in (None, name) else f"{name} in {outer.split(': ')[-1]}")
                          for (g, name, outer), ns in att.op_outer.items() if g == "other"), reverse=True)
@@ -363,7 +423,7 @@ def profile_case(opts: dict) -> dict:
                     op_ms={g: att.op_time.get(g, 0.0) * per_step for g in GROUPS},
                     mem_bytes={g: groups.get(g, 0) for g in GROUPS}, live_peak=peak,
                     rss_peak=None if hwm is None else hwm, rss_before=rss0, state_bytes=state_bytes,
-                    holders=holders, other_ops=[(ns * per_step, name) for ns, name in others[:opts["top"]]])
+                    holders=holders, by_function=by_function, other_ops=[(ns * per_step, name) for ns, name in others[:opts["top"]]])
     finally:
         runtime.teardown_distributed(t.engine if "t" in locals() else None)
 
@@ -419,9 +479,11 @@ def _print_case(label: str, r: dict) -> None:
     print(f"\n[profile] {label}: {r['step_s'] * 1e3:.1f} ms/step unprofiled ({r['profiled_s'] * 1e3:.1f} profiled); "
           f"peak RSS {_mb(r['rss_peak'])} MiB (before the profiled steps {_mb(r['rss_before'])}); "
           f"live peak of step allocations {_mb(r['live_peak'])} MiB; persistent state {_mb(r['state_bytes'])} MiB")
-    print("  largest tensors alive at the live peak (by allocating operator):")
+    print("  largest tensors alive at the live peak (package frame: allocating operator [input shapes]):")
     for b, op, g in r["holders"]:
-        print(f"    {_mb(b):>9} MiB  {op:<48} [{g}]")
+        print(f"    {_mb(b):>9} MiB  {op:<72} [{g}]")
+    print("  held at the live peak by package function: " +
+          ", ".join(f"{name} {_mb(b)} MiB" for name, b in r["by_function"]))
     print("  largest 'other' operators (self ms/step): " +
           ", ".join(f"{name} {ms:.1f}" for ms, name in r["other_ops"]))
 
