@@ -229,7 +229,9 @@ def test_every_choice_field_is_a_literal():
     for section, cls in SECTIONS.items():
         for name, tp in field_types(cls).items():
             if tp is str:
-                assert name in {"source", "val_source", "out_dir", "ckpt_dir", "tensorboard_dir", "wavelet"}, \
+                # free-form strings: paths, URLs, a corpus-making command, a wavelet name
+                assert name in {"source", "val_source", "out_dir", "ckpt_dir", "tensorboard_dir", "wavelet",
+                                "generate", "baseline_ckpt"}, \
                     f"{section}.{name}"
 
 
