@@ -2,6 +2,7 @@
 """Evaluate a trained text SGFM on held-out text, EMA weights.
 
     python launch/evaluate.py --ckpt runs/text_tiny [--out eval.json] [--samples 16] [--steps 64]
+    python launch/evaluate.py --ckpt runs/video_tiny [--steps 32] [--bc-eta 0]
     python launch/evaluate.py --ckpt runs/text_tiny --baseline-ckpt runs/transformer_tiny
     python launch/evaluate.py --ckpt runs/transformer_tiny
 
@@ -15,6 +16,10 @@ unigram / bigram entropy of its samples and, with ``--baseline-ckpt`` (a ``model
 transformer`` run), the transformer's exact bits per byte on the same windows and the
 generative perplexity of the SGFM's samples under it. A transformer run itself is evaluated by
 its exact bits per byte and its (ancestral) samples.
+Video (``sgfm_dist.eval.video``): PSNR and SSIM per horizon of forecasts of held-out clips from
+their first ``diffusion.bc_rows`` frames (an ensemble of ``eval.n_samples`` each: its mean and its
+members), next to persistence and linear extrapolation, with a GIF / PNG of forecasts and the
+PSNR / SSIM curves in the run directory.
 Writes a JSON summary (default ``<run>/eval_stepN.json``) and prints a table.
 
 One process: the held-out set is small, and the evaluation is the one ``launch/train.py`` runs
@@ -46,6 +51,8 @@ def parse_args(argv=None):
                    help="trained transformer run to score the SGFM against (default: eval.baseline_ckpt)")
     p.add_argument("--elbo-levels", type=int, default=None,
                    help="Monte-Carlo noise levels per window of the SGFM's bound, even (default: eval.elbo_levels)")
+    p.add_argument("--bc-eta", type=float, default=None,
+                   help="L_BC guidance weight of prompted samples / forecasts (Eq. 44; default: eval.bc_eta)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     if args.temperature is not None and not args.temperature > 0:
@@ -60,7 +67,7 @@ def main(argv=None) -> int:
     from sgfm_dist.train.engine import resolve_device
 
     overrides = dict(metric_samples=args.samples, sample_steps=args.steps, sampler=args.sampler,
-                     vocab_temperature=args.temperature, val_batches=args.val_batches,
+                     vocab_temperature=args.temperature, val_batches=args.val_batches, bc_eta=args.bc_eta,
                      baseline_ckpt=args.baseline_ckpt, elbo_levels=args.elbo_levels)
     try:
         evaluate_checkpoint(args.ckpt, resolve_device(args.device), overrides, val_source=args.val_source,

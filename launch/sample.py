@@ -1,8 +1,25 @@
 #!/usr/bin/env python
-"""Generate text from a trained SGFM checkpoint (EMA weights).
+"""Generate text or video from a trained SGFM checkpoint (EMA weights).
 
     python launch/sample.py --ckpt runs/text_tiny --prompt "The " --length 1024 --steps 64 \\
-        --sampler pc --ensemble 4 [--out FILE] [--seed 0] [--physics-eta 0]
+        --sampler pc --ensemble 4 [--out FILE] [--seed 0] [--physics-eta 0] [--bc-eta 0]
+
+Video (the command's other options as for text):
+
+    python launch/sample.py --ckpt runs/video_tiny --ensemble 4                    # unconditional
+    python launch/sample.py --ckpt runs/video_tiny --prompt-frames 2 --clips 3 --ensemble 4
+    python launch/sample.py --ckpt runs/video_tiny --prompt-frames 2 --prompt-clip clip.npy
+    python launch/sample.py --ckpt runs/video_tiny --size 64x64 --frames 16 --ensemble 2  # 2N
+
+``--prompt-frames K`` gives the first K frames of ``--clips`` clips of the run's val split (or
+of ``--prompt-clip``: .npy uint8 [F, H, W, 3], a video file, a frame directory; resized to the
+samples' size) and forecasts the rest: an ensemble of ``--ensemble`` members per clip, written
+with its per-pixel mean and spread as ``<out>.gif``, ``<out>.mp4`` (with PyAV) and
+``<out>_strip.png`` (frame strips; a green bar under given frames, red under generated ones),
+plus the frames as ``<out>.npy`` (default ``<run>/samples/video_stepN[_forecast]``).
+``--size HxW`` / ``--frames T`` sample at another size than the trained one (the networks
+are convolutional and spectral). ``--bc-eta`` adds the L_BC guidance (Eq. 44) towards the
+given frames (or text prompt) to every sampler step.
 
 ``--ckpt`` is a run directory, its checkpoint directory or one stepNNNNNNNN checkpoint.
 The field keeps the trained row length L (``data.row_len``): ``--length N`` bytes become
@@ -33,6 +50,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def parse_size(text: str):
+    """``HxW`` -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size: expected HxW like 64x64, got {text!r}") from None
+    return (h, w)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or stepNNNNNNNN dir")
@@ -45,8 +71,16 @@ def parse_args(argv=None):
                    help="physics-guided correction step (Eq. 24; eval.physics_eta)")
     p.add_argument("--temperature", type=float, default=None,
                    help="readout temperature of the rounding to the vocabulary (default: the run's eval.vocab_temperature)")
+    p.add_argument("--bc-eta", type=float, default=None,
+                   help="L_BC guidance weight towards the prompt (Eq. 44; default: the run's eval.bc_eta)")
     p.add_argument("--seed", type=int, default=0, help="eval.seed")
-    p.add_argument("--out", default=None, help="output text file")
+    p.add_argument("--out", default=None, help="output file (video: the stem of .gif/.mp4/_strip.png/.npy)")
+    v = p.add_argument_group("video")
+    v.add_argument("--prompt-frames", type=int, default=0, help="frames given; the rest is forecast (0: unconditional)")
+    v.add_argument("--prompt-clip", default="", help="clip whose first frames are given (default: the val split)")
+    v.add_argument("--clips", type=int, default=1, help="val clips forecast, one ensemble each")
+    v.add_argument("--frames", type=int, default=0, help="frames per sample (0: the trained T)")
+    v.add_argument("--size", type=parse_size, default=None, help="HxW of the samples (default: the trained size)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--sp", type=int, default=None,
                    help="processes that split the field (default: all launched processes; must equal them)")
@@ -54,10 +88,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.temperature is not None and not args.temperature > 0:
         p.error(f"--temperature: must be > 0, got {args.temperature}")
-    for name, lo in (("steps", 1), ("ensemble", 1), ("length", 0), ("sp", 1)):
+    if args.bc_eta is not None and not args.bc_eta >= 0:
+        p.error(f"--bc-eta: must be >= 0, got {args.bc_eta}")
+    for name, lo in (("steps", 1), ("ensemble", 1), ("length", 0), ("sp", 1), ("prompt_frames", 0), ("clips", 1),
+                     ("frames", 0)):
         value = getattr(args, name)
         if value is not None and value < lo:
-            p.error(f"--{name}: must be >= {lo}, got {value}")
+            p.error(f"--{name.replace('_', '-')}: must be >= {lo}, got {value}")
     return args
 
 
@@ -71,7 +108,10 @@ def main(argv=None) -> int:
         options = SampleOptions(prompt=args.prompt, length=args.length, ensemble=args.ensemble, out=args.out,
                                 sp=args.sp, eval_overrides=dict(sample_steps=args.steps, sampler=args.sampler,
                                                                 physics_eta=args.physics_eta, seed=args.seed,
-                                                                vocab_temperature=args.temperature))
+                                                                vocab_temperature=args.temperature,
+                                                                bc_eta=args.bc_eta),
+                                prompt_frames=args.prompt_frames, prompt_clip=args.prompt_clip, clips=args.clips,
+                                frames=args.frames, size=args.size)
         sample_checkpoint(args.ckpt, options, resolve_device(args.device))
     except ValueError as e:
         raise SystemExit(str(e))

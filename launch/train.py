@@ -93,8 +93,9 @@ def main(argv=None) -> int:
 
 
 def final_evaluation(trainer, log) -> dict:
-    """Rank 0: the held-out text evaluation of the EMA weights (the one ``launch/evaluate.py``
-    runs on a checkpoint), a few of its samples printed, ``<out_dir>/eval.json`` written."""
+    """Rank 0: the evaluation of the EMA weights registered for the model's modality (the one
+    ``launch/evaluate.py`` runs on a checkpoint), a few of its samples printed,
+    ``<out_dir>/eval.json`` written."""
     from sgfm_dist.eval.evaluate import EVALUATIONS, evaluate_model, report_summary
 
     cfg = trainer.cfg

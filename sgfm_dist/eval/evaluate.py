@@ -4,7 +4,8 @@ the two report the same numbers for the same weights.
 
 Each modality that has metrics registers an :class:`Evaluation` in ``EVALUATIONS``: text is
 ``sgfm_dist.eval.text_metrics.evaluate_text`` (held-out denoising cross-entropy against the
-Bayes baseline, sample statistics). This module only gathers the inputs from the config
+Bayes baseline, sample statistics); time series ``sgfm_dist.eval.timeseries.evaluate_timeseries``
+(the TimeGAN discriminative and predictive scores next to the real-data floor, PCA / t-SNE views). This module only gathers the inputs from the config
 (held-out batches, the training stream, the sampler settings), dispatches, and writes the
 summary. ``periodic_samples`` is the same registry for what the trainer logs while it trains.
 """
@@ -15,18 +16,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
-from sgfm_dist.train.config import Config, EvalConfig
-
-
-def override_eval(base: EvalConfig, overrides: dict) -> EvalConfig:
-    """``base`` with the non-None ``overrides`` (EvalConfig field names) replaced and re-validated
-    by ``EvalConfig.__post_init__``; None keeps the base value, so a command line can pass every
-    option it has. An unknown name is a ValueError naming it."""
-    names = {f.name for f in fields(base)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"eval overrides: unknown field(s) {unknown}; EvalConfig has {sorted(names)}")
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+from sgfm_dist.train.config import Config, EvalConfig, override_eval  # noqa: F401 (re-exported)
 
 
 def _evaluate_text(model, cfg: Config, device: str, log=print) -> dict:
@@ -82,6 +72,38 @@ def _periodic_text(model, cfg: Config, device: str) -> dict[str, str]:
     return {f"samples/{i}": t for i, t in enumerate(texts)}
 
 
+def _evaluate_timeseries(model, cfg: Config, device: str, log=print) -> dict:
+    from sgfm_dist.eval.timeseries import evaluate_timeseries
+
+    return evaluate_timeseries(model, cfg, device, log)
+
+
+def _report_timeseries(summary: dict, log=print, show_samples: int = 0) -> None:
+    from sgfm_dist.eval.timeseries import format_timeseries_summary
+
+    log("\n=== evaluation (time series, TimeGAN protocol) ===")
+    log(format_timeseries_summary(summary))
+
+
+def _evaluate_video(model, cfg: Config, device: str, log=print) -> dict:
+    from sgfm_dist.eval.video import evaluate_video
+
+    return evaluate_video(model, cfg, device, log)
+
+
+def _report_video(summary: dict, log=print, show_samples: int = 0) -> None:
+    from sgfm_dist.eval.video import format_video_summary
+
+    log("\n=== evaluation (held-out video forecasts) ===")
+    log(format_video_summary(summary))
+
+
+def _periodic_video(model, cfg: Config, device: str) -> dict:
+    from sgfm_dist.eval.video import periodic_video
+
+    return periodic_video(model, cfg, device)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """The metrics of one modality."""
@@ -90,12 +112,17 @@ class Evaluation:
     """``run(model, cfg, device, log) -> summary`` (JSON-able; rank 0, one process)."""
     report: Callable[..., None]
     """``report(summary, log, show_samples)``: the summary as a table (and a few samples)."""
-    periodic: Callable[..., dict[str, str]] | None = None
-    """``periodic(model, cfg, device) -> {tag: text}`` logged at every ``train.eval_interval``; None: nothing."""
+    periodic: Callable[..., dict] | None = None
+    """``periodic(model, cfg, device) -> {tag: text or uint8 image [H, W, 3]}`` logged to TensorBoard at
+    every ``train.eval_interval``; None: nothing."""
 
 
-EVALUATIONS: dict[str, Evaluation] = {"text": Evaluation(_evaluate_text, _report_text, _periodic_text)}
+EVALUATIONS: dict[str, Evaluation] = {"text": Evaluation(_evaluate_text, _report_text, _periodic_text),
+                                      "timeseries": Evaluation(_evaluate_timeseries, _report_timeseries)}
 """The evaluation of each ``model.modality`` that has one."""
+# video: PSNR / SSIM per horizon of forecasts from the first frames next to persistence and
+# linear extrapolation; pictures of forecasts in TensorBoard (sgfm_dist/eval/video.py)
+EVALUATIONS["video"] = Evaluation(_evaluate_video, _report_video, _periodic_video)
 
 
 def evaluation_for(modality: str) -> Evaluation:
@@ -114,9 +141,10 @@ def evaluate_model(model, cfg: Config, device: str, log=print) -> dict:
     return summary
 
 
-def periodic_samples(model, cfg: Config, device: str) -> dict[str, str]:
-    """What the trainer logs as text at each periodic evaluation (``{tag: text}``; empty for a
-    modality without a periodic entry)."""
+def periodic_samples(model, cfg: Config, device: str) -> dict:
+    """What the trainer logs at each periodic evaluation: ``{tag: text}`` (text samples) or
+    ``{tag: uint8 image [H, W, 3]}`` (video frame strips); empty for a modality without a
+    periodic entry."""
     ev = EVALUATIONS.get(cfg.model.modality)
     return ev.periodic(model, cfg, device) if ev is not None and ev.periodic is not None else {}
 
@@ -144,11 +172,17 @@ def evaluate_checkpoint(ckpt_path: str, device: str = "cpu", eval_overrides: dic
     if cfg.model.modality not in EVALUATIONS:
         raise ValueError(f"--ckpt: {tm.path} is a {cfg.model.modality} model; there is no evaluation for it "
                          f"(there are: {sorted(EVALUATIONS)})")
+    run_dir = os.path.dirname(os.path.dirname(tm.path))
+    # figures an evaluation writes go to the checkpoint's run directory, wherever it was trained
     cfg = replace(cfg, eval=override_eval(cfg.eval, eval_overrides or {}),
-                  data=replace(cfg.data, val_source=val_source) if val_source else cfg.data)
+                  data=replace(cfg.data, val_source=val_source) if val_source else cfg.data,
+                  train=replace(cfg.train, out_dir=run_dir))
     log(f"checkpoint {tm.path} (step {tm.step})")
+    if cfg.train.threads and device == "cpu":
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)  # the run's CPU threads (train.threads), as training used
     summary = evaluate_model(tm.model, cfg, device, log)
     summary.update(step=tm.step, checkpoint=tm.path)
-    report_summary(summary, out or os.path.join(os.path.dirname(os.path.dirname(tm.path)), f"eval_step{tm.step}.json"),
-                   log)
+    report_summary(summary, out or os.path.join(run_dir, f"eval_step{tm.step}.json"), log)
     return summary

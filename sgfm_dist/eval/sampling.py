@@ -1,7 +1,9 @@
 """Samples from a trained checkpoint: the work behind ``launch/sample.py``.
 
 ``sample_checkpoint`` loads the EMA weights and hands them to the sample writer of the model's
-modality (``SAMPLE_WRITERS``). Text: the field sized for the requested length (``field_rows``),
+modality (``SAMPLE_WRITERS``). Time series: ``--ensemble`` sequences, written as NPY and CSV in
+the data's units (the shards' min-max normalization undone) with a PNG of the first few.
+Text: the field sized for the requested length (``field_rows``),
 split over the launched processes when there are several, an ensemble generated, the readout
 and the ensemble spread gathered, and on rank 0 the texts and a PNG of the spread written.
 
@@ -21,13 +23,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from sgfm_dist.eval.evaluate import override_eval
-from sgfm_dist.train.config import EvalConfig
+from sgfm_dist.train.config import EvalConfig, override_eval
 
 
 @dataclass
@@ -36,18 +37,33 @@ class SampleOptions:
     ``eval_overrides`` applied."""
 
     prompt: str = ""
-    """Text the samples start with (its rows are held fixed)."""
+    """Text the samples start with (its rows are held fixed). Time series: none."""
     length: int = 0
-    """Bytes to generate including the prompt; 0 = the trained field (``data.rows x data.row_len``)."""
+    """Bytes to generate including the prompt; 0 = the trained field (``data.rows x data.row_len``).
+    Time series: steps T per sequence; 0 = the trained windows' T."""
     ensemble: int = 1
-    """Samples drawn; above 1 the per-position spread across them is written as a PNG too."""
+    """Samples drawn; above 1 the per-position spread across them is written as a PNG too (text)."""
     out: str | None = None
-    """Text file written; None = ``<run>/samples/sample_step<N>.txt``."""
+    """File written; None = ``<run>/samples/sample_step<N>.txt`` (time series: ``.npy``, with
+    ``.csv`` and ``.png`` next to it)."""
     sp: int | None = None
     """Processes that split the field; None = all launched processes (it must equal them)."""
     eval_overrides: dict = field(default_factory=dict)
     """``EvalConfig`` fields replacing the run's (``sample_steps``, ``sampler``, ``physics_eta``,
-    ``vocab_temperature``, ``seed``); a None value keeps the run's."""
+    ``bc_eta``, ``vocab_temperature``, ``seed``); a None value keeps the run's."""
+    prompt_frames: int = 0
+    """Video: the first K frames are given and the rest forecast (an ensemble per clip); 0 =
+    unconditional samples."""
+    prompt_clip: str = ""
+    """Video: the clip whose first ``prompt_frames`` frames are given (``.npy`` uint8 [F, H, W, 3],
+    a video file, a frame directory); "" = ``clips`` clips of the run's val split."""
+    clips: int = 1
+    """Video: clips of the val split forecast (one ensemble each) when no ``prompt_clip`` is given."""
+    frames: int = 0
+    """Video: frames T per sample; 0 = the trained clips' T."""
+    size: tuple[int, int] | None = None
+    """Video: (H, W) of the samples; None = the trained size (e.g. twice it: the networks are
+    convolutional and spectral, so they run at any size)."""
 
     def __post_init__(self):
         # checked before a checkpoint is read, so a typo costs no loading time
@@ -57,6 +73,11 @@ class SampleOptions:
             raise ValueError(f"ensemble: must be >= 1, got {self.ensemble}")
         if self.sp is not None and self.sp < 1:
             raise ValueError(f"sp: must be >= 1, got {self.sp}")
+        for name, lo in (("prompt_frames", 0), ("clips", 1), ("frames", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name}: must be >= {lo}, got {getattr(self, name)}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise ValueError(f"size: must be (H, W) with positive extents, got {self.size}")
         prompt_bytes = len(self.prompt.encode("utf-8"))
         if self.length and prompt_bytes > self.length:
             raise ValueError(f"--prompt: {prompt_bytes} bytes is longer than the field of --length {self.length} bytes")
@@ -158,7 +179,8 @@ def _sample_text(tm, options: SampleOptions, device: str, rank: int, world: int,
     gen = torch.Generator(device=device).manual_seed(e.seed)  # the same seed on every process
     out = tm.model.generate(options.ensemble, (T, L), e.sample_steps, sampler=e.sampler,
                             prompt_tokens=prompt[None].to(device) if prompt.numel() else None,
-                            physics_eta=e.physics_eta, generator=gen, vocab_temperature=e.vocab_temperature)
+                            physics_eta=e.physics_eta, generator=gen, vocab_temperature=e.vocab_temperature,
+                            bc_eta=e.bc_eta)
     tokens = out["tokens"]  # [E, T(_local), L]
     spread = None
     if options.ensemble > 1:
@@ -184,9 +206,121 @@ def _sample_text(tm, options: SampleOptions, device: str, rank: int, world: int,
     return result
 
 
-SAMPLE_WRITERS = {"text": _sample_text}
+@dataclass
+class SeriesSampleResult:
+    """What ``sample_checkpoint`` produced for a time-series model (files on rank 0 only)."""
+
+    series: Tensor
+    """The samples ``[E, T, F]`` in the data's units (the shards' normalization undone)."""
+    normalized: Tensor
+    """The same in the normalized [0, 1] range the model was trained on."""
+    names: list[str]
+    """Feature names."""
+    path: str
+    """The ``.npy`` file (``[E, T, F]``, data units)."""
+    csv: str
+    """The ``.csv`` file: one row per (sample, t), columns sample, t and the features."""
+    png: str
+    """A plot of the first few samples."""
+    step: int
+    """Optimizer steps of the checkpoint's weights."""
+
+
+def _sample_timeseries(tm, options: SampleOptions, device: str, rank: int, world: int,
+                       log) -> SeriesSampleResult:
+    """``options.ensemble`` sequences of ``tm`` (a ``TrainedModel``), split over ``world``
+    processes along t when there are several; on rank 0 written as NPY and CSV in the data's
+    units and plotted."""
+    from sgfm_dist.data.timeseries import SINES_LENGTH, Normalization, is_sines, source_normalization
+    from sgfm_dist.eval.timeseries import generate_series, plot_series
+    from sgfm_dist.ops.series import series_field_length
+
+    cfg = tm.config
+    m = cfg.model
+    if options.prompt:
+        raise ValueError("--prompt: time series are generated unconditionally")
+    e = override_eval(cfg.eval, options.eval_overrides)
+    length = options.length or cfg.data.frames or _stored_length(cfg, SINES_LENGTH if is_sines(cfg.data.source)
+                                                                 else None)
+    try:
+        N = series_field_length(length, m.series_padding, m.levels)
+    except ValueError as err:
+        raise ValueError(f"--length {length}: {err}") from None
+    domain = None
+    if world > 1:
+        from sgfm_dist.parallel.parallelize import parallelize_for_sampling
+        from sgfm_dist.train.config import ParallelConfig
+        from sgfm_dist.train.setup import resolve_split_axes
+
+        try:
+            domain = parallelize_for_sampling(tm.model, world, world, (N,), m.wavelet, m.levels,
+                                              resolve_split_axes(m, ParallelConfig(sp=world)))
+        except ValueError as err:
+            raise ValueError(f"--sp {world}: the field of N={N} cells does not split over {world} processes: "
+                             f"{err}") from None
+    log(f"checkpoint {tm.path} (step {tm.step}); {options.ensemble} series of T={length} steps x F={m.channels} "
+        f"(field N={N}), {e.sampler} sampler, {e.sample_steps} steps" + (f"; split over {world} processes"
+                                                                          if world > 1 else ""))
+    cfg = replace(cfg, eval=e)
+    normalized = generate_series(tm.model, cfg, options.ensemble, length, device, e.seed, domain=domain)
+    try:
+        norm = source_normalization(cfg.data.source, m.channels)
+    except (ValueError, OSError) as err:
+        log(f"note: the data's normalization is not readable ({err}); writing normalized [0, 1] values")
+        norm = Normalization.identity(m.channels)
+    series = torch.from_numpy(norm.undo(normalized.numpy()))  # [E, T, F] data units
+    run_dir = os.path.dirname(os.path.dirname(tm.path))
+    path = options.out or os.path.join(run_dir, "samples", f"sample_step{tm.step}.npy")
+    stem = os.path.splitext(path)[0]
+    result = SeriesSampleResult(series=series, normalized=normalized, names=list(norm.names), path=stem + ".npy",
+                                csv=stem + ".csv", png=stem + ".png", step=tm.step)
+    if rank == 0:
+        write_series(result, log)
+        plot_series(series.numpy(), result.png, result.names, title="sample")
+        log(f"wrote {result.png}")
+    return result
+
+
+def _stored_length(cfg, default: int | None) -> int:
+    """T of the stored windows (the manifest's ``meta.length``), or ``default``."""
+    if default is not None:
+        return default
+    from sgfm_dist.data.urls import resolve_shards
+
+    meta = resolve_shards(cfg.data.source, "all", kind="timeseries").meta or {}
+    if "length" not in meta:
+        raise ValueError(f"{cfg.data.source}: the manifest has no meta.length; pass --length")
+    return int(meta["length"])
+
+
+def write_series(result: SeriesSampleResult, log=print) -> None:
+    """The samples as ``.npy`` ``[E, T, F]`` and as a long ``.csv`` (sample, t, features), data units."""
+    import numpy as np
+
+    os.makedirs(os.path.dirname(os.path.abspath(result.path)), exist_ok=True)
+    arr = result.series.numpy()
+    np.save(result.path, arr)
+    E, T, F = arr.shape
+    with open(result.csv, "w") as f:
+        f.write(",".join(["sample", "t"] + result.names) + "\n")
+        for i in range(E):
+            for t in range(T):
+                f.write(f"{i},{t}," + ",".join(f"{v:.7g}" for v in arr[i, t]) + "\n")
+    log(f"wrote {result.path} and {result.csv} ({E} series of T={T}, F={F})")
+
+
+def _sample_video(tm, options: SampleOptions, device: str, rank: int, world: int, log):
+    """Videos of ``tm``: unconditional samples or forecasts from given first frames, ensembles with
+    mean and spread, GIF / MP4 / PNG strips (``sgfm_dist.eval.video.sample_video``)."""
+    from sgfm_dist.eval.video import sample_video
+
+    return sample_video(tm, options, device, rank, world, log)
+
+
+SAMPLE_WRITERS = {"text": _sample_text, "timeseries": _sample_timeseries}
 """What ``launch/sample.py`` does for each ``model.modality``: ``write(trained, options, device,
 rank, world, log) -> result`` (files on rank 0)."""
+SAMPLE_WRITERS["video"] = _sample_video
 
 
 def write_samples(result: SampleResult, e: EvalConfig, log=print) -> None:

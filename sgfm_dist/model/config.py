@@ -35,6 +35,10 @@ class FieldLayout:
     """Default ``ModelConfig.kernel_size``."""
     spectral_modes: int | tuple[int, ...]
     """Default ``ModelConfig.spectral_modes``."""
+    physics: bool = True
+    """Default ``ModelConfig.physics``: whether the physics residual and the learned forcing are on."""
+    positions: int = 0
+    """Default ``ModelConfig.positions``: harmonics of the position features given to the score network."""
 
 
 LAYOUTS: dict[str, FieldLayout] = {
@@ -43,6 +47,11 @@ LAYOUTS: dict[str, FieldLayout] = {
     "text": FieldLayout(("t", "x"), "all", (1, 7), (4, 8)),
     "video": FieldLayout(("t", "y", "x"), "spatial", 3, 4),
     "physics": FieldLayout(("t", "y", "x"), "spatial", 3, 4),
+    # time series: one axis t, the features as channels; t is its own (only) flow axis so the
+    # operators stay defined, but a series' t is no flow: physics off unless asked for
+    # and a window's ends are not like its middle (every series starts at its own t = 0), which
+    # a translation-equivariant network cannot see without position features
+    "timeseries": FieldLayout(("t",), "all", 5, 8, physics=False, positions=4),
 }
 """The field layout of each ``ModelConfig.modality``."""
 
@@ -72,10 +81,12 @@ class ModelConfig:
     tf_mlp_ratio: int = 4
     """Transformer only: hidden expansion of each block's MLP (GPT-2's 4)."""
 
-    modality: Literal["text", "video", "physics"] = "text"
+    modality: Literal["text", "video", "physics", "timeseries"] = "text"
     """What a sample is. text: byte/token ids ``[B, T, L]`` embedded into a field
     ``[B, channels, T, L]`` (axes t, x); video: frames ``[B, data_channels, T, H, W]`` lifted
-    to ``channels`` by a 1x1 map; physics: a velocity field ``[B, channels, T, H, W]`` used raw."""
+    to ``channels`` by a 1x1 map; physics: a velocity field ``[B, channels, T, H, W]`` used raw;
+    timeseries: windows ``[T, F]`` of F = ``channels`` features as a 1-D field ``[B, F, N]``
+    (axis t, made periodic by ``series_padding``)."""
 
     vocab_size: int = 257
     """Text only: number of ids (256 bytes + the pad id by default)."""
@@ -117,6 +128,29 @@ class ModelConfig:
 
     forcing_noise_channels: int = 2
     """Channels of the stochastic input xi of f_theta(u, xi) (Eq. 28); 0 = deterministic forcing."""
+
+    physics: bool | None = None
+    """Whether the physics terms are used: the residual ``diffusion.lambda_R ||P R(u_hat)||^2`` in
+    the loss and the learned forcing f_theta. None: the modality's default, on for text, video and
+    physics, off for time series (a series' t axis carries no flow, so the Navier-Stokes residual
+    has no meaning for arbitrary features). False drops both whatever lambda_R and forcing_blocks say."""
+
+    positions: int | None = None
+    """Harmonics K of the position features appended to the score network's input: cos and sin of
+    k * 2 pi (i + 1/2) / n, k = 1..K, for cell i of each field axis of n cells (2 K d channels).
+    The convolutions and spectral layers commute with shifts, so without them the network cannot
+    tell where in the field a cell is: right for text rows and physics, which are statistically
+    shift-invariant, wrong for a time-series window, whose first step is unlike its middle (Sines
+    all start near 0.5). The half-cell offset keeps the cosines mirror-symmetric in a reflected
+    window. None: the modality's default (4 for time series, 0 = none otherwise)."""
+
+    series_padding: Literal["reflect", "periodic"] = "reflect"
+    """Time series only: how a window's t axis is made periodic for the periodized wavelets, the
+    periodic convolutions and the FFT layers. reflect: the window [x_0 .. x_{T-1}] is followed by
+    its mirror image [x_{T-1} .. x_0], a field of N = 2T cells whose wrap-around is continuous
+    (no jump from x_{T-1} back to x_0 that the finest wavelet levels would have to generate); the
+    readout averages the two halves. periodic: the window itself, N = T, its ends joined as they
+    are. N must be divisible by 2**levels."""
 
     wavelet: str = "db4"
     """Orthogonal pywt wavelet of the multiscale basis W (Eq. 12-15)."""
@@ -182,6 +216,11 @@ class ModelConfig:
         if self.modality == "text":
             check(0 <= self.pad_id < self.vocab_size, "model.pad_id",
                   f"must be an id in [0, vocab_size={self.vocab_size}), got {self.pad_id}")
+        if self.physics is None:
+            self.physics = self.layout.physics
+        if self.positions is None:
+            self.positions = self.layout.positions
+        non_negative_int("model.positions", self.positions)
         if self.kernel_size is None:
             self.kernel_size = self.layout.kernel_size
         if self.spectral_modes is None:
@@ -282,7 +321,22 @@ class DiffusionConfig:
     """Weight of the readout cross-entropy (text, pads masked) or readout MSE (video)."""
 
     bc_rows: int = 1
-    """t-slices at t = 0 that L_BC compares with the data (the initial condition u0)."""
+    """The prompt length k: the t-slices at t = 0 that L_BC compares with the data (the initial
+    condition u0 of Eq. 44): the first k rows of text, frames of video, snapshots of a flow.
+    Evaluation and sampling give this many frames by default, so the L_BC that is trained is the
+    one that guides them (``losses.first_rows_mask``). Fixed, not drawn per sample: the network
+    never sees the prompt length (a prompt is imposed at sampling by inpainting), so a drawn k
+    would only reweight the same early-slice penalty at random, a noisier estimate of a fixed
+    weighting."""
+
+    prompt_training: float = 0.0
+    """Share of training samples whose first ``bc_rows`` t-slices are given noise-free (their noise
+    is masked out, so the eps target there is 0): besides the unconditional field the model learns
+    to continue a prompt, p(rest | first k slices), the initial-value problem of Eq. 44, instead of
+    only meeting prompts at sampling by inpainting. Sampling with a prompt then holds the prompt
+    cells noise-free at every step (``generation.PromptConstraint``), as in training, instead of
+    noising them to the current level. 0 = unconditional training (prompts by inpainting). Joint
+    mode only."""
 
     def __post_init__(self):
         check_fields(self, "diffusion")
@@ -291,3 +345,7 @@ class DiffusionConfig:
         for name in ("lambda_R", "lambda_B", "lambda_ce"):
             non_negative(f"diffusion.{name}", getattr(self, name))
         positive_int("diffusion.bc_rows", self.bc_rows)
+        check(0.0 <= self.prompt_training <= 1.0, "diffusion.prompt_training",
+              f"must lie in [0, 1], got {self.prompt_training}")
+        check(self.prompt_training == 0 or self.mode == "joint", "diffusion.prompt_training",
+              "noise-free prompts need mode: joint (a cascade stage noises one scale of every frame)")

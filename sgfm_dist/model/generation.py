@@ -5,8 +5,9 @@
     clean_coefficients c0_hat of noised coefficients: joint (one call) or stage by stage
     Stage              what one sampler run generates: every coefficient, or one cascade scale
     Denoiser           ``(x, tau) -> eps_hat`` for the samplers, optionally rounding text to the vocabulary
-    PromptConstraint   inpainting of the prompt after every step
-    GuidanceEnergy     physics energy (Eq. 23) plus L_BC guidance (Eq. 44), stepped on by Eq. 24
+                       and with the L_BC guidance of Eq. 44 on its clean estimate
+    PromptConstraint   inpainting of the prompt after every step (noise-free for prompt-trained models)
+    GuidanceEnergy     physics energy (Eq. 23), stepped on by Eq. 24
     CoefficientNoise   N(0, I) coefficients drawn as a global white field (split-independent)
     make_prompt        the prompt's mask, field and ids from prompt tokens / a prompt field
     sample_stage       one sampler run over a stage, from the prior to tau = 0
@@ -35,7 +36,7 @@ from ..ops import dynamics
 from ..ops.domain import LOCAL, Domain
 from ..ops.wavelets import max_levels
 from . import diffusion as D
-from .losses import boundary_loss
+from .losses import boundary_loss, first_rows_mask
 from .samplers import SAMPLERS, get_taus
 
 # ``model`` below is an ``sgfm_dist.model.sgfm.SGFM``; it is typed as an nn.Module because
@@ -144,28 +145,57 @@ class Denoiser:
     With a ``temperature`` (text), the clean estimate the sampler sees is replaced by the
     readout's expected embedding (:func:`round_to_vocab`) and eps re-derived from it; only a
     stage after which the whole field exists rounds (a coarse cascade stage has no text to read).
+
+    With a ``prompt`` and ``bc_eta > 0``: the L_BC guidance of Eq. 44 on the clean estimate
+    (reconstruction guidance, Ho et al. 2022, "Video Diffusion Models", Eq. 7):
+    ``c0_hat <- c0_hat - bc_eta sqrt(a) / 2 grad_x S``, ``S`` the sum over the prompt cells of
+    ``(u_hat - u0)^2`` (``bc_eta * count / 2`` times L_BC), i.e. ``eps_hat += bc_eta a / (2 sqrt(1 - a))
+    grad_x S``. It is the gradient through the network that moves the generated frames towards
+    agreeing with the given ones; the same penalty stepped on the noisy state itself would only
+    move the prompt cells, which the inpainting constraint overwrites at once.
     """
 
     def __init__(self, model: nn.Module, stage: Stage, shape: tuple[int, ...], lam: Tensor,
-                 temperature: float | None = None):
+                 temperature: float | None = None, prompt: Prompt | None = None, bc_eta: float = 0.0):
         self.model, self.stage, self.shape, self.lam = model, stage, shape, lam
         self.temperature = temperature if stage.last else None
         n = lam.shape[0]
         self.stage_ids = None if stage.index is None else torch.full((n,), stage.index, device=lam.device)  # [n]
+        self.prompt, self.bc_eta = (prompt, float(bc_eta)) if prompt is not None and bc_eta > 0 else (None, 0.0)
+        if self.prompt is not None:
+            # channels x prompt cells of the whole field: L_BC (a mean) times this is the sum S
+            cells = model.domain.sum(self.prompt.mask.sum().reshape(1))
+            self.count = cells * self.prompt.field.shape[1]  # [1]
+
+    def _estimate(self, x: Tensor, a: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor]:
+        """``(eps_hat [n, C, N_block], c0_hat [n, C, N])`` of the block ``x``."""
+        m, st = self.model, self.stage
+        if st.index is None:
+            return m.eps_network(x, a, m._conditions(logsnr, self.lam, None), self.shape)  # [n, C, N] each
+        eps, c0, _ = cascade_estimate(m, st.base, st.full(x), a, logsnr, self.lam, self.stage_ids, self.shape,
+                                      st.coarse)
+        return st.part(eps), c0  # [n, C, N_s], [n, C, N]
 
     def __call__(self, x: Tensor, tau: float) -> Tensor:
         m, st = self.model, self.stage
         a, logsnr = st.alpha(tau), m._logsnr_at(tau, x.shape[0], self.lam.device)  # logsnr [n, J+1]
-        if st.index is None:
-            eps, c0 = m.eps_network(x, a, m._conditions(logsnr, self.lam, None), self.shape)  # [n, C, N] each
+        grad = None
+        if self.prompt is not None:
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                eps, c0 = self._estimate(xg, a, logsnr)
+                u = m.to_field(c0, self.shape)  # [n, C, *S]
+                misfit = boundary_loss(u, self.prompt.field, self.prompt.mask, m.domain) * self.count  # [n]: S
+                (grad,) = torch.autograd.grad(misfit.sum(), xg)
+            eps, c0 = eps.detach(), c0.detach()
         else:
-            eps, c0, _ = cascade_estimate(m, st.base, st.full(x), a, logsnr, self.lam, self.stage_ids, self.shape,
-                                          st.coarse)
-            eps = st.part(eps)  # [n, C, N_s]
+            eps, c0 = self._estimate(x, a, logsnr)
         if self.temperature is not None:
             # the readout temperature follows the noisiest level (the finest), as in training
             c0 = st.part(round_to_vocab(m, c0, logsnr[:, -1], self.shape, self.temperature))
             eps = (x - a.sqrt() * c0) / (1 - a).sqrt()
+        if grad is not None:
+            eps = eps + self.bc_eta * a / (2 * (1 - a).sqrt()) * grad
         return eps
 
 
@@ -200,15 +230,28 @@ class CoefficientNoise:
 
 
 class PromptConstraint:
-    """Inpainting of the prompt (RePaint, Lugmayr et al. 2022) after every sampler step, on one stage's block."""
+    """Inpainting of the prompt (RePaint, Lugmayr et al. 2022) after every sampler step, on one stage's block.
+
+    A model trained with noise-free prompts (``diffusion.prompt_training > 0``) gets them as in
+    training: the prompt cells hold ``sqrt(a) u0`` with no noise at every step, from the prior on
+    (``start``), so its network continues the prompt instead of reconciling a noised copy of it.
+    """
 
     def __init__(self, model: nn.Module, stage: Stage, shape: tuple[int, ...], prompt: Prompt, noise: CoefficientNoise):
         self.model, self.stage, self.shape, self.prompt, self.noise = model, stage, shape, prompt, noise
         self.c_known = model.to_coeffs(prompt.field) if stage.index is None else None  # [n, C, N]
+        self.noise_free = stage.index is None and model.dcfg.prompt_training > 0
+
+    def start(self, x: Tensor) -> Tensor:
+        """The prior state ``x`` at tau = 1 as the first network call should see it."""
+        return self(x, 1.0) if self.noise_free else x
 
     def __call__(self, x: Tensor, tau: float) -> Tensor:
         m, st, shape = self.model, self.stage, self.shape
         a = st.alpha(tau)
+        if self.noise_free:
+            known = m.to_field(a.sqrt() * self.c_known, shape)  # [n, C, *S]: the prompt's state at tau, no noise
+            return m.to_coeffs(self.prompt.paste(m.to_field(x, shape), known))
         if st.index is None:
             # every coefficient is at noise level tau: noise the prompt to tau and paste it in
             noisy_known = m.to_field(a.sqrt() * self.c_known + (1 - a).sqrt() * self.noise(x), shape)  # [n, C, *S]
@@ -221,30 +264,26 @@ class PromptConstraint:
 
 
 class GuidanceEnergy:
-    """Guidance energy ``physics_eta E(W^-1 c) + bc_eta L_BC(W^-1 c)`` ``[n]`` (Eq. 23 and 44; stepped on by Eq. 24)."""
+    """Guidance energy ``physics_eta E(W^-1 c)`` ``[n]`` (Eq. 23; stepped on by Eq. 24). The L_BC
+    guidance of Eq. 44 acts on the clean estimate instead (:class:`Denoiser`)."""
 
     def __init__(self, model: nn.Module, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
-                 physics_eta: float, bc_eta: float, prompt: Prompt | None):
+                 physics_eta: float):
         self.model, self.stage, self.shape, self.xi, self.lam = model, stage, shape, xi, lam
-        self.physics_eta, self.bc_eta, self.prompt = physics_eta, bc_eta, prompt
+        self.physics_eta = physics_eta
 
     @classmethod
     def build(cls, model: nn.Module, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
-              physics_eta: float, bc_eta: float, prompt: Prompt | None) -> GuidanceEnergy | None:
+              physics_eta: float) -> GuidanceEnergy | None:
         """The energy, or None when it would be identically zero (no guidance step at all)."""
-        if physics_eta == 0 and (bc_eta == 0 or prompt is None):
+        if physics_eta == 0:
             return None
-        return cls(model, stage, shape, xi, lam, physics_eta, bc_eta, prompt)
+        return cls(model, stage, shape, xi, lam, physics_eta)
 
     def __call__(self, x: Tensor) -> Tensor:
         m = self.model
         u = m.to_field(self.stage.full(x), self.shape)  # [n, C, *S]
-        e = torch.zeros(u.shape[0], device=u.device, dtype=u.dtype)  # [n]
-        if self.physics_eta > 0:
-            e = e + self.physics_eta * m.physics_energy(u, self.xi, self.lam)
-        if self.bc_eta > 0 and self.prompt is not None:
-            e = e + self.bc_eta * boundary_loss(u, self.prompt.field, self.prompt.mask, m.domain)
-        return e
+        return self.physics_eta * m.physics_energy(u, self.xi, self.lam)
 
 
 # ---------------------------------------------------------------------------- a sampler run
@@ -257,6 +296,8 @@ def sample_stage(step_fn: Callable, steps: int, stage: Stage, denoiser: Denoiser
         return stage.part(noise(like))  # [n, C, N_s]
 
     x = (1 - stage.alpha(1.0)).sqrt() * block_noise(None)  # the prior: alpha(1) ~ 0
+    if constraint is not None:
+        x = constraint.start(x)
     # the energy already carries the guidance weights, so the step size of Eq. 24 is 1
     x = step_fn(denoiser, x, get_taus(steps), stage.alpha, noise_fn=block_noise, energy=energy,
                 eta=0.0 if energy is None else 1.0, constraint=constraint, domain=domain, disable=disable)
@@ -334,6 +375,7 @@ def field_prompt(model: nn.Module, prompt_field: Tensor, n: int, like: Tensor, d
     pf = lift(pf)
     field = torch.zeros(pf.shape[0], cfg.channels, *g_shape, device=like.device, dtype=like.dtype)
     field[:, :, :P] = pf  # the first P t-slices (frames)
-    mask = torch.zeros(1, 1, *g_shape, device=like.device, dtype=like.dtype)
-    mask[:, :, :P] = 1
-    return Prompt(dom.shard(mask), dom.shard(field.expand(n, *field.shape[1:]).contiguous()))
+    # the cells L_BC trains on for a prompt of P frames (losses.first_rows_mask), so the guidance
+    # energy of this prompt is the trained L_BC when P = diffusion.bc_rows
+    mask = first_rows_mask(like, P, dom)  # [1, 1, *S_local]
+    return Prompt(mask, dom.shard(field.expand(n, *field.shape[1:]).contiguous()))

@@ -1,7 +1,8 @@
 """The loss terms SGFM trains and guides with, each one named function (paper Eq. 38, 44).
 
     boundary_loss     L_BC of Eq. 44: mean square misfit to the initial condition on masked cells
-    first_rows_mask   the cells of the initial condition: the first t-slices of the field
+    first_rows_mask   the cells of the initial condition: the first k t-slices of the field (the prompt)
+    given_prompt_mask those cells in the samples given a noise-free prompt in training
     loss_weights      lambda of each term of Eq. 38, from the DiffusionConfig
     composite_loss    Eq. 38: the weighted sum of the terms
 
@@ -29,12 +30,24 @@ def boundary_loss(u: Tensor, u0: Tensor, mask: Tensor, domain: Domain = LOCAL) -
 
 
 def first_rows_mask(u: Tensor, rows: int, domain: Domain = LOCAL) -> Tensor:
-    """``[1, 1, *S_local]``: 1.0 on the first ``rows`` global t-slices, the initial condition of Eq. 44."""
+    """``[1, 1, *S_local]``: 1.0 on the first ``rows`` global t-slices, the initial condition of Eq. 44:
+    the prompt of ``rows`` = k rows of text, frames of video, snapshots of a flow. Training masks
+    ``diffusion.bc_rows`` slices; a prompt of P frames masks P (``generation.field_prompt``), so the
+    L_BC that is trained and the L_BC that guides a prompt of that length are one penalty."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"rows: the prompt length must be an integer >= 0, got {rows!r}")
     g_shape = [domain.global_extent(u, a) for a in range(2, u.ndim)]
     m = torch.zeros(1, 1, *g_shape, dtype=u.dtype, device=u.device)  # [1, 1, *S_global]
     m[:, :, :rows] = 1
     # built globally and sharded: which rows are "first" is a global fact, not a local one
     return domain.shard(m)
+
+
+def given_prompt_mask(u: Tensor, rows: int, given: Tensor, domain: Domain = LOCAL) -> Tensor:
+    """``[B, 1, *S_local]``: 1.0 on the first ``rows`` t-slices of the samples where ``given [B]``
+    (bool) holds, the cells a prompt-trained model sees noise-free (``diffusion.prompt_training``)."""
+    m = first_rows_mask(u, rows, domain)  # [1, 1, *S_local]
+    return m * given.to(m.dtype).reshape(-1, *([1] * (u.ndim - 1)))
 
 
 def loss_weights(dcfg: DiffusionConfig) -> dict[str, float]:

@@ -7,6 +7,8 @@ writers ``sgfm_dist.eval``'s.
     text        ids [B, T, L] -> embedding field [B, C, T, L]; tied logits; cross-entropy "ce"
     video       frames [B, D, T, H, W] -> 1x1 lift [B, C, T, H, W]; tied readout; MSE "recon"
     physics     velocity [B, k, T, H, W] used raw; no readout term
+    timeseries  windows [B, T, F] in [0, 1] -> 2x - 1, t made periodic -> [B, F, N]; no readout term;
+                decode folds the field back to [n, T, F] (``ops.series``)
 
 ``SGFM`` holds one :class:`Modality` (``model.modality``) and asks it, never the config, for
 anything that differs between modalities, so the diffusion, the networks, the samplers, the
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.series import field_to_series
 from .config import ModelConfig
 from .fields import TextField, VideoLift
 
@@ -196,7 +199,28 @@ class PhysicsModality(Modality):
     name = "physics"
 
 
-MODALITIES: dict[str, type[Modality]] = {"text": TextModality, "video": VideoModality, "physics": PhysicsModality}
+# ---------------------------------------------------------------------------- time series
+class TimeSeriesModality(Modality):
+    """Windows of a multivariate series: the field is made by the data source
+    (``sgfm_dist.data.timeseries``, before the sp ranks split it along t) and used raw."""
+
+    name = "timeseries"
+
+    def decode(self, model, u, prompt=None):
+        # folding needs the whole t axis: a split field is gathered by the sample writer first
+        if getattr(model.domain, "is_split", False):
+            return {}
+        return {"series": field_to_series(u, self.cfg.series_padding)}  # [n, T, F]
+
+    def prompt(self, model, prompt_tokens, prompt_field, n, like):
+        if prompt_tokens is not None or prompt_field is not None:
+            raise ValueError("prompt: time series are generated unconditionally (a prompt of first steps would "
+                             "also have to fix their mirror image at the end of the reflected field)")
+        return None
+
+
+MODALITIES: dict[str, type[Modality]] = {"text": TextModality, "video": VideoModality, "physics": PhysicsModality,
+                                         "timeseries": TimeSeriesModality}
 """The :class:`Modality` of each ``ModelConfig.modality``."""
 
 

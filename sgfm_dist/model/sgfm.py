@@ -70,7 +70,7 @@ from ..ops.wavelets import coeff_layout, dwt, flatten_coeffs, idwt, unflatten_co
 from . import diffusion as D
 from . import generation as G
 from .config import DiffusionConfig, ModelConfig
-from .losses import boundary_loss, composite_loss, first_rows_mask, loss_weights
+from .losses import boundary_loss, composite_loss, first_rows_mask, given_prompt_mask, loss_weights
 from .modalities import build_modality
 from .networks import ConditionEmbedding, FieldNet
 from .samplers import SAMPLERS
@@ -94,13 +94,15 @@ class SGFM(nn.Module):
         self.modality = build_modality(cfg)
         for name, module in self.modality.modules().items():
             self.add_module(name, module)
+        if not cfg.physics:  # model.physics off (time series by default): no residual term, no forcing
+            self.dcfg = diffusion_cfg = dataclasses.replace(diffusion_cfg, lambda_R=0.0)
         # conditions: one log-SNR per scale, lambda = (nu, forcing strength), cascade stage
         self.n_conditions = (J + 1) + 2 + (1 if self.cascade else 0)
         self.condition = ConditionEmbedding(self.n_conditions, cfg.fourier_features, cfg.cond_dim)
-        in_ch = 2 * C if self.cascade else C
+        in_ch = (2 * C if self.cascade else C) + 2 * cfg.positions * d  # + position features (model.positions)
         self.score_net = FieldNet(in_ch, C, cfg.width, cfg.n_blocks, cfg.kernel_size, cfg.spectral_modes, d,
                                   cfg.cond_dim, cfg.mlp_ratio)
-        if cfg.forcing_blocks > 0:
+        if cfg.forcing_blocks > 0 and cfg.physics:
             self.forcing_condition = ConditionEmbedding(2, cfg.fourier_features, cfg.cond_dim, seed=1)
             self.forcing_net = FieldNet(C + cfg.forcing_noise_channels, C, cfg.forcing_width, cfg.forcing_blocks,
                                         cfg.kernel_size, cfg.spectral_modes, d, cfg.cond_dim, cfg.mlp_ratio)
@@ -251,7 +253,26 @@ class SGFM(nn.Module):
         x = self.to_field(c_in, shape)  # [B, C, *S]
         if self.cascade:
             x = torch.cat([x, coarse], dim=1)  # [B, 2C, *S]
+        if self.cfg.positions:
+            x = torch.cat([x, self.position_features(x)], dim=1)  # [B, (2)C + 2Kd, *S]
         return self.to_coeffs(self.score_net(x.to(self.param_dtype), cond).to(c_in.dtype))  # [B, C, N]
+
+    def position_features(self, like: Tensor) -> Tensor:
+        """``[B, 2 K d, *S_local]``: cos and sin of k * 2 pi (i + 1/2) / n (k = 1..K = ``model.positions``)
+        of each cell's global index i along each field axis of n cells, made globally and sharded
+        (the same features whatever the split)."""
+        K, dom = self.cfg.positions, self.domain
+        g_shape = [dom.global_extent(like, a) for a in range(2, like.ndim)]
+        feats = []
+        for i, n in enumerate(g_shape):
+            phase = (torch.arange(n, device=like.device, dtype=torch.float64) + 0.5) * (2 * math.pi / n)  # [n]
+            view = [1] * len(g_shape)
+            view[i] = n
+            for k in range(1, K + 1):
+                for f in (torch.cos(k * phase), torch.sin(k * phase)):
+                    feats.append(f.reshape(view).expand(g_shape))
+        pos = torch.stack(feats).unsqueeze(0).to(like.dtype)  # [1, 2Kd, *S_global]
+        return dom.shard(pos).expand(like.shape[0], -1, *([-1] * len(g_shape)))  # [B, 2Kd, *S_local]
 
     def eps_network(self, c_in: Tensor, alpha: Tensor, cond: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """``(eps_hat, c0_hat)`` ``[B, C, N]`` of a joint model for noisy coefficients ``c_in`` at
@@ -315,7 +336,14 @@ class SGFM(nn.Module):
         tau = tau.clamp(min=1e-5)
         logsnr = self.level_logsnr(tau)  # [B, J+1]
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(u0.dtype)  # [B, 1, N]
-        eps = self.to_coeffs(dynamics.white_noise(u0, generator, self.domain))  # [B, C, N], iid N(0, 1)
+        noise = dynamics.white_noise(u0, generator, self.domain)  # [B, C, *S], iid N(0, 1)
+        if dcfg.prompt_training > 0:
+            # a drawn share of the samples is given its first bc_rows slices noise-free: the model
+            # learns to continue a prompt (drawn after the noise, so the unprompted stream is unchanged)
+            given = torch.rand(B, generator=generator, device=gdev).to(dev) < dcfg.prompt_training  # [B]
+            noise = noise * (1 - given_prompt_mask(u0, min(dcfg.bc_rows, self.domain.global_extent(u0, 2)),
+                                                   given, self.domain))
+        eps = self.to_coeffs(noise)  # [B, C, N]
         c_tau = D.q_sample(c0, alpha, eps)
         lam = self._lambda(batch, B, dev)
         if self.cascade:
@@ -330,6 +358,7 @@ class SGFM(nn.Module):
         if dcfg.lambda_R > 0:
             terms["physics"] = self.physics_energy(u_hat, self.forcing_noise(u0, generator), lam).mean()
         if dcfg.lambda_B > 0:
+            # the prompt length (diffusion.bc_rows): the frames / rows a forecast is given
             rows = min(dcfg.bc_rows, self.domain.global_extent(u0, 2))
             terms["bc"] = boundary_loss(u_hat, u0, first_rows_mask(u0, rows, self.domain), self.domain).mean()
         if dcfg.lambda_ce > 0 and self.modality.readout_term is not None:
@@ -401,8 +430,10 @@ class SGFM(nn.Module):
 
         ``prompt_tokens`` (text, ``[n or 1, P]`` ids) / ``prompt_field`` (video/physics,
         ``[n or 1, C_data, P, *S_rest]``) fix the first positions / t-slices: re-imposed at the
-        current noise level after every step (inpainting) and exactly at the end, optionally with
-        the L_BC guidance step ``bc_eta`` (Eq. 44). ``physics_eta > 0`` adds the physics-guided
+        current noise level after every step (inpainting; noise-free for a model trained with
+        ``diffusion.prompt_training``) and exactly at the end, optionally with the L_BC guidance
+        ``bc_eta`` (Eq. 44) on every clean estimate (``generation.Denoiser``: the generated cells
+        are pulled towards agreeing with the prompt through the network). ``physics_eta > 0`` adds the physics-guided
         correction ``c <- c - eta grad_c E(W^-1 c)`` (Eq. 24) after every step.
 
         ``round_to_vocab`` (text): every clean estimate ``u_hat`` the sampler sees is replaced by
@@ -430,8 +461,9 @@ class SGFM(nn.Module):
         for index in range(cfg.levels + 1) if self.cascade else [None]:
             stage = G.Stage.build(self, shape, index, c)
             constraint = None if prompt is None else G.PromptConstraint(self, stage, shape, prompt, noise)
-            energy = G.GuidanceEnergy.build(self, stage, shape, xi, lam, physics_eta, bc_eta, prompt)
-            c = G.sample_stage(SAMPLERS[sampler], steps, stage, G.Denoiser(self, stage, shape, lam, temperature),
+            energy = G.GuidanceEnergy.build(self, stage, shape, xi, lam, physics_eta)
+            denoiser = G.Denoiser(self, stage, shape, lam, temperature, prompt, bc_eta)
+            c = G.sample_stage(SAMPLERS[sampler], steps, stage, denoiser,
                                noise, energy, constraint, self.domain, disable_progress)
         u = self.to_field(c, shape)  # [n, C, *S]
         if prompt is not None:

@@ -150,10 +150,11 @@ class SplitDomain:
             raise ValueError(f"axes: {axes} include dims before the field axes {tuple(range(off, len(shape)))}")
         ext = self._global_extents(None, shape)
         fidx = tuple(a - off for a in axes)
-        key = (ext, fidx)
+        key = (ext, fidx, shape[0])
         if key not in self._plans:
             split = [(a - 2) if p > 1 else -1 for a, p in zip(self.layout.split_axes, self.layout.ranks)]
-            self._plans[key] = make_plan(ext, fidx, split, self.layout.ranks)
+            # the samples take a split only where no field axis can (a 1-D field split along t)
+            self._plans[key] = make_plan(ext, fidx, split, self.layout.ranks, batch=shape[0])
         return self._plans[key]
 
     def rfft(self, x: Tensor, axes: Sequence[int]) -> Tensor:

@@ -124,6 +124,17 @@ def transpose(x: Tensor, config: TransposeConfig) -> Tensor:
 
 
 # ---- plans ---------------------------------------------------------------------------------
+BATCH = -2
+"""The transpose target that is no field axis: the batch dim (tensor dim 0). Chosen only when no
+whole field axis can take a split, i.e. a field whose every axis is split (a 1-D time series
+split along t): its spectral layout is then split over the samples, every frequency whole.
+(-1 means "not split" in ``FFTPlan.split``.)"""
+
+
+def _dim(i: int, offset: int) -> int:
+    return 0 if i == BATCH else offset + i
+
+
 @dataclass(frozen=True)
 class TransposeStage:
     """Transpose on ``mesh_dim``: field axis ``gather`` becomes whole, ``scatter`` split."""
@@ -169,6 +180,8 @@ class FFTPlan:
     """Field index split by each mesh dim in the spectral layout (-1: none)."""
     spectral_extents: tuple[int, ...]
     """Global extents in the spectral layout (the halved axis has ``n // 2 + 1``)."""
+    batch: int = 0
+    """Local batch size when a transpose splits the samples (``BATCH``); 0 otherwise."""
 
     @property
     def n_transposes(self) -> int:
@@ -176,11 +189,14 @@ class FFTPlan:
 
 
 def _choose_target(candidates: Sequence[int], extents: Sequence[int], p: int, transformed: set,
-                   prefer_outside: bool, what: str) -> int:
+                   prefer_outside: bool, what: str, batch: int = 0) -> int:
     ok = [i for i in candidates if extents[i] >= p]
+    if not ok and batch >= p:
+        return BATCH  # the last resort: split the samples
     if not ok:
         raise ValueError(f"fft: cannot {what}: no whole field axis has at least {p} cells to take the split "
-                         f"(extents {tuple(extents)}, candidates {tuple(candidates)}); use fewer ranks, "
+                         f"(extents {tuple(extents)}, candidates {tuple(candidates)}"
+                         + (f", local batch {batch}" if batch else "") + "); use fewer ranks, "
                          f"or split an axis that is not transformed")
 
     def score(i):
@@ -190,9 +206,11 @@ def _choose_target(candidates: Sequence[int], extents: Sequence[int], p: int, tr
     return min(ok, key=score)
 
 
-def make_plan(extents: Sequence[int], axes: Sequence[int], split: Sequence[int], ranks: Sequence[int]) -> FFTPlan:
+def make_plan(extents: Sequence[int], axes: Sequence[int], split: Sequence[int], ranks: Sequence[int],
+              batch: int = 0) -> FFTPlan:
     """Plan a distributed ``rfftn`` (see the module Notes). ``split[k]`` is the field index
-    split by mesh dim ``k`` (with ``ranks[k]`` ranks); all indices are field axes ``0..d-1``."""
+    split by mesh dim ``k`` (with ``ranks[k]`` ranks); all indices are field axes ``0..d-1``.
+    ``batch``: the local batch size, which takes a split when no field axis can (``BATCH``; 0: never)."""
     extents, axes = tuple(extents), tuple(sorted(axes))
     split, ranks = tuple(split), tuple(ranks)
     d = len(extents)
@@ -209,8 +227,8 @@ def make_plan(extents: Sequence[int], axes: Sequence[int], split: Sequence[int],
 
     if split_by(h) is not None:  # the halving needs h whole and real: transpose real data first
         k = split_by(h)
-        t = _choose_target(whole(), ext, ranks[k], set(axes), True, f"make axis {h} whole for the real FFT")
-        stages.append(TransposeStage(k, h, ext[h], t, ext[t]))
+        t = _choose_target(whole(), ext, ranks[k], set(axes), True, f"make axis {h} whole for the real FFT", batch)
+        stages.append(TransposeStage(k, h, ext[h], t, batch if t == BATCH else ext[t]))
         owner[k] = t
     todo = [i for i in axes if split_by(i) is not None]
     now = [i for i in axes if split_by(i) is None]
@@ -220,20 +238,21 @@ def make_plan(extents: Sequence[int], axes: Sequence[int], split: Sequence[int],
     for a in sorted(todo, reverse=True):
         k = split_by(a)
         cands = [i for i in whole() if i not in todo or i in done]
-        t = _choose_target(cands, ext, ranks[k], done, False, f"transpose split axis {a}")
-        stages.append(TransposeStage(k, a, ext[a], t, ext[t]))
+        t = _choose_target(cands, ext, ranks[k], done, False, f"transpose split axis {a}", batch)
+        stages.append(TransposeStage(k, a, ext[a], t, batch if t == BATCH else ext[t]))
         owner[k] = t
         stages.append(FFTStage(a))
         done.add(a)
     spectral_split = tuple(owner.get(k, -1) for k in range(len(ranks)))
+    uses_batch = any(isinstance(st, TransposeStage) and st.scatter == BATCH for st in stages)
     return FFTPlan(extents, axes, tuple(a if p > 1 else -1 for a, p in zip(split, ranks)), ranks,
-                   tuple(stages), spectral_split, tuple(ext))
+                   tuple(stages), spectral_split, tuple(ext), batch if uses_batch else 0)
 
 
 # ---- execution -------------------------------------------------------------------------------
 def _transpose_config(st: TransposeStage, offset: int, ranks, coords, groups, inverse: bool) -> TransposeConfig:
     p, q = ranks[st.mesh_dim], coords[st.mesh_dim]
-    cfg = TransposeConfig(offset + st.gather, block_sizes(st.gather_extent, p), offset + st.scatter,
+    cfg = TransposeConfig(_dim(st.gather, offset), block_sizes(st.gather_extent, p), _dim(st.scatter, offset),
                           block_sizes(st.scatter_extent, p), q, groups[st.mesh_dim])
     return cfg.reversed() if inverse else cfg
 
@@ -281,12 +300,15 @@ def transpose_bytes(plan: FFTPlan, batch_numel: int, itemsize: int, coords: Sequ
     "both"), for ``batch_numel`` = B * C (* extra dims) and real ``itemsize``."""
     if direction not in ("forward", "inverse", "both"):
         raise ValueError(f"direction: expected 'forward', 'inverse' or 'both', got {direction!r}")
-    ext, owner = list(plan.extents), {k: a for k, a in enumerate(plan.split) if a >= 0}
+    ext, owner = dict(enumerate(plan.extents)), {k: a for k, a in enumerate(plan.split) if a >= 0}
+    if plan.batch:  # the samples are an axis of their own here (batch_numel counts them once)
+        ext[BATCH] = plan.batch
+        batch_numel //= plan.batch
     total, complex_ = 0, False
 
     def local_cells() -> int:
         cells = 1
-        for i, n in enumerate(ext):
+        for i, n in ext.items():
             k = next((m for m, a in owner.items() if a == i), None)
             cells *= block_sizes(n, plan.ranks[k])[coords[k]] if k is not None else n
         return cells

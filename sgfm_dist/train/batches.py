@@ -36,8 +36,9 @@ def _text_source(cfg: Config, source: str, split: str, loader: dict):
 
 
 def _video_source(cfg: Config, source: str, split: str, loader: dict):
-    from sgfm_dist.data.fields import build_video_source
+    from sgfm_dist.data.fields import build_video_source, ensure_corpus
 
+    ensure_corpus(cfg.data.source, cfg.data.generate)  # e.g. the synthetic corpus of configs/video_tiny.yaml
     return build_video_source(source, split, batch_size=cfg.train.micro_batch, frames=cfg.data.frames or None,
                               **loader)
 
@@ -50,7 +51,17 @@ def _physics_source(cfg: Config, source: str, split: str, loader: dict):
                                 **loader)
 
 
-SOURCES = {"text": _text_source, "video": _video_source, "physics": _physics_source}
+def _timeseries_source(cfg: Config, source: str, split: str, loader: dict):
+    from sgfm_dist.data.timeseries import build_timeseries_source
+
+    m = cfg.model
+    return build_timeseries_source(source, split, batch_size=cfg.train.micro_batch, features=m.channels,
+                                   length=cfg.data.frames or None, padding=m.series_padding, levels=m.levels,
+                                   **loader)
+
+
+SOURCES = {"text": _text_source, "video": _video_source, "physics": _physics_source,
+           "timeseries": _timeseries_source}
 """The batch source of each ``model.modality``: ``build(cfg, source, split, loader_options)``."""
 
 
@@ -76,14 +87,16 @@ def _stored_field_shape(cfg: Config) -> tuple[int, ...]:
     return tuple(int(n) for n in batch["field"].shape[2:])  # [B, C, T, *S]
 
 
-FIELD_SHAPES = {"text": _text_field_shape, "video": _stored_field_shape, "physics": _stored_field_shape}
+FIELD_SHAPES = {"text": _text_field_shape, "video": _stored_field_shape, "physics": _stored_field_shape,
+                "timeseries": _stored_field_shape}
 """How each modality knows the extents of one sample's field: from the config, or from the data."""
 
 
 def global_field_shape(cfg: Config) -> tuple[int, ...]:
     """Extents ``S`` of one sample's whole field: ``(data.rows, data.row_len)`` for text; for
     video/physics those of the data (``data.frames`` cuts T, the spatial extents are the
-    corpus'), read from the first training batch of a reader of its own (the training source's
+    corpus'), for time series ``(N,)`` of the stored windows (``data.frames`` checks T), read
+    from the first training batch of a reader of its own (the training source's
     position is untouched)."""
     return FIELD_SHAPES[cfg.model.modality](cfg)
 

@@ -19,7 +19,7 @@ Reading YAML files (``base:`` inheritance, ``--set`` overrides, unknown-key sugg
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from sgfm_dist.model.config import DiffusionConfig, ModelConfig
@@ -58,7 +58,7 @@ class DataConfig:
     """A corrupt or truncated shard: 'fail' stops the run with an error naming the shard; 'skip'
     warns naming it, goes on, and counts skipped shards/samples in the logs (``data/...``)."""
     generate: str = ""
-    """Physics: shell command that makes the corpus when ``source`` is a local path that
+    """Physics and video: shell command that makes the corpus when ``source`` is a local path that
     does not exist yet (run once, before the first batch, from the repository root; ``{source}``
     is the path, ``{python}`` this interpreter). E.g. ``{python} tools/simulate_ns.py --out
     {source} --grid 32``. ``""``: the corpus must exist."""
@@ -262,6 +262,10 @@ class EvalConfig:
     """Sampler: predictor-corrector, probability-flow ODE (Heun) or Euler-Maruyama SDE."""
     physics_eta: float = 0.0
     """Step size of the physics-guided correction c <- c - eta grad E (Eq. 24); 0 = off."""
+    bc_eta: float = 0.0
+    """Weight of the L_BC guidance (Eq. 44) of prompted samples and forecasts: every sampler step
+    also descends ``bc_eta * L_BC`` of the estimate against the given frames / rows; 0 = off
+    (the prompt is still imposed by inpainting)."""
     vocab_temperature: float = 1.0
     """Text: temperature of the readout softmax in the sampler's rounding to the vocabulary
     (``SGFM.generate``). 1 follows the model's posterior; below 1 trades diversity for fewer
@@ -295,12 +299,25 @@ class EvalConfig:
         positive_int("eval.n_samples", self.n_samples)
         positive_int("eval.sample_steps", self.sample_steps)
         non_negative("eval.physics_eta", self.physics_eta)
+        non_negative("eval.bc_eta", self.bc_eta)
         positive("eval.vocab_temperature", self.vocab_temperature)
         all_in_range("eval.energy_taus", self.energy_taus, 0.0, 1.0, lo_open=True, hi_open=True)
         positive_int("eval.val_batches", self.val_batches)
         positive_int("eval.prior_bytes", self.prior_bytes)
         all_in_range("eval.entropy_fractions", self.entropy_fractions, 0.0, 1.0, lo_open=True, hi_open=True)
         positive_int("eval.metric_samples", self.metric_samples)
+
+
+
+def override_eval(base: EvalConfig, overrides: dict) -> EvalConfig:
+    """``base`` with the non-None ``overrides`` (EvalConfig field names) replaced and re-validated
+    by ``EvalConfig.__post_init__``; None keeps the base value, so a command line can pass every
+    option it has. An unknown name is a ValueError naming it."""
+    names = {f.name for f in fields(base)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"eval overrides: unknown field(s) {unknown}; EvalConfig has {sorted(names)}")
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""What a run reports while it trains (rank 0 only): TensorBoard scalars/texts, a
+"""What a run reports while it trains (rank 0 only): TensorBoard scalars/texts/images, a
 ``metrics.jsonl`` line per logged step (machine-readable, used by the resume test), a tqdm
 bar with rate and ETA, and peak memory.
 
@@ -61,6 +61,11 @@ class RunMonitor:
         if self.enabled and self.writer is not None:
             # TensorBoard renders markdown: indent by 4 so whitespace and symbols show verbatim.
             self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+
+    def image(self, step: int, tag: str, image) -> None:
+        """A uint8 picture ``[H, W, 3]`` (numpy) in TensorBoard's images tab."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def advance(self, n: int = 1, postfix: dict | None = None) -> None:
         if self.bar is not None:

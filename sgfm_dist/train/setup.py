@@ -36,19 +36,20 @@ from sgfm_dist.train.engine import build_engine, deepspeed_config, full_paramete
 
 def resolve_split_axes(model_cfg, parallel_cfg) -> tuple[int, ...]:
     """Tensor dims of ``[B, C, *S]`` split over the sp grid, from ``parallel.split_axes`` (field
-    axes, 0 = t) or, when that is empty, automatically: t for text (a periodic flow axis: its
-    spectral layers stay local); for video/physics the spatial axes (y for a slab, y and x for a
+    axes, 0 = t) or, when that is empty, automatically: t for text and time series (a periodic
+    flow axis: its spectral layers stay local); for video/physics the spatial axes (y for a slab, y and x for a
     pencil), because their d_t is a one-sided stencil (``model.time_derivative``) that reads the
     t axis whole. A split that cannot work is a ValueError naming the config keys."""
     grid = tuple(parallel_cfg.sp_grid) or (parallel_cfg.sp,)
     ndim = model_cfg.field_ndim
-    names = {2: ("t", "x"), 3: ("t", "y", "x"), 4: ("t", "z", "y", "x")}.get(ndim, tuple(range(ndim)))
+    names = model_cfg.layout.axes
     if len(grid) > 1 and ndim < 3:
         raise ValueError(f"parallel.sp_grid: a pencil {list(grid)} needs a 3-D field; a {model_cfg.modality} field "
                          f"has {ndim} axes {names}: use a slab (parallel.sp_grid: [])")
     axes = tuple(parallel_cfg.split_axes)
     if not axes:
-        axes = (0,) if model_cfg.modality == "text" else tuple(range(1, 1 + len(grid)))
+        # t where the layout makes it a flow axis (text, time series), else the spatial axes
+        axes = (0,) if model_cfg.layout.flow == "all" else tuple(range(1, 1 + len(grid)))
     for a in axes:
         if a >= ndim:
             raise ValueError(f"parallel.split_axes: field axis {a} does not exist; a {model_cfg.modality} field "

@@ -318,15 +318,19 @@ class Trainer:
             self._ema_full = (self.step, self.ema.full_shadow(to_all=False))
 
     def periodic_eval(self) -> None:
-        """Rank 0: the modality's periodic samples (texts) and the wavelet energy per level at fixed taus."""
+        """Rank 0: the modality's periodic samples (texts, or video frame strips as images) and the
+        wavelet energy per level at fixed taus."""
         from sgfm_dist.eval.evaluate import periodic_samples
         from sgfm_dist.eval.text_metrics import wavelet_energy_table
 
         e = self.cfg.eval
         model = self.eval_model()
         time.sleep(float(os.environ.get(SLOW_EVAL_ENV, 0)))  # test hook (module docstring)
-        for tag, text in periodic_samples(model, self.cfg, self.device).items():
-            self.monitor.text(self.step, tag, text)
+        for tag, sample in periodic_samples(model, self.cfg, self.device).items():
+            if isinstance(sample, str):
+                self.monitor.text(self.step, tag, sample)
+            else:
+                self.monitor.image(self.step, tag, sample)
         batch = batch_to_device(self._fixed_batch(), self.device)
         self.monitor.scalars(self.step, wavelet_energy_table(model, batch, e.energy_taus, seed=e.seed))
 

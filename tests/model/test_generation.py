@@ -1,7 +1,7 @@
 """The generation wrappers one by one: the cascade estimate every call site shares, the stage
 blocks, the denoiser (with and without rounding to the vocabulary), the prompt constraint and
-the guidance energy; and that training, evaluation and sampling all go through the one
-cascade estimate."""
+the guidance energy, the L_BC guidance of the denoiser; and that training, evaluation and sampling
+all go through the one cascade estimate."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,6 @@ import torch
 from sgfm_dist.model import diffusion as D
 from sgfm_dist.model import generation as G
 from sgfm_dist.model.config import DiffusionConfig, ModelConfig
-from sgfm_dist.model.losses import boundary_loss
 from sgfm_dist.model.sgfm import SGFM, build_model, wavelet_energy_per_level
 
 TINY = dict(width=8, n_blocks=1, spectral_modes=2, forcing_width=4, forcing_blocks=1, wavelet="haar", levels=2,
@@ -192,22 +191,48 @@ def test_prompt_constraint_at_tau_zero_restores_the_prompt(mode):
     assert torch.equal(noise.generator.get_state(), g_state) == (mode == "cascade")
 
 
-def test_guidance_energy_is_weighted_physics_plus_boundary_loss():
+def test_guidance_energy_is_the_weighted_physics_energy():
     model = _model("cascade")
-    prompt = _prompt(model)
     c = model.to_coeffs(torch.randn(2, 4, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
     stage = G.Stage.build(model, SHAPE, 1, c)
     lam = model._lambda(None, 2, "cpu")
     x = stage.part(c) * 0.5
     u = model.to_field(stage.full(x), SHAPE)
-    energy = G.GuidanceEnergy.build(model, stage, SHAPE, None, lam, 0.3, 2.0, prompt)
-    want = 0.3 * model.physics_energy(u, None, lam) + 2.0 * boundary_loss(u, prompt.field, prompt.mask)
-    torch.testing.assert_close(energy(x), want, rtol=1e-12, atol=1e-12)
-    only_bc = G.GuidanceEnergy.build(model, stage, SHAPE, None, lam, 0.0, 2.0, prompt)
-    torch.testing.assert_close(only_bc(x), 2.0 * boundary_loss(u, prompt.field, prompt.mask))
+    energy = G.GuidanceEnergy.build(model, stage, SHAPE, None, lam, 0.3)
+    torch.testing.assert_close(energy(x), 0.3 * model.physics_energy(u, None, lam), rtol=1e-12, atol=1e-12)
     # nothing to guide: no energy at all (the sampler then takes no guidance step)
-    assert G.GuidanceEnergy.build(model, stage, SHAPE, None, lam, 0.0, 0.0, prompt) is None
-    assert G.GuidanceEnergy.build(model, stage, SHAPE, None, lam, 0.0, 2.0, None) is None
+    assert G.GuidanceEnergy.build(model, stage, SHAPE, None, lam, 0.0) is None
+
+
+@pytest.mark.parametrize("mode", ["joint", "cascade"])
+def test_denoiser_l_bc_guidance_is_reconstruction_guidance(mode):
+    """bc_eta adds bc_eta a / (2 sqrt(1 - a)) grad_x S to eps_hat, S the prompt cells' squared misfit
+    of the clean estimate (Ho et al. 2022, Eq. 7); a small step along it lowers that misfit."""
+    model = _model(mode)
+    prompt = _prompt(model)
+    _, c_tau, _, _, lam = _noisy(model)
+    stage = G.Stage.build(model, SHAPE, None if mode == "joint" else model.cfg.levels, c_tau)
+    x, tau = stage.part(c_tau), 0.5
+    plain = G.Denoiser(model, stage, SHAPE, lam)(x, tau)
+    assert torch.equal(G.Denoiser(model, stage, SHAPE, lam, prompt=prompt, bc_eta=0.0)(x, tau), plain)
+    guided = G.Denoiser(model, stage, SHAPE, lam, prompt=prompt, bc_eta=2.0)(x, tau)
+    a = stage.alpha(tau)
+
+    def misfit(xx):
+        logsnr = model._logsnr_at(tau, 2, "cpu")
+        if mode == "joint":
+            c0 = model.eps_network(xx, a, model._conditions(logsnr, lam, None), SHAPE)[1]
+        else:
+            c0 = G.cascade_estimate(model, stage.base, stage.full(xx), a, logsnr, lam,
+                                    torch.full((2,), model.cfg.levels), SHAPE, stage.coarse)[1]
+        u = model.to_field(c0, SHAPE)
+        return (((u - prompt.field) ** 2) * prompt.mask).flatten(1).sum(1)  # [n]: S
+
+    xg = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(misfit(xg).sum(), xg)
+    torch.testing.assert_close(guided, plain + 2.0 * a / (2 * (1 - a).sqrt()) * grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        assert bool((misfit(x - 1e-3 * grad) < misfit(x)).all())
 
 
 def test_sample_stage_fills_only_its_block():

@@ -115,3 +115,30 @@ def test_first_rows_mask_marks_the_initial_condition():
     # L_BC on the first rows is the mean square misfit of exactly those rows
     u0 = torch.randn(2, 3, 8, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(boundary_loss(u, u0, m), u0[:, :, :3].square().mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match="prompt length"):
+        first_rows_mask(u, -1)
+
+
+def test_bc_penalizes_the_prompt_frames(monkeypatch):
+    """L_BC in training masks diffusion.bc_rows frames (the prompt length), and a prompt of that many
+    frames is guided by the same mask: one penalty for the frames a forecast is given."""
+    from sgfm_dist.model import sgfm as sgfm_module
+    from sgfm_dist.model.config import DiffusionConfig, ModelConfig
+    from sgfm_dist.model.generation import field_prompt
+
+    cfg = ModelConfig(modality="video", channels=4, width=8, n_blocks=1, mlp_ratio=1, forcing_width=4,
+                      wavelet="haar", levels=1, fourier_features=4, cond_dim=8, spectral_modes=(2, 4, 4))
+    model = sgfm_module.build_model(cfg, DiffusionConfig(bc_rows=3, lambda_B=1.0))
+    rows = []
+
+    def spy(u, k, domain=None):
+        rows.append(k)
+        return first_rows_mask(u, k, domain)
+
+    monkeypatch.setattr(sgfm_module, "first_rows_mask", spy)
+    frames = torch.rand(2, 3, 6, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    _, terms = model.training_loss({"field": frames}, torch.Generator().manual_seed(0))
+    assert rows == [3] and "bc" in terms
+    like = torch.zeros(2, 4, 6, 8, 8)
+    prompt = field_prompt(model, frames[:1, :, :3], 2, like, 3, model.video.encode)
+    assert torch.equal(prompt.mask, first_rows_mask(like, 3))

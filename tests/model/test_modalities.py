@@ -42,7 +42,7 @@ def test_every_layout_has_a_modality_and_back():
 
 
 @pytest.mark.parametrize("modality, term, names", [
-    ("text", "ce", ["text"]), ("video", "recon", ["video"]), ("physics", None, []),
+    ("text", "ce", ["text"]), ("video", "recon", ["video"]), ("physics", None, []), ("timeseries", None, []),
 ])
 def test_learned_maps_keep_their_names_and_come_first(modality, term, names):
     model = _model(modality)
@@ -52,7 +52,7 @@ def test_learned_maps_keep_their_names_and_come_first(modality, term, names):
     assert all(any(k.startswith(n + ".") for k in model.state_dict()) for n in names)
 
 
-@pytest.mark.parametrize("modality", ["text", "video", "physics"])
+@pytest.mark.parametrize("modality", ["text", "video", "physics", "timeseries"])
 def test_training_loss_terms_follow_the_modality(modality):
     model = _model(modality)
     _, terms = model.training_loss(_batch(modality), torch.Generator().manual_seed(0))
@@ -68,11 +68,16 @@ def test_decode_outputs_per_modality():
     assert out["frames"].shape == (1, 3, 4, 8, 8)
     out = _model("physics").generate(1, (4, 8, 8), 1, sampler="heun")
     assert set(out) == {"field"}
+    out = _model("timeseries").generate(3, (16,), 2, sampler="heun")  # a reflected window of T = 8
+    assert out["field"].shape == (3, 3, 16) and out["series"].shape == (3, 8, 3)
+    assert 0 <= out["series"].min() and out["series"].max() <= 1
 
 
 def test_prompt_kinds_are_the_modality_s():
     with pytest.raises(ValueError, match="only text models take token prompts"):
         _model("physics").generate(1, (4, 8, 8), 1, prompt_tokens=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="time series are generated unconditionally"):
+        _model("timeseries").generate(1, (16,), 1, prompt_field=torch.zeros(1, 3, 2))
     with pytest.raises(ValueError, match="text models take prompt_tokens"):
         _model("text").generate(1, (4, 8), 1, prompt_field=torch.zeros(1, 4, 1, 8))
     # a video prompt is given in frame channels and lifted by the model's own map
@@ -89,3 +94,39 @@ def test_encode_errors_name_the_field_layout():
         _model("video").encode({"field": torch.zeros(1, 4, 4, 8, 8)})
     with pytest.raises(ValueError, match="only text models have an embedding"):
         _model("physics").embedding_matrix()
+
+
+def test_time_series_physics_is_off_unless_asked_for():
+    from sgfm_dist.model.config import ModelConfig
+
+    m = _model("timeseries")
+    assert m.cfg.physics is False and m.forcing_net is None and m.dcfg.lambda_R == 0.0
+    # configured: the residual term and the forcing come back (t is the series' one flow axis)
+    torch.manual_seed(0)
+    on = build_model(ModelConfig(modality="timeseries", channels=3, physics=True, **SMALL),
+                     DiffusionConfig(lambda_R=0.5, lambda_B=0.0)).double()
+    assert on.forcing_net is not None and on.cfg.flow_axes() == (2,)
+    _, terms = on.training_loss(_batch("timeseries"), torch.Generator().manual_seed(0))
+    assert set(terms) == {"diff", "physics"} and torch.isfinite(terms["physics"])
+    assert _model("physics").forcing_net is not None and _model("physics").dcfg.lambda_R == 0.0  # as configured
+
+
+def test_position_features_tell_a_window_s_ends_from_its_middle():
+    m = _model("timeseries")
+    assert m.cfg.positions == 4 and m.score_net.in_ch == 3 + 8  # C + 2 K d
+    assert _model("physics").cfg.positions == 0 and _model("physics").score_net.in_ch == 2
+    pos = m.position_features(torch.zeros(2, 3, 16, dtype=torch.float64))  # [2, 8, 16]
+    assert pos.shape == (2, 8, 16)
+    torch.testing.assert_close(pos[0, 0], torch.cos(2 * torch.pi * (torch.arange(16, dtype=torch.float64) + 0.5) / 16))
+    # cosines are mirror-symmetric (a reflected window's two halves see the same), sines are not
+    torch.testing.assert_close(pos[0, 0::2], pos[0, 0::2].flip(-1))
+    torch.testing.assert_close(pos[0, 1::2], -pos[0, 1::2].flip(-1))
+    # the network is no longer shift-equivariant: a rolled input does not give a rolled output
+    x = torch.randn(1, 3, 16, dtype=torch.float64)
+    cond = torch.randn(1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        for p in m.score_net.out.parameters():
+            p.normal_()
+        y = m.score_net(torch.cat([x, m.position_features(x)], 1), cond)
+        y_rolled = m.score_net(torch.cat([x.roll(4, -1), m.position_features(x)], 1), cond)
+    assert (y.roll(4, -1) - y_rolled).abs().max() > 1e-3

@@ -11,6 +11,9 @@ Resizing (``size=(H, W)``): 'crop' scales the frame to cover H x W and cuts the 
 'stretch' scales to H x W ignoring the aspect ratio. Without ``size`` every frame of every
 video must have the same size (mixed sizes are a ValueError naming the file). The split is
 by a hash of the video's name, so all clips of one video land in the same split.
+
+``convert_synthetic_video`` writes the generated corpus of ``sgfm_dist.data.synthetic_video``
+(moving, rotating, textured shapes; no download) through the same clip cutting and shards.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 
 from ..corpus import split_of
 from ..shards import TAR_OVERHEAD, PlanItem, json_bytes, npy_bytes
+from ..synthetic_video import SyntheticVideoConfig, render_video, video_name
 from .common import run_conversion
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -252,6 +256,21 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int] | None, mode: str) -> 
 
 # ---- conversion ----------------------------------------------------------------------
 
+def _clips(i: int, wanted: set, frame, fps: float, source: str, split_key: str, cfg: VideoConvertConfig,
+           extra: dict | None = None):
+    """The samples ``(c, {"__key__", "npy", "json"})`` of the wanted clips ``c`` of input ``i``, whose
+    original frame ``k`` is ``frame(k)`` (uint8 [h, w, 3]); the split is a hash of ``split_key``."""
+    step = cfg.frame_step
+    split = split_of(split_key.encode(), cfg.val_fraction)
+    for c in sorted(wanted):
+        first = c * cfg.clip_stride * step
+        clip = np.stack([resize_frame(frame(first + j * step), cfg.size, cfg.resize)
+                         for j in range(cfg.frames)])  # [F, H, W, 3]
+        meta = dict(fps=fps / step, source=source, start_frame=first, frame_step=step, frames=cfg.frames,
+                    size=list(clip.shape[1:3]), split=split, **(extra or {}))
+        yield c, {"__key__": f"v{i:06d}-{c:06d}", "npy": npy_bytes(clip), "json": json_bytes(meta)}
+
+
 def clip_count(n_frames: int, cfg: VideoConvertConfig) -> int:
     """Clips of a video with ``n_frames`` frames (after sub-sampling by frame_step)."""
     n = -(-n_frames // cfg.frame_step)
@@ -292,18 +311,45 @@ def convert_video(inputs: Sequence[str], out: str, cfg: VideoConvertConfig, comm
     def produce(i: int, wanted: set):
         video = VideoInput(videos[i], cfg)
         _, _, fps = video.probe()
-        step = cfg.frame_step
-        for c in sorted(wanted):
-            first = c * cfg.clip_stride * step
-            frames = [resize_frame(video.frame(first + j * step), cfg.size, cfg.resize) for j in range(cfg.frames)]
-            clip = np.stack(frames)  # [F, H, W, 3]
-            meta = dict(fps=fps / step, source=names[i], start_frame=first, frame_step=step, frames=cfg.frames,
-                        size=list(clip.shape[1:3]),
-                        split=split_of(os.path.basename(names[i]).encode(), cfg.val_fraction))
-            yield c, {"__key__": f"v{i:06d}-{c:06d}", "npy": npy_bytes(clip), "json": json_bytes(meta)}
+        yield from _clips(i, wanted, video.frame, fps, names[i], os.path.basename(names[i]), cfg)
 
     options = dict(asdict(cfg))
     max_bytes = None if cfg.shard_mb is None else int(cfg.shard_mb * 1e6)
     return run_conversion("video", comm, videos, scan, produce, out, options, cfg.shard_samples, max_bytes,
                           overwrite=overwrite, progress=progress, meta=dict(size=cfg.size, frames=cfg.frames),
                           after_scan=check_sizes)
+
+
+def convert_synthetic_video(synth: SyntheticVideoConfig, out: str, cfg: VideoConvertConfig, comm,
+                            overwrite: bool = False, progress: bool = True) -> dict:
+    """Render the synthetic corpus ``synth`` (``sgfm_dist.data.synthetic_video``) and write it as
+    clip shards under ``out``, exactly as ``convert_video`` writes real videos: ``cfg`` cuts each
+    video of ``synth.frames`` frames into clips (frames, stride, frame_step) and splits videos by
+    a hash of their names. ``cfg.size``, if given, must be ``synth.size`` (render at the size you
+    want rather than resampling). Deterministic: the same options give the same shards on any
+    number of ranks. Returns the run summary."""
+    if cfg.size is not None and tuple(cfg.size) != tuple(synth.size):
+        raise ValueError(f"size: the synthetic videos are rendered at {synth.size[0]}x{synth.size[1]}; "
+                         f"got a resize to {cfg.size[0]}x{cfg.size[1]} (render at that size instead)")
+    names = [video_name(i, synth) for i in range(synth.videos)]
+    H, W = synth.size
+
+    def scan(i: int, stats: dict) -> list[PlanItem]:
+        stats["videos"] = stats.get("videos", 0) + 1
+        stats["frames_in"] = stats.get("frames_in", 0) + synth.frames
+        clips = clip_count(synth.frames, cfg)
+        if clips == 0:
+            stats["too_short"] = stats.get("too_short", 0) + 1
+        split = split_of(names[i].encode(), cfg.val_fraction)
+        return [PlanItem(i, c, split, cfg.frames * H * W * 3 + 2 * TAR_OVERHEAD) for c in range(clips)]
+
+    def produce(i: int, wanted: set):
+        frames = render_video(i, synth)  # [F, H, W, 3], rendered once for all its clips
+        yield from _clips(i, wanted, frames.__getitem__, synth.fps, names[i], names[i], cfg,
+                          extra=dict(synthetic_seed=synth.seed))
+
+    options = dict(asdict(cfg), synthetic=asdict(synth))
+    max_bytes = None if cfg.shard_mb is None else int(cfg.shard_mb * 1e6)
+    return run_conversion("video", comm, names, scan, produce, out, options, cfg.shard_samples, max_bytes,
+                          overwrite=overwrite, progress=progress,
+                          meta=dict(size=list(synth.size), frames=cfg.frames, synthetic=asdict(synth)))
