@@ -64,11 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or stepNNNNNNNN dir")
     p.add_argument("--prompt", default="", help="text the sample starts with (its first rows are fixed)")
     p.add_argument("--length", type=int, default=0, help="bytes to generate incl. the prompt (0 = trained field)")
-    p.add_argument("--steps", type=int, default=64, help="reverse-diffusion steps (eval.sample_steps)")
-    p.add_argument("--sampler", default="pc", choices=["pc", "heun", "euler_maruyama"], help="eval.sampler")
+    p.add_argument("--steps", type=int, default=None,
+                   help="reverse-diffusion steps (default: the run's eval.sample_steps)")
+    p.add_argument("--sampler", default=None, choices=["pc", "heun", "euler_maruyama"],
+                   help="default: the run's eval.sampler")
     p.add_argument("--ensemble", type=int, default=1, help="samples drawn (E > 1 also writes the spread PNG)")
-    p.add_argument("--physics-eta", type=float, default=0.0,
-                   help="physics-guided correction step (Eq. 24; eval.physics_eta)")
+    p.add_argument("--physics-eta", type=float, default=None,
+                   help="physics-guided correction step (Eq. 24; default: the run's eval.physics_eta)")
     p.add_argument("--temperature", type=float, default=None,
                    help="readout temperature of the rounding to the vocabulary (default: the run's eval.vocab_temperature)")
     p.add_argument("--bc-eta", type=float, default=None,

@@ -70,8 +70,8 @@ def run_trace(config: str, steps: int, data: str | None, prepare: str | None, sa
                     losses.append({"step": rec["step"], **terms})
         sample_path = os.path.join(tmp, "sample.txt")
         if sample_steps:
-            _run([sys.executable, "launch/sample.py", "--ckpt", tmp, "--steps", str(sample_steps), "--seed", "0",
-                  "--device", "cpu", "--out", sample_path, "--prompt", "The "], env)
+            _run([sys.executable, "launch/sample.py", "--ckpt", tmp, "--steps", str(sample_steps), "--sampler", "pc",
+                  "--seed", "0", "--device", "cpu", "--out", sample_path, "--prompt", "The "], env)
         sample = open(sample_path, encoding="utf-8", errors="replace").read() if os.path.exists(sample_path) else ""
     return {"losses": losses, "sample": sample}
 

@@ -355,14 +355,23 @@ class SGFM(nn.Module):
             eps_hat, c0_hat = self.eps_network(c_tau, alpha, self._conditions(logsnr, lam, None), shape)
         terms = {"diff": D.dsm_loss(eps_hat, eps, target, self.domain).mean()}  # only the stage's scale (cascade)
         u_hat = self.to_field(c0_hat, shape)  # [B, C, *S]
+        # Cascade: a stage's estimate holds the scales up to its own (finer ones zero), so each term
+        # compares like with like. L_BC compares it with the data on those same scales (the data's
+        # coarse approximation), not with the full u0 whose finer detail the stage cannot have; the
+        # physics residual and the readout are taken on the last stage only, the one estimate that
+        # is a whole field (the residual of a band-limited field is not zero even for exact data:
+        # the dropped scales' stress would count as a violation).
+        final = (stage == J).to(u0.dtype) if self.cascade else None  # [B]
         if dcfg.lambda_R > 0:
-            terms["physics"] = self.physics_energy(u_hat, self.forcing_noise(u0, generator), lam).mean()
+            energy = self.physics_energy(u_hat, self.forcing_noise(u0, generator), lam)  # [B]
+            terms["physics"] = energy.mean() if final is None else (energy * final).sum() / final.sum().clamp(min=1)
         if dcfg.lambda_B > 0:
             # the prompt length (diffusion.bc_rows): the frames / rows a forecast is given
             rows = min(dcfg.bc_rows, self.domain.global_extent(u0, 2))
-            terms["bc"] = boundary_loss(u_hat, u0, first_rows_mask(u0, rows, self.domain), self.domain).mean()
+            seen = u0 if final is None else self.to_field((sidx[None, :] <= stage[:, None]).unsqueeze(1) * c0, shape)
+            terms["bc"] = boundary_loss(u_hat, seen, first_rows_mask(u0, rows, self.domain), self.domain).mean()
         if dcfg.lambda_ce > 0 and self.modality.readout_term is not None:
-            final = (stage == J).to(u0.dtype) if self.cascade else None  # only the last stage has the whole field
+            # only the last stage has the whole field
             # the readout temperature follows the noisiest level (the finest; all equal without shift)
             terms[self.modality.readout_term] = self._readout_loss(u_hat, batch, logsnr[:, -1], final)
         total = composite_loss(terms, loss_weights(dcfg))

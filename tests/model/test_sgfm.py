@@ -40,7 +40,10 @@ def _batch(modality: str, B: int = 2, shape=None):
 @pytest.mark.parametrize("modality", ["text", "physics", "video"])
 def test_training_loss_shapes_terms_and_gradients(modality, mode):
     model = _model(modality, mode)
-    total, terms = model.training_loss(_batch(modality), torch.Generator().manual_seed(0))
+    # cascade: the physics term (which trains f_theta) is taken on the last stage's samples only,
+    # so the batch must hold one (6 samples over 3 stages, seeded: it does)
+    B = 6 if mode == "cascade" else 2
+    total, terms = model.training_loss(_batch(modality, B=B), torch.Generator().manual_seed(0))
     assert total.ndim == 0 and total.dtype == torch.float32 and torch.isfinite(total)
     readout = {"text": {"ce"}, "video": {"recon"}, "physics": set()}[modality]
     expected = {"diff", "physics", "bc"} | readout
@@ -257,3 +260,32 @@ def test_config_from_yaml_lists_equals_tuples():
     a = ModelConfig(kernel_size=[3, 5], spectral_modes=[4, 8], lengths=[1.0, 2.0])
     b = ModelConfig(kernel_size=(3, 5), spectral_modes=(4, 8), lengths=(1.0, 2.0))
     assert a == b
+
+
+@pytest.mark.parametrize("modality", ["physics", "video"])
+def test_cascade_stage_terms_compare_like_with_like(modality, monkeypatch):
+    """Cascade training: a stage's estimate holds the scales up to its own, so L_BC compares it
+    with the data's approximation on those scales (an oracle stage scores 0, where the full u0
+    would charge it for the finer detail it cannot have), and the physics residual is averaged
+    over the last stage's samples only (the one estimate that is a whole field)."""
+    import sgfm_dist.model.generation as G
+
+    model = _model(modality, "cascade")
+    B = 6
+    batch = _batch(modality, B=B)
+    seen = {}
+
+    def oracle(m, c_clean, c_noisy, alpha, logsnr, lam, stage, shape, coarse=None):
+        sidx = m._scale_index(shape, c_noisy.device)
+        upto = (sidx[None, :] <= stage[:, None]).unsqueeze(1).to(c_noisy.dtype)  # [B, 1, N]
+        target = (sidx[None, :] == stage[:, None]).unsqueeze(1).to(c_noisy.dtype)
+        seen["stage"] = stage.clone()
+        return torch.zeros_like(c_noisy), upto * c_clean, target  # the exact scales <= stage, finer zero
+
+    monkeypatch.setattr(G, "cascade_estimate", oracle)
+    monkeypatch.setattr(model, "physics_energy", lambda u, xi=None, lam=None: torch.arange(u.shape[0], dtype=u.dtype))
+    _, terms = model.training_loss(batch, torch.Generator().manual_seed(3))
+    assert terms["bc"].item() == pytest.approx(0.0, abs=1e-10)
+    final = seen["stage"] == model.cfg.levels
+    expected = torch.arange(B, dtype=torch.float32)[final].sum() / max(int(final.sum()), 1)
+    torch.testing.assert_close(terms["physics"], expected)
