@@ -153,13 +153,17 @@ class SplitDomain:
         key = (ext, fidx, shape[0])
         if key not in self._plans:
             split = [(a - 2) if p > 1 else -1 for a, p in zip(self.layout.split_axes, self.layout.ranks)]
-            # the samples take a split only where no field axis can (a 1-D field split along t)
-            self._plans[key] = make_plan(ext, fidx, split, self.layout.ranks, batch=shape[0])
+            # the samples take a split only where no field axis can (a 1-D field split along t); a
+            # batch smaller than the ranks is padded with zero samples to take it (``plan.batch``)
+            batch = max(shape[0], max(self.layout.ranks))
+            self._plans[key] = make_plan(ext, fidx, split, self.layout.ranks, batch=batch)
         return self._plans[key]
 
     def rfft(self, x: Tensor, axes: Sequence[int]) -> Tensor:
         """Distributed forward real FFT (norm='backward') into the transposed spectral layout."""
         plan = self.plan(x, axes)
+        if plan.batch > x.shape[0]:  # zero samples so that every rank holds one in the spectral layout
+            x = torch.cat([x, x.new_zeros(plan.batch - x.shape[0], *x.shape[1:])])
         return plan_rfft(x, plan, self._offset(x), self.layout.coords, self.mesh.sp_axis_groups)
 
     def irfft(self, xh: Tensor, axes: Sequence[int], shape: Sequence[int]) -> Tensor:
@@ -171,7 +175,8 @@ class SplitDomain:
         if tuple(xh.shape[off:]) != expect:
             raise ValueError(f"irfft: spectral block {tuple(xh.shape[off:])} does not match this rank's block "
                              f"{expect} of the layout for real shape {tuple(shape)}")
-        return plan_irfft(xh, plan, off, self.layout.coords, self.mesh.sp_axis_groups)
+        u = plan_irfft(xh, plan, off, self.layout.coords, self.mesh.sp_axis_groups)
+        return u[:shape[0]] if u.shape[0] > shape[0] else u  # the zero samples rfft added
 
     def wavenumbers(self, x: Tensor, axes: Sequence[int], lengths: Sequence[float] | None = None,
                     zero_nyquist: bool = False) -> list[Tensor]:
