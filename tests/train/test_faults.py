@@ -356,3 +356,39 @@ def test_bad_hook_values_name_the_variable(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=var):
         trainer._injected_nan(0) if var == "SGFM_NAN_AT" else trainer._injected_kill()
+
+
+@pytest.fixture(scope="module")
+def four_ranks(root):
+    """4 processes under ``deepspeed --num_gpus 4`` (ZeRO-2, dp = 4): uninterrupted; rank 2
+    SIGKILLed at step 6; ``--resume``."""
+    ds = shutil.which("deepspeed")
+    assert ds, "the deepspeed launcher is not on PATH"
+    res = {}
+    res["ref"] = _train(root, "ref4", *TWO, launcher=(ds, "--num_gpus", "4", "--master_port", str(_port())))
+    res["kill"] = _train(root, "kill4", *TWO, "train.collective_timeout_s=60",
+                         launcher=(ds, "--num_gpus", "4", "--master_port", str(_port())), SGFM_KILL_AT="2:6")
+    res["kill_end"] = time.time()
+    res["resume"] = _train(root, "kill4", *TWO, resume=True,
+                           launcher=(ds, "--num_gpus", "4", "--master_port", str(_port())))
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigkilled_rank_of_four_ends_the_job_fast_and_the_restart_loses_nothing(four_ranks, root):
+    p = four_ranks["kill"]
+    assert p.returncode != 0
+    m = re.search(r"SGFM_KILL_AT: rank 2 SIGKILLs itself at step 6 \(step\) at ([0-9.]+)", p.stderr + p.stdout)
+    assert m, (p.stdout + p.stderr)[-3000:]
+    detect = four_ranks["kill_end"] - float(m.group(1))
+    # 4 processes on 2 cores: up to ~15 s measured under load; the collective timeout is 60 s
+    assert detect < 30, f"the job took {detect:.1f} s to end after the kill"
+    err = p.stdout + p.stderr
+    assert ("the job cannot go on at step 6" in err or "exits with return code = -9" in err), err[-3000:]
+    print(f"deepspeed, 4 ranks: job ended {detect:.2f} s after rank 2 was SIGKILLed")
+    _ok(four_ranks["ref"])
+    out = _ok(four_ranks["resume"])
+    assert "step00000004 at step 4" in out
+    # every step's loss (the mean over the 4 ranks' samples) equals the uninterrupted run's
+    _same_losses(_metrics(str(root / "ref4")), _metrics(str(root / "kill4")), range(1, 11))
