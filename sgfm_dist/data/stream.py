@@ -106,6 +106,10 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class OrderMismatch(ValueError):
+    """A saved position belongs to another sample order (seed, streams or global batch differ)."""
+
+
 class CorruptShardError(ValueError):
     """A shard (or a sample in it) could not be read or decoded; the message names it."""
 
@@ -574,7 +578,7 @@ class StreamingSource:
         for key in _ORDER_KEYS:
             mine = getattr(self.cfg, {"streams": "n_streams", "global_batch": "n_global"}.get(key, key))
             if state.get(key) != mine:
-                raise ValueError(f"state: {key}={state.get(key)!r} in the checkpoint but {mine!r} in this source "
+                raise OrderMismatch(f"state: {key}={state.get(key)!r} in the checkpoint but {mine!r} in this source "
                                  f"({hints[key]}); the sample order depends on it, so resume with the same value")
         for k, v in self.describe.items():
             if state.get(f"source_{k}", v) != v:

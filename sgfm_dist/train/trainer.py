@@ -41,7 +41,7 @@ import time
 import numpy as np
 import torch
 
-from sgfm_dist.data.stream import merge_states
+from sgfm_dist.data.stream import OrderMismatch, merge_states
 from sgfm_dist.model.modalities import MODALITIES
 from sgfm_dist.parallel import runtime
 from sgfm_dist.train import checkpoint as ckpt
@@ -235,6 +235,9 @@ class Trainer:
         try:
             # every dp group's stream positions: any dp that divides data.streams finds its own
             self.source.load_state_dict(merge_states(datas))
+        except OrderMismatch as e:  # e.g. a new global batch: a deliberate change, not a damaged file
+            self.log(f"--resume: {e}. The data order RESTARTS from its beginning (samples repeat); keep "
+                     f"data.seed, data.streams and the global batch to continue it")
         except ValueError as e:
             raise ValueError(f"{tag_dir}: cannot continue its data order: {e}") from None
         if len(datas) != self.dp:
