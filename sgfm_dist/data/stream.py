@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import ctypes
 import logging
 import math
@@ -160,7 +161,8 @@ class LoaderConfig:
     0 means ``batch_size * dp_size``. The global order depends on it (module notes)."""
     streams: int = 0
     """``K``: canonical streams the global order is built from; must divide ``global_batch`` and be a
-    multiple of ``dp_size`` (0: ``gcd(global_batch, 8)``). The global order depends on it, not on dp."""
+    multiple of ``dp_size``. 0: :func:`default_streams` (8 or fewer, at most one per unit). The global
+    order depends on it, not on dp."""
     seed: int = 0
     """Seed of the unit permutation and of the shuffle buffers; the same on every rank."""
     dp_rank: int = 0
@@ -205,7 +207,7 @@ class LoaderConfig:
                              f"batch_size={self.batch_size} over dp_size={self.dp_size} groups (needs a multiple "
                              f"of {per_group})")
         if G % K:
-            raise ValueError(f"streams: {K} canonical streams must divide global_batch={G}")
+            raise ValueError(f"streams: {K} canonical streams must divide global_batch={G} (data.streams)")
         if K % self.dp_size:
             raise ValueError(f"streams: {K} canonical streams cannot be split over dp_size={self.dp_size} groups; "
                              f"use a multiple of {self.dp_size} that divides global_batch={G} (data.streams)")
@@ -217,8 +219,8 @@ class LoaderConfig:
 
     @property
     def n_streams(self) -> int:
-        """``K``, canonical streams."""
-        return self.streams or math.gcd(self.n_global, 8)
+        """``K``, canonical streams (``StreamingSource`` sets ``streams`` from the data when it is 0)."""
+        return self.streams or default_streams(self.n_global, self.dp_size)
 
     @property
     def chunk(self) -> int:
@@ -253,6 +255,18 @@ class LoaderConfig:
     def n_slots(self) -> int:
         """Streams of the global order (the name of the reader helpers below: a stream is a slot)."""
         return self.n_streams
+
+
+def default_streams(global_batch: int, dp_size: int, n_units: int | None = None) -> int:
+    """The default ``K``: the largest divisor of ``global_batch`` that is a multiple of ``dp_size`` and
+    at most ``min(8, n_units)`` (a stream per unit at most: fewer units than streams would make two
+    streams read the same unit in one epoch); the smallest such divisor when none is that small.
+    The same for every dp dividing it, so runs resumed on dp = 1, 2, 4, 8 share one order when the
+    data has 8 units or more and the global batch is a multiple of 8; set ``data.streams`` to fix it."""
+    cap = min(8, n_units) if n_units else 8
+    fits = [k for k in range(dp_size, global_batch + 1, dp_size) if global_batch % k == 0]
+    small = [k for k in fits if k <= cap]
+    return max(small) if small else min(fits)
 
 
 def as_tensor(value, dtype: torch.dtype | None = None, pin: bool = False) -> torch.Tensor:
@@ -481,6 +495,13 @@ def concat_batches(batches: list[dict]) -> dict:
     """Batches (dicts of tensors [B, ...] and per-sample lists) joined along the batch."""
     if len(batches) == 1:
         return batches[0]
+    keys = set().union(*batches)
+    for name in sorted(keys):
+        lacking = [b for b in batches if name not in b]
+        if lacking:  # e.g. a per-sample metadata field some chunks state and some do not
+            missing = [sid for b in lacking for sid in b.get("sample_ids", [])][:4]
+            raise ValueError(f"batch: {name!r} is in the metadata of some samples but not of {missing}; "
+                             f"a corpus states it for every sample or for none")
     out = {}
     for key, first in batches[0].items():
         values = [b[key] for b in batches]
@@ -540,6 +561,8 @@ class StreamingSource:
     """A ``BatchSource`` over a reader and a codec (see the module notes for the order)."""
 
     def __init__(self, reader: Reader, codec: Codec, cfg: LoaderConfig, describe: dict | None = None):
+        if cfg.streams == 0:  # the default K knows the number of units
+            cfg = dataclasses.replace(cfg, streams=default_streams(cfg.n_global, cfg.dp_size, len(reader.units())))
         self.reader, self.codec, self.cfg = reader, codec, cfg
         self.describe = dict(describe or {})
         self._steps = 0
