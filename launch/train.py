@@ -20,8 +20,10 @@ Options: ``--set section.key=value`` (repeatable; YAML values), ``--resume`` (co
 the newest complete checkpoint in the run's checkpoint directory), ``--out DIR`` (run
 directory; same as ``--set train.out_dir=DIR``), ``--no-eval`` (skip the final evaluation).
 Only rank 0 prints and writes logs. Every rank starts from the same weights (``train.seed``);
-the diffusion noise comes from a generator per data-parallel group (``train.seed * 1_000_003 +
-dp_rank``), so the sp ranks that share a sample noise it identically.
+the sample order and every random draw of a step are functions of (seed, global step, global
+sample index), not of dp, sp or the workers, so ``--resume`` on another node count continues the
+same sequence when the global batch (dp x micro_batch x grad_accum) is kept (docs/training.md,
+"Elastic determinism").
 """
 from __future__ import annotations
 

@@ -295,7 +295,8 @@ def _build(kind: str, source: str, split: str, batch_size: int, frames: int | No
 
 def build_video_source(source: str, split: Literal["train", "val", "all"], batch_size: int,
                        frames: int | None = None, frame_stride: int | None = None, seed: int = 0, dp_rank: int = 0,
-                       dp_size: int = 1, global_batch: int = 0, streams: int = 0, num_workers: int = 0, shuffle_buffer: int = 64, units_per_block: int = 1,
+                       dp_size: int = 1, global_batch: int = 0, streams: int = 0, num_workers: int = 0,
+                       shuffle_buffer: int = 64, units_per_block: int = 1,
                        corrupt: Literal["skip", "fail"] = "fail", shuffle: bool = True, prefetch_factor: int = 2,
                        pin_memory: bool = True) -> StreamingSource:
     """Video batches ``{"frames" uint8 [B, T, H, W, 3], "fps" [B], "sample_ids"}`` from
@@ -307,7 +308,8 @@ def build_video_source(source: str, split: Literal["train", "val", "all"], batch
 
 def build_physics_source(source: str, split: Literal["train", "val", "all"], batch_size: int,
                          frames: int | None = None, frame_stride: int | None = None, seed: int = 0,
-                         dp_rank: int = 0, dp_size: int = 1, global_batch: int = 0, streams: int = 0, num_workers: int = 0, shuffle_buffer: int = 64,
+                         dp_rank: int = 0, dp_size: int = 1, global_batch: int = 0, streams: int = 0,
+                         num_workers: int = 0, shuffle_buffer: int = 64,
                          units_per_block: int = 1, corrupt: Literal["skip", "fail"] = "fail", shuffle: bool = True,
                          prefetch_factor: int = 2, pin_memory: bool = True) -> StreamingSource:
     """Navier-Stokes batches ``{"field" [B, k, T, *S], "nu" [B], "dt" [B], "sample_ids"}`` (and

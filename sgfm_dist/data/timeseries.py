@@ -214,7 +214,8 @@ def sines_split(split: str, features: int, length: int) -> np.ndarray:
 
 def build_timeseries_source(source: str, split: Literal["train", "val", "all"], batch_size: int, features: int,
                             length: int | None = None, padding: Literal["reflect", "periodic"] = "reflect",
-                            levels: int = 0, seed: int = 0, dp_rank: int = 0, dp_size: int = 1, global_batch: int = 0, streams: int = 0,
+                            levels: int = 0, seed: int = 0, dp_rank: int = 0, dp_size: int = 1,
+                            global_batch: int = 0, streams: int = 0,
                             num_workers: int = 0, shuffle_buffer: int = 1024, corrupt: Literal["skip", "fail"] = "fail",
                             shuffle: bool = True, prefetch_factor: int = 2, pin_memory: bool = True) -> StreamingSource:
     """Time-series batches ``{"field" [B, F, N], "sample_ids"}`` forever, from ``"sines"`` or

@@ -231,7 +231,7 @@ def _norm(v: Any):
 
 # ----------------------------------------------------------------------------- RNG
 def rng_state(generator: torch.Generator | None) -> dict:
-    """torch (CPU and CUDA), numpy, python and the noise generator's states as plain data."""
+    """torch (CPU and CUDA), numpy, python and (if given) a generator's states as plain data."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {

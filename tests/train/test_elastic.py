@@ -87,7 +87,7 @@ def _run(out_dir, dp, sp=1, stop_at=STEPS, resume=False) -> dict:
     accum = G // (dp * MICRO)
     groups = {r["dp_rank"]: r for r in ranks}  # one rank per dp group (its sp ranks read the same)
     for r in ranks:
-        assert r["ids"] == groups[r["dp_rank"]]["ids"], f"rank {r['rank']}: sp ranks of one group read different samples"
+        assert r["ids"] == groups[r["dp_rank"]]["ids"], f"rank {r['rank']}: sp ranks of a group read other samples"
     start = ranks[0]["start"]
     steps = {}
     for i, s in enumerate(range(start, stop_at)):
