@@ -61,7 +61,8 @@ def main(argv=None) -> int:
 
     from sgfm_dist.parallel import runtime
     from sgfm_dist.train.engine import resolve_device
-    from sgfm_dist.train.trainer import Trainer, resume_checkpoint
+    from sgfm_dist.train.checkpoint import check_writable
+    from sgfm_dist.train.trainer import Trainer, checkpoint_dir, resume_checkpoint
 
     if args.resume:
         try:
@@ -69,8 +70,16 @@ def main(argv=None) -> int:
         except ValueError as e:
             raise SystemExit(f"--resume: {e}")
 
+    try:  # every rank: the run and checkpoint directories must take files (a shared file system)
+        check_writable(cfg.train.out_dir, "train.out_dir")
+        check_writable(checkpoint_dir(cfg), "train.ckpt_dir")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     device = resolve_device(cfg.train.device)
-    rank, _, _ = runtime.setup_distributed(device, timeout_s=cfg.train.collective_timeout_s)
+    try:
+        rank, _, _ = runtime.setup_distributed(device, timeout_s=cfg.train.collective_timeout_s)
+    except ValueError as e:  # e.g. an unknown MASTER_ADDR: its message, not a traceback
+        raise SystemExit(f"error: {e}")
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if master:
