@@ -26,9 +26,9 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 G, MICRO, STEPS, HALF = 8, 2, 24, 12
-RTOL = 1e-4
+RTOL = 1e-6
 """Losses of runs that differ only in the summation order of their gradient reductions (dp) and
-loss means, after up to 24 Adam steps."""
+loss means, after up to 24 Adam steps (measured: at most 1e-7 relative)."""
 
 
 def _config(out_dir: str, dp: int, sp: int, stop_at: int):
