@@ -50,9 +50,9 @@ order a step needs (``W`` is reduced to a divisor of the group's ``K / dp`` stre
 workers change where chunks are read, never the order.
 
 Messages. Batches, not samples, cross process boundaries: a worker reads, decodes and
-collates whole batches (into reused shared memory, ``transport``), and one DataLoader item
-(``batch_size=None``) is a *message* of ``k`` consecutive batches of one worker, ``k`` chosen
-from the codec's batch size so that small batches (text) do not pay the DataLoader's
+collates whole chunks (into reused shared memory, ``transport``), and one DataLoader item
+(``batch_size=None``) is a *message* of ``k`` consecutive chunks of one worker, ``k`` chosen
+from the chunk size so that small batches (text) do not pay the DataLoader's
 per-item cost (~0.25 ms) each. The consumer keeps a queue per worker and still takes batches
 round robin one at a time, so the batch order, the positions and the resume are those of
 ``k = 1``: buffered batches that were not yet yielded are simply produced again after a
@@ -62,8 +62,8 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import ctypes
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
