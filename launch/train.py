@@ -20,8 +20,10 @@ Options: ``--set section.key=value`` (repeatable; YAML values), ``--resume`` (co
 the newest complete checkpoint in the run's checkpoint directory), ``--out DIR`` (run
 directory; same as ``--set train.out_dir=DIR``), ``--no-eval`` (skip the final evaluation).
 Only rank 0 prints and writes logs. Every rank starts from the same weights (``train.seed``);
-the diffusion noise comes from a generator per data-parallel group (``train.seed * 1_000_003 +
-dp_rank``), so the sp ranks that share a sample noise it identically.
+the sample order and every random draw of a step are functions of (seed, global step, global
+sample index), not of dp, sp or the workers, so ``--resume`` on another node count continues the
+same sequence when the global batch (dp x micro_batch x grad_accum) is kept (docs/training.md,
+"Elastic determinism").
 """
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
 
     from sgfm_dist.parallel import runtime
     from sgfm_dist.train.engine import resolve_device
-    from sgfm_dist.train.trainer import Trainer, resume_checkpoint
+    from sgfm_dist.train.checkpoint import check_writable
+    from sgfm_dist.train.trainer import Trainer, checkpoint_dir, resume_checkpoint
 
     if args.resume:
         try:
@@ -67,8 +70,16 @@ def main(argv=None) -> int:
         except ValueError as e:
             raise SystemExit(f"--resume: {e}")
 
+    try:  # every rank: the run and checkpoint directories must take files (a shared file system)
+        check_writable(cfg.train.out_dir, "train.out_dir")
+        check_writable(checkpoint_dir(cfg), "train.ckpt_dir")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     device = resolve_device(cfg.train.device)
-    rank, _, _ = runtime.setup_distributed(device, timeout_s=cfg.train.collective_timeout_s)
+    try:
+        rank, _, _ = runtime.setup_distributed(device, timeout_s=cfg.train.collective_timeout_s)
+    except ValueError as e:  # e.g. an unknown MASTER_ADDR: its message, not a traceback
+        raise SystemExit(f"error: {e}")
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if master:

@@ -13,4 +13,6 @@ if [[ -n "${SGFM_DRY_RUN:-}" ]]; then
     echo
     exit 0
 fi
+# a host that does not resolve would only show as a rendezvous timeout: say which one, now
+python launch/slurm/make_hostfile.py --check "$HOSTFILE" >/dev/null
 exec "${cmd[@]}"

@@ -5,6 +5,7 @@
     python launch/slurm/make_hostfile.py --slots 4                 # print it; 4 processes per node
     python launch/slurm/make_hostfile.py --master                  # only the first node (rank 0's)
     python launch/slurm/make_hostfile.py --nodelist "gpu[01-02]" --slots 8
+    python launch/slurm/make_hostfile.py --check hostfile          # every host resolves? (exit 1 naming it)
 
 The node list is ``--nodelist`` or ``SLURM_JOB_NODELIST`` (``SLURM_NODELIST``), expanded by
 ``scontrol show hostnames`` when it is on the PATH, else by the package's own parser of the
@@ -44,7 +45,20 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, default=None, help="processes per node (default: GPUs per node)")
     p.add_argument("--out", default=None, help="write the hostfile here (default: print it)")
     p.add_argument("--master", action="store_true", help="print only the first node's name")
+    p.add_argument("--check", default=None, metavar="HOSTFILE",
+                   help="check an existing hostfile instead: its format and that every host resolves")
     args = p.parse_args(argv)
+
+    if args.check:
+        from sgfm_dist.parallel.mesh import check_hostfile
+
+        try:
+            hosts = check_hostfile(args.check)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.check}: {len(hosts)} hosts, {sum(n for _, n in hosts)} slots, every host resolves")
+        return 0
 
     from sgfm_dist.parallel.mesh import slurm_hostnames
 

@@ -282,10 +282,12 @@ class FrameStackCodec:
 
 def _build(kind: str, source: str, split: str, batch_size: int, frames: int | None, frame_stride: int | None,
            seed: int, dp_rank: int, dp_size: int, num_workers: int, shuffle_buffer: int, units_per_block: int,
-           corrupt: str, shuffle: bool, prefetch_factor: int, pin_memory: bool) -> StreamingSource:
+           corrupt: str, shuffle: bool, prefetch_factor: int, pin_memory: bool, global_batch: int = 0,
+           streams: int = 0) -> StreamingSource:
     codec = FrameStackCodec(kind, frames, frame_stride)
     reader = TarReader(resolve_shards(source, split, kind=kind), corrupt=corrupt)
-    cfg = LoaderConfig(batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers,
+    cfg = LoaderConfig(batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size, global_batch=global_batch,
+                       streams=streams, num_workers=num_workers,
                        shuffle_buffer=shuffle_buffer, units_per_block=units_per_block, shuffle_units=shuffle,
                        prefetch_factor=prefetch_factor, pin_memory=pin_memory, corrupt=corrupt)
     return StreamingSource(reader, codec, cfg, describe=dict(kind=kind, frames=frames if frames else -1))
@@ -293,23 +295,25 @@ def _build(kind: str, source: str, split: str, batch_size: int, frames: int | No
 
 def build_video_source(source: str, split: Literal["train", "val", "all"], batch_size: int,
                        frames: int | None = None, frame_stride: int | None = None, seed: int = 0, dp_rank: int = 0,
-                       dp_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 64, units_per_block: int = 1,
+                       dp_size: int = 1, global_batch: int = 0, streams: int = 0, num_workers: int = 0,
+                       shuffle_buffer: int = 64, units_per_block: int = 1,
                        corrupt: Literal["skip", "fail"] = "fail", shuffle: bool = True, prefetch_factor: int = 2,
                        pin_memory: bool = True) -> StreamingSource:
     """Video batches ``{"frames" uint8 [B, T, H, W, 3], "fps" [B], "sample_ids"}`` from
     ``tools/convert_video.py`` shards (manifest, directory, .tar URL, brace pattern or glob);
     ``frames_to_field`` (on the device, after the copy) gives the model's ``[B, 3, T, H, W]``."""
     return _build("video", source, split, batch_size, frames, frame_stride, seed, dp_rank, dp_size, num_workers,
-                  shuffle_buffer, units_per_block, corrupt, shuffle, prefetch_factor, pin_memory)
+                  shuffle_buffer, units_per_block, corrupt, shuffle, prefetch_factor, pin_memory, global_batch, streams)
 
 
 def build_physics_source(source: str, split: Literal["train", "val", "all"], batch_size: int,
                          frames: int | None = None, frame_stride: int | None = None, seed: int = 0,
-                         dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 64,
+                         dp_rank: int = 0, dp_size: int = 1, global_batch: int = 0, streams: int = 0,
+                         num_workers: int = 0, shuffle_buffer: int = 64,
                          units_per_block: int = 1, corrupt: Literal["skip", "fail"] = "fail", shuffle: bool = True,
                          prefetch_factor: int = 2, pin_memory: bool = True) -> StreamingSource:
     """Navier-Stokes batches ``{"field" [B, k, T, *S], "nu" [B], "dt" [B], "sample_ids"}`` (and
     ``"forcing_strength" [B]`` where the corpus states it) from ``tools/simulate_ns.py`` shards;
     a sample whose metadata lacks a valid nu or dt is an error naming its shard and the key."""
     return _build("physics", source, split, batch_size, frames, frame_stride, seed, dp_rank, dp_size, num_workers,
-                  shuffle_buffer, units_per_block, corrupt, shuffle, prefetch_factor, pin_memory)
+                  shuffle_buffer, units_per_block, corrupt, shuffle, prefetch_factor, pin_memory, global_batch, streams)

@@ -185,7 +185,8 @@ def is_shard_source(source: str) -> bool:
 
 def build_text_source(source: str, split: Literal["train", "val", "all"], batch_size: int, rows: int,
                       row_len: int, pad_id: int = PAD_ID, tokenizer: Literal["bytes", "ids"] = "bytes",
-                      seed: int = 0, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0,
+                      seed: int = 0, dp_rank: int = 0, dp_size: int = 1, global_batch: int = 0, streams: int = 0,
+                      num_workers: int = 0,
                       shuffle_buffer: int = 256, units_per_block: int | None = None, val_fraction: float = 0.1,
                       corrupt: Literal["skip", "fail"] = "fail", text_field: str = "text",
                       shuffle: bool = True, prefetch_factor: int = 2, pin_memory: bool = True) -> StreamingSource:
@@ -196,7 +197,8 @@ def build_text_source(source: str, split: Literal["train", "val", "all"], batch_
     WebDataset shards from ``tools/convert_text.py``: a manifest (``.../manifest.json`` or
     the directory holding it, ``split`` picks its shard list), a ``.tar`` URL, a brace
     pattern or a glob on any fsspec URL. ``dp_rank``/``dp_size`` are the data-parallel
-    group coordinates (sp ranks of a group pass the same values and get the same batches).
+    group coordinates (sp ranks of a group pass the same values and get the same batches);
+    ``global_batch`` and ``streams`` fix the elastic global order (``stream.LoaderConfig``).
     ``units_per_block`` defaults to 1 shard, or 64 documents for in-memory text.
     """
     codec = TextCodec(rows=rows, row_len=row_len, pad_id=pad_id, tokenizer=tokenizer)
@@ -210,7 +212,8 @@ def build_text_source(source: str, split: Literal["train", "val", "all"], batch_
             raise ValueError(f"tokenizer: {tokenizer!r} needs pre-tokenized shards; {source!r} is raw text")
         reader = DocumentReader(local_documents(source, split, val_fraction, text_field=text_field))
         upb = units_per_block or 64
-    cfg = LoaderConfig(batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers,
+    cfg = LoaderConfig(batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size, global_batch=global_batch,
+                       streams=streams, num_workers=num_workers,
                        shuffle_buffer=shuffle_buffer, units_per_block=upb, shuffle_units=shuffle,
                        prefetch_factor=prefetch_factor, pin_memory=pin_memory, corrupt=corrupt)
     return StreamingSource(reader, codec, cfg, describe=dict(kind="text", rows=rows, row_len=row_len))

@@ -215,6 +215,7 @@ def sines_split(split: str, features: int, length: int) -> np.ndarray:
 def build_timeseries_source(source: str, split: Literal["train", "val", "all"], batch_size: int, features: int,
                             length: int | None = None, padding: Literal["reflect", "periodic"] = "reflect",
                             levels: int = 0, seed: int = 0, dp_rank: int = 0, dp_size: int = 1,
+                            global_batch: int = 0, streams: int = 0,
                             num_workers: int = 0, shuffle_buffer: int = 1024, corrupt: Literal["skip", "fail"] = "fail",
                             shuffle: bool = True, prefetch_factor: int = 2, pin_memory: bool = True) -> StreamingSource:
     """Time-series batches ``{"field" [B, F, N], "sample_ids"}`` forever, from ``"sines"`` or
@@ -229,7 +230,8 @@ def build_timeseries_source(source: str, split: Literal["train", "val", "all"], 
 
         reader = TarReader(resolve_shards(source, split, kind="timeseries"), corrupt=corrupt)
         units_per_block = 1
-    cfg = LoaderConfig(batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers,
+    cfg = LoaderConfig(batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size, global_batch=global_batch,
+                       streams=streams, num_workers=num_workers,
                        shuffle_buffer=shuffle_buffer, units_per_block=units_per_block, shuffle_units=shuffle,
                        prefetch_factor=prefetch_factor, pin_memory=pin_memory, corrupt=corrupt)
     return StreamingSource(reader, codec, cfg, describe=dict(kind="timeseries", length=length or -1,

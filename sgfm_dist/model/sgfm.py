@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from ..ops import dynamics
 from ..ops.domain import LOCAL, Domain
+from ..ops.draws import SampleDraws
 from ..ops.wavelets import coeff_layout, dwt, flatten_coeffs, idwt, unflatten_coeffs
 from . import diffusion as D
 from . import generation as G
@@ -301,7 +302,7 @@ class SGFM(nn.Module):
         k = self.cfg.forcing_noise_channels
         if self.forcing_net is None or k == 0:
             return None
-        return dynamics.white_noise(like[:, :1].expand(-1, k, *like.shape[2:]), generator, self.domain)
+        return dynamics.white_noise(like[:, :1].expand(-1, k, *like.shape[2:]), generator, self.domain, "forcing")
 
     def physics_energy(self, u: Tensor, xi: Tensor | None = None, lam: Tensor | None = None) -> Tensor:
         """``E(u) = mean |P R(u)|^2`` per sample ``[B]`` (Eq. 23 / 42), with the learned forcing and
@@ -322,7 +323,10 @@ class SGFM(nn.Module):
         """Composite loss (Eq. 38): ``L_diff + lambda_R ||P R(u_hat)||^2 + lambda_B L_BC + lambda_ce L_readout``.
 
         Returns the total and each term detached: ``diff``, ``physics``, ``bc`` and ``ce`` (text)
-        or ``recon`` (video). Diffusion times and noise come from ``generator`` (global RNG if None).
+        or ``recon`` (video). Diffusion times and noise come from ``generator`` (global RNG if None):
+        a ``torch.Generator``, or the trainer's :class:`~sgfm_dist.ops.draws.SampleDraws`, which draws
+        every random number of a sample from its global sample index (times stratified over the
+        global batch), so the loss does not depend on how samples are spread over ranks.
         """
         dcfg, cfg = self.dcfg, self.cfg
         u0 = self.encode(batch)  # [B, C, *S]
@@ -332,7 +336,12 @@ class SGFM(nn.Module):
         c0 = self.to_coeffs(u0)  # [B, C, N]
         gdev = generator.device if generator is not None else dev
         # stratified diffusion times: one uniform offset, B evenly spaced points (lower variance)
-        tau = ((torch.rand(1, generator=generator, device=gdev) + torch.arange(B, device=gdev) / B) % 1.0).to(dev)
+        per_sample = isinstance(generator, SampleDraws)
+        if per_sample:
+            generator.check_batch(B)
+            tau = generator.stratified_tau().to(dev)  # [B], stratified over the global batch
+        else:
+            tau = ((torch.rand(1, generator=generator, device=gdev) + torch.arange(B, device=gdev) / B) % 1.0).to(dev)
         tau = tau.clamp(min=1e-5)
         logsnr = self.level_logsnr(tau)  # [B, J+1]
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(u0.dtype)  # [B, 1, N]
@@ -340,7 +349,8 @@ class SGFM(nn.Module):
         if dcfg.prompt_training > 0:
             # a drawn share of the samples is given its first bc_rows slices noise-free: the model
             # learns to continue a prompt (drawn after the noise, so the unprompted stream is unchanged)
-            given = torch.rand(B, generator=generator, device=gdev).to(dev) < dcfg.prompt_training  # [B]
+            draw = generator.uniform("prompt") if per_sample else torch.rand(B, generator=generator, device=gdev)
+            given = draw.to(dev) < dcfg.prompt_training  # [B]
             noise = noise * (1 - given_prompt_mask(u0, min(dcfg.bc_rows, self.domain.global_extent(u0, 2)),
                                                    given, self.domain))
         eps = self.to_coeffs(noise)  # [B, C, N]
@@ -348,7 +358,8 @@ class SGFM(nn.Module):
         lam = self._lambda(batch, B, dev)
         if self.cascade:
             # Eq. 20 teacher forced: one stage per sample, its coarser scales the clean data
-            stage = torch.randint(0, J + 1, (B,), generator=generator, device=gdev).to(dev)  # [B]
+            stage = (generator.randint(J + 1, "stage") if per_sample else
+                     torch.randint(0, J + 1, (B,), generator=generator, device=gdev)).to(dev)  # [B]
             eps_hat, c0_hat, target = G.cascade_estimate(self, c0, c_tau, alpha, logsnr, lam, stage, shape)
         else:
             stage = target = None

@@ -56,6 +56,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from sgfm_dist.ops import finite_diff, spectral
+from sgfm_dist.ops.draws import SampleDraws
 from sgfm_dist.ops.domain import LOCAL, Domain, check_real_field, field_axes, normalize_axes
 
 DerivativeKind = Literal["spectral", "fd2", "fd4"]
@@ -609,11 +610,17 @@ def etdrk4_step(u: Tensor, dt: float, spec: FlowSpec, forcing: Forcing = None, d
     return domain.irfft(v_hat, axes, shape) + grad_part
 
 
-def white_noise(u: Tensor, generator: torch.Generator | None = None, domain: Domain = LOCAL) -> Tensor:
+def white_noise(u: Tensor, generator: torch.Generator | SampleDraws | None = None, domain: Domain = LOCAL,
+                purpose: str = "noise") -> Tensor:
     """Standard normal noise shaped like u: drawn as the *global* field and ``domain.shard``-ed, so a
-    seeded sample does not depend on how the field is split. From ``generator`` (on its own device)
-    or the global RNG when None."""
+    seeded sample does not depend on how the field is split. From ``generator`` (on its own device),
+    the global RNG when None, or per sample from a :class:`~sgfm_dist.ops.draws.SampleDraws` (its
+    ``purpose`` stream: each sample's noise then depends on its global index only)."""
     shape = tuple(u.shape[:2]) + tuple(domain.global_extent(u, a) for a in field_axes(u))
+    if isinstance(generator, SampleDraws):
+        generator.check_batch(shape[0])
+        xi = generator.normal(shape[1:], u.dtype, purpose)  # [B, C, *S_global], a generator per sample
+        return domain.shard(xi.to(u.device))
     device = generator.device if generator is not None else u.device
     xi = torch.randn(shape, generator=generator, dtype=u.dtype, device=device)   # [B, C, *S_global]
     return domain.shard(xi.to(u.device))

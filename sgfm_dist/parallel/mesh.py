@@ -194,6 +194,39 @@ def free_port(host: str = "") -> int:
         return s.getsockname()[1]
 
 
+def resolve_host(host: str, where: str) -> None:
+    """Raise a ValueError naming ``host`` and ``where`` it came from when it does not resolve (an
+    unknown host would otherwise surface as a rendezvous timeout, or an error deep in c10d)."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"{where}: unknown host {host!r} (cannot resolve it: {e})") from None
+
+
+def check_hostfile(path: str) -> list[tuple[str, int]]:
+    """``(host, slots)`` per line of a DeepSpeed / Open MPI hostfile (``host slots=N``; ``#``
+    comments and blank lines skipped), after checking that every host resolves: a ValueError
+    names the file, the line and the host."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"hostfile {path}: cannot read it ({e.strerror or e})") from None
+    hosts = []
+    for n, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        m = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", text)
+        if not m or int(m.group(2)) < 1:
+            raise ValueError(f"hostfile {path} line {n}: {line!r} is not 'HOST slots=N' with N >= 1")
+        resolve_host(m.group(1), f"hostfile {path} line {n}")
+        hosts.append((m.group(1), int(m.group(2))))
+    if not hosts:
+        raise ValueError(f"hostfile {path}: names no host")
+    return hosts
+
+
 def _env_int(env, name: str) -> int:
     raw = env.get(name)
     try:
@@ -258,6 +291,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         if var not in os.environ:
             raise ValueError(f"environment: {var} is not set (launch with torchrun, deepspeed or mpiexec)")
     rank, world, local_rank = _check_rank_env(os.environ)
+    if world > 1:  # (one process: nobody connects to it)
+        resolve_host(os.environ["MASTER_ADDR"], "environment MASTER_ADDR (the launcher's --master_addr, the "
+                                                "hostfile's first host or the rendezvous endpoint)")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl", "mpi"):

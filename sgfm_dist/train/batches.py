@@ -22,7 +22,10 @@ def batch_to_device(batch: dict, device: str) -> dict:
 def _loader_options(cfg: Config, split: str, num_workers: int | None, dp_rank: int, dp_size: int) -> dict:
     d = cfg.data
     # held-out batches are drawn a few at a time: worker processes would only add start-up cost
-    return dict(seed=d.seed, dp_rank=dp_rank, dp_size=dp_size, corrupt=d.corrupt,
+    # the training order is the elastic global one: G samples per step over all dp groups
+    order = dict(global_batch=cfg.train.micro_batch * cfg.train.grad_accum * dp_size, streams=d.streams) \
+        if split == "train" else {}
+    return dict(seed=d.seed, dp_rank=dp_rank, dp_size=dp_size, corrupt=d.corrupt, **order,
                 num_workers=num_workers if num_workers is not None else d.num_workers if split == "train" else 0,
                 prefetch_factor=d.prefetch_factor)
 

@@ -229,9 +229,23 @@ def _norm(v: Any):
     return v
 
 
+def check_writable(path: str, key: str) -> None:
+    """Create directory ``path`` if needed and write and remove a probe file in it; a ValueError
+    naming the config ``key`` and the path if that fails (before any step is trained, so a run
+    never trains for hours to fail at its first checkpoint). Nothing already there is touched."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{key}={path}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
+
+
 # ----------------------------------------------------------------------------- RNG
 def rng_state(generator: torch.Generator | None) -> dict:
-    """torch (CPU and CUDA), numpy, python and the noise generator's states as plain data."""
+    """torch (CPU and CUDA), numpy, python and (if given) a generator's states as plain data."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {

@@ -50,8 +50,13 @@ class DataConfig:
     """Seed of the data order (shuffling); independent of ``train.seed``."""
     num_workers: int = 0
     """DataLoader worker processes per rank that read and decode batches while the step runs
-    (0 = in the training process; use 2 or more on GPU nodes). Part of the resume position:
-    resume with the same value."""
+    (0 = in the training process; use 2 or more on GPU nodes). Not part of the sample order: a
+    resume may change it. Reduced to a divisor of the ``streams / dp`` streams a rank reads."""
+    streams: int = 0
+    """Canonical data streams the global sample order is built from (MosaicML's canonical nodes;
+    ``sgfm_dist/data/stream.py``): must divide the global batch (``dp x train.micro_batch x
+    train.grad_accum``) and be a multiple of every dp the run is resumed on. 0 = gcd(global
+    batch, 8). Part of the order: a resume keeps it (and the global batch), dp may change."""
     prefetch_factor: int = 2
     """Batches each worker keeps ready ahead of the step (with ``num_workers`` > 0)."""
     corrupt: Literal["skip", "fail"] = "fail"
@@ -70,6 +75,7 @@ class DataConfig:
         positive_int("data.row_len", self.row_len)
         non_negative_int("data.frames", self.frames)
         non_negative_int("data.num_workers", self.num_workers)
+        non_negative_int("data.streams", self.streams)
         positive_int("data.prefetch_factor", self.prefetch_factor)
 
     @property

@@ -7,13 +7,16 @@ same two functions at every (dp, sp) and ZeRO stage and compare with one process
 :func:`build_training` does, in this order: seed the weights (identical on every rank), build
 the model, create the ``dp x sp`` process mesh, ``parallelize`` (domain split, activation
 checkpointing, ZeRO and batch sizes, in one place), copy the EMA, initialize the DeepSpeed
-engine, and seed this dp group's noise generator.
+engine.
 
 Seeds: the weights start from ``train.seed`` on every rank (DeepSpeed also broadcasts rank
-0's). The diffusion noise of a step comes from a generator seeded with
-``train.seed * 1_000_003 + dp_rank``: the sp ranks of one dp group noise their shared samples
-identically (the noise is drawn as the global field and sharded), different dp groups draw
-different noise.
+0's). Every random draw of a step is a function of (``train.seed``, global step, global sample
+index) (:func:`step_draws`, ``sgfm_dist/ops/draws.py``): step ``s`` trains on the global batch
+at global sample indices ``[s G, (s + 1) G)`` and dp group ``r`` holds the contiguous positions
+``[r G / dp, (r + 1) G / dp)`` of it, micro-batch after micro-batch (the order of
+``sgfm_dist/data/stream.py``). The sp ranks of a group draw their shared samples identically (the
+noise is drawn as each sample's global field and sharded). Nothing depends on dp, sp or the
+DataLoader workers, so a run resumed onto another (dp, sp) draws what an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from sgfm_dist.ops.draws import SampleDraws
 from sgfm_dist.parallel import runtime
 from sgfm_dist.parallel.mesh import ProcessMesh
 from sgfm_dist.parallel.parallelize import ParallelizeConfig, ParallelPlan, check_parallel_setup, parallelize
@@ -64,9 +68,10 @@ def resolve_split_axes(model_cfg, parallel_cfg) -> tuple[int, ...]:
     return tuple(2 + a for a in axes)
 
 
-def noise_generator(cfg: Config, dp_rank: int, device: str) -> torch.Generator:
-    """The diffusion-noise generator of data-parallel group ``dp_rank`` (module docstring)."""
-    return torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + dp_rank)
+def step_draws(seed: int, step: int, first: int, count: int, global_batch: int, device: str) -> SampleDraws:
+    """The random draws of the ``count`` samples at positions ``first ..`` of global step ``step``
+    (module docstring): what one micro-batch of :func:`train_step` uses."""
+    return SampleDraws.contiguous(seed, step, first, count, global_batch, device)
 
 
 @dataclass
@@ -81,8 +86,8 @@ class Training:
     """The DeepSpeed engine."""
     ema: EMA
     """Exponential moving average of the weights (:class:`ShardedEMA` under ZeRO-3)."""
-    generator: torch.Generator
-    """This dp group's diffusion noise."""
+    seed: int
+    """``train.seed``: with the global step and sample index, it fixes every draw (:func:`step_draws`)."""
     n_params: int
     """Parameters of the model (counted before ZeRO-3 partitions them)."""
     rank: int
@@ -123,8 +128,15 @@ def build_training(cfg: Config, device: str, field_shape: tuple[int, ...], model
         # keep only this rank's partition of the EMA, like the parameters (ema.py)
         ema = ShardedEMA(engine.module.model, ema)
     return Training(model=model, plan=plan, engine=engine, ema=ema,
-                    generator=noise_generator(cfg, plan.dp_rank, device), n_params=n_params, rank=rank,
+                    seed=cfg.train.seed, n_params=n_params, rank=rank,
                     world=world, device=device)
+
+
+def _batch_size(batch: dict) -> int:
+    for v in batch.values():
+        if isinstance(v, Tensor):
+            return int(v.shape[0])
+    raise ValueError(f"train_step: a micro-batch without tensors (keys {sorted(batch)})")
 
 
 @dataclass
@@ -194,10 +206,14 @@ def _clipping_off(engine, off: bool):
         engine._config.gradient_clipping = saved
 
 
-def train_step(t: Training, micro_batches: Iterable[dict], inject: str | None = None) -> StepResult:
+def train_step(t: Training, micro_batches: Iterable[dict], inject: str | None = None,
+               step: int | None = None) -> StepResult:
     """One optimizer step: for each of the ``grad_accum`` micro-batches (this dp group's whole
-    samples, on the device) shard it to this rank's block, forward through the engine, back-
-    propagate the mesh-scaled loss, ``engine.step()``; then update the EMA.
+    samples, on the device) shard it to this rank's block, forward through the engine with the
+    draws of its samples (:func:`step_draws`: global step ``step``, default the engine's step
+    count; micro-batch ``i`` of dp group ``r`` holds global-batch positions ``r * micro_batch *
+    grad_accum + i * micro_batch ..``), back-propagate the mesh-scaled loss, ``engine.step()``;
+    then update the EMA.
 
     A non-finite loss or gradient skips the step on every rank together (``StepResult.skipped``):
     the parameters, the optimizer state and the EMA stay as they were; the batch, the noise
@@ -217,9 +233,15 @@ def train_step(t: Training, micro_batches: Iterable[dict], inject: str | None = 
     loss_finite = True
     bad_zero0 = False
     engine.train()
+    step = int(engine.global_steps) if step is None else int(step)
+    acc = plan.accounting
+    first = plan.dp_rank * acc.micro_batch * acc.grad_accum  # this dp group's slice of the global batch
     for whole in micro_batches:
+        n = _batch_size(whole)
+        draws = step_draws(t.seed, step, first, n, acc.global_batch, t.device)
+        first += n
         batch = plan.shard(whole)  # this rank's block of the field
-        loss, terms = engine(batch, generator=t.generator)
+        loss, terms = engine(batch, generator=draws)
         loss = _inject(loss, inject)
         # a global mean replicated over sp, scaled so that DeepSpeed's mean over all dp x sp
         # ranks equals the single-process gradient (parallel/batch.py)

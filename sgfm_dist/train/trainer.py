@@ -7,11 +7,14 @@ one process), the batch source and the monitor; ``fit()`` runs
 ``cfg.train.last_step`` and always ends with a complete checkpoint. ``launch/train.py`` is the
 command line around it (process group, final evaluation).
 
-Exact resume: a checkpoint holds the model, optimizer and LR-scheduler state (DeepSpeed),
-the EMA, every rank's RNG states (torch, numpy, python, the noise generator) and every data-
-parallel rank's batch-source position, gathered to rank 0 with ``all_gather_object``. A
-resumed run therefore draws the same batches and the same diffusion noise as an
-uninterrupted one, and logs the same losses.
+Exact and elastic resume: a checkpoint holds the model, optimizer and LR-scheduler state
+(DeepSpeed), the EMA, every rank's RNG states (torch, numpy, python) and every data-parallel
+group's batch-source position (its data streams' positions), gathered to rank 0 with
+``all_gather_object``. The sample order and every random draw of a step are functions of
+(seed, global step, global sample index) only (``sgfm_dist/data/stream.py``,
+``sgfm_dist/ops/draws.py``), so a run resumed on the same or on another (dp, sp) with the same
+global batch (``dp x train.micro_batch x train.grad_accum``) trains on the same samples with the
+same noise as an uninterrupted one, and logs the same losses (``tests/train/test_elastic.py``).
 
 Counts: ``step`` is the number of optimizer steps taken; one step is ``grad_accum``
 micro-batches per rank. Throughput counts field cells (B * T * L) and real tokens over all
@@ -38,6 +41,7 @@ import time
 import numpy as np
 import torch
 
+from sgfm_dist.data.stream import OrderMismatch, merge_states
 from sgfm_dist.model.modalities import MODALITIES
 from sgfm_dist.parallel import runtime
 from sgfm_dist.train import checkpoint as ckpt
@@ -153,8 +157,8 @@ class Trainer:
         precision = effective_precision(cfg, device)
         if precision != cfg.train.precision:
             self.log(f"train.precision={cfg.train.precision} runs as {precision} on {device}")
-        # numpy / python RNGs per rank (nothing in the step draws from them; data order and
-        # diffusion noise have seeds of their own)
+        # numpy / python RNGs per rank (nothing in the step draws from them; the data order and
+        # every draw of a step are functions of the seed, step and sample index)
         np.random.seed((cfg.train.seed + self.rank) % 2**32)
         random.seed(cfg.train.seed + self.rank)
         self.out_dir = cfg.train.out_dir
@@ -163,7 +167,7 @@ class Trainer:
         if resume and resume_from is None:
             self.log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from step 0")
         self.training = t = build_training(cfg, device, global_field_shape(cfg))
-        self.model, self.engine, self.ema, self.generator = t.model, t.engine, t.ema, t.generator
+        self.model, self.engine, self.ema = t.model, t.engine, t.ema
         self.n_params, self.plan = t.n_params, t.plan
         self.dp, self.dp_rank = t.plan.dp, t.plan.dp_rank
         self.log(f"mesh: {t.plan.mesh.describe()}; true global batch {t.plan.accounting.global_batch}"
@@ -224,16 +228,21 @@ class Trainer:
         self.bad_in_a_row = int(client.get("bad_in_a_row", 0))
         self.ema.load_state_dict(client["ema"])
         rngs, datas = client.get("rng", []), client.get("data", [])
-        if len(rngs) == self.world:
-            ckpt.set_rng_state(rngs[self.rank], self.generator)
-        else:
-            self.log(f"--resume: checkpoint has RNG states of {len(rngs)} ranks, this run {self.world}; "
-                     f"noise is re-seeded (the data position is kept when dp matches)")
-        if len(datas) == self.dp:
-            self.source.load_state_dict(datas[self.dp_rank])
-        else:
-            self.log(f"--resume: checkpoint has data positions of {len(datas)} dp ranks, this run {self.dp}; "
-                     f"the data order restarts")
+        if len(rngs) == self.world:  # (nothing in a step draws from them: kept for user code)
+            ckpt.set_rng_state(rngs[self.rank], None)
+        if not datas:
+            raise ValueError(f"{tag_dir}: the checkpoint holds no data position")
+        try:
+            # every dp group's stream positions: any dp that divides data.streams finds its own
+            self.source.load_state_dict(merge_states(datas))
+        except OrderMismatch as e:  # e.g. a new global batch: a deliberate change, not a damaged file
+            self.log(f"--resume: {e}. The data order RESTARTS from its beginning (samples repeat); keep "
+                     f"data.seed, data.streams and the global batch to continue it")
+        except ValueError as e:
+            raise ValueError(f"{tag_dir}: cannot continue its data order: {e}") from None
+        if len(datas) != self.dp:
+            self.log(f"--resume: the checkpoint's data order was read by {len(datas)} dp groups, this run has "
+                     f"{self.dp}: the same global order continues (elastic)")
         self.resumed_from = tag_dir
         self.log(f"resumed from {tag_dir} at step {self.step}")
 
@@ -274,7 +283,7 @@ class Trainer:
         tag = ckpt.tag_for_step(self.step)
         if self.is_main:  # a dead save's leftovers of this step go first (the gathers below wait for it)
             ckpt.remove_incomplete(self.ckpt_dir, tag)
-        rng_all = runtime.all_gather_objects(ckpt.rng_state(self.generator))
+        rng_all = runtime.all_gather_objects(ckpt.rng_state(None))
         data_all = runtime.all_gather_objects(self.source.state_dict())
         sp = self.plan.sp
         client = {"config": config_to_dict(self.cfg), "step": self.step, "ema": self.ema.state_dict(),
@@ -369,7 +378,7 @@ class Trainer:
                 lr = float(engine.get_lr()[0])  # the rate this step's update uses
                 micro_batches = (batch_to_device(next(it), self.device) for _ in range(cfg.train.grad_accum))
                 result = train_step(self.training, micro_batches,
-                                    inject=nan_kind if self.step + 1 in nan_steps else None)
+                                    inject=nan_kind if self.step + 1 in nan_steps else None, step=self.step)
                 sums, grad_norm, cells, tokens = result.losses, result.grad_norm, result.cells, result.tokens
                 self.step += 1
                 self._count_skipped(result)

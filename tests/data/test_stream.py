@@ -1,4 +1,4 @@
-"""Order, dp-group split, exact resume, workers and corrupt-shard policies of the shard stream."""
+"""Order, dp-group split, exact and elastic resume, workers and corrupt-shard policies of the shard stream."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sgfm_dist.data import CorruptShardError, build_text_source
-from sgfm_dist.data.stream import seeded_shuffle, slot_units
+from sgfm_dist.data.stream import merge_states, seeded_shuffle, slot_units
 
 
 def _source(shards, **kw):
@@ -72,16 +72,18 @@ def test_order_is_seeded(text_shards):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("stop", [1, 5])
+@pytest.mark.parametrize("stop", [1, 4, 5])
 def test_exact_resume(text_shards, num_workers, stop):
     shards, _ = text_shards
     total = 9  # crosses shard, block and epoch boundaries (24 docs ~ 40 windows per epoch)
-    reference = _ids(_source(shards, num_workers=num_workers), total)
-    first = _source(shards, num_workers=num_workers)
+    order = dict(global_batch=6, streams=2)  # two micro-batches of 3 per step: 1 and 5 stop mid-step
+    reference = _ids(_source(shards, num_workers=num_workers, **order), total)
+    first = _source(shards, num_workers=num_workers, **order)
     head = _ids(first, stop)
     state = first.state_dict()
-    assert state["samples"] == 3 * stop and all(isinstance(v, (int, str, list)) for v in state.values())
-    resumed = _source(shards, num_workers=num_workers)
+    assert state["samples"] == 3 * stop and all(isinstance(v, (int, str, list, dict)) for v in state.values())
+    assert (state["steps"], state["micro"]) == divmod(stop, 2)
+    resumed = _source(shards, num_workers=num_workers, **order)
     resumed.load_state_dict(state)
     tail = _ids(resumed, total - stop)
     assert head + tail == reference  # nothing lost, nothing repeated
@@ -93,15 +95,62 @@ def test_iter_again_continues(text_shards):
     assert _ids(src, 2) + _ids(src, 3) == _ids(_source(shards, units_per_block=2), 5)
 
 
-def test_resume_refuses_a_different_layout(text_shards):
+def test_resume_refuses_a_different_order(text_shards):
     shards, _ = text_shards
-    state = _source(shards).state_dict()
-    for kw, key in ((dict(num_workers=2), "num_workers"), (dict(seed=1), "seed"), (dict(dp_size=2), "dp_size"),
+    order = dict(global_batch=12, streams=4)
+    state = _source(shards, **order).state_dict()
+    for kw, key in ((dict(seed=1), "seed"), (dict(streams=2), "streams"), (dict(global_batch=6), "global_batch"),
                     (dict(rows=3), "rows")):
         with pytest.raises(ValueError, match=key):
-            _source(shards, **kw).load_state_dict(state)
+            _source(shards, **{**order, **kw}).load_state_dict(state)
     with pytest.raises(ValueError, match="format"):
         _source(shards).load_state_dict({"batches": 3})
+    # the workers are not part of the order
+    _source(shards, num_workers=2, **order).load_state_dict(state)
+
+
+def _global_order(shards, dp, steps, num_workers=0, batch_size=2, state=None, **kw):
+    """Per global step: the global batch (dp groups in order) of ``dp`` sources; and their states."""
+    srcs = [_source(shards, dp_rank=r, dp_size=dp, batch_size=batch_size, num_workers=num_workers, **kw)
+            for r in range(dp)]
+    if state is not None:
+        for s in srcs:
+            s.load_state_dict(state)
+    per = kw["global_batch"] // (dp * batch_size)
+    its = [iter(s) for s in srcs]
+    out = [[sid for it in its for _ in range(per) for sid in next(it)["sample_ids"]] for _ in range(steps)]
+    return out, merge_states([s.state_dict() for s in srcs])
+
+
+@pytest.mark.parametrize("dp,batch_size,num_workers", [(2, 2, 0), (4, 1, 0), (2, 1, 2), (1, 4, 2), (8, 1, 0)])
+def test_global_order_does_not_depend_on_dp_or_workers(text_shards, dp, batch_size, num_workers):
+    shards, _ = text_shards
+    order = dict(global_batch=8, streams=8)
+    reference, _ = _global_order(shards, 1, 7, batch_size=8, **order)
+    got, _ = _global_order(shards, dp, 7, num_workers=num_workers, batch_size=batch_size, **order)
+    assert got == reference
+
+
+@pytest.mark.parametrize("dp_after", [1, 2, 4])
+def test_elastic_resume_onto_another_dp(text_shards, dp_after):
+    shards, _ = text_shards
+    order = dict(global_batch=8, streams=4)
+    reference, _ = _global_order(shards, 2, 9, **order)  # crosses shard and epoch boundaries
+    head, state = _global_order(shards, 2, 4, **order)
+    tail, _ = _global_order(shards, dp_after, 5, batch_size=8 // (4 * dp_after) or 1, state=state, **order)
+    assert head + tail == reference  # nothing lost, nothing repeated
+
+
+def test_elastic_resume_needs_every_group(text_shards):
+    shards, _ = text_shards
+    order = dict(global_batch=8, streams=4)
+    srcs = [_source(shards, dp_rank=r, dp_size=2, batch_size=4, **order) for r in range(2)]
+    with pytest.raises(ValueError, match=r"no position of data streams \[2, 3\]"):
+        _source(shards, dp_rank=1, dp_size=2, batch_size=4, **order).load_state_dict(srcs[0].state_dict())
+    with pytest.raises(ValueError, match=r"no position of data streams \[2, 3\]"):
+        _source(shards, batch_size=8, **order).load_state_dict(srcs[0].state_dict())
+    with pytest.raises(ValueError, match="streams: 4 canonical streams cannot be split over dp_size=8"):
+        _source(shards, dp_rank=0, dp_size=8, batch_size=1, **order)
 
 
 def test_dp_groups_disjoint_sp_ranks_identical(text_shards):
@@ -111,7 +160,7 @@ def test_dp_groups_disjoint_sp_ranks_identical(text_shards):
     for rank in range(dp * sp):
         src = _source(shards, dp_rank=rank // sp, dp_size=dp, batch_size=2)
         seen[rank] = _ids(src, 4)
-        assert all(s["epoch"] == 0 for s in src.state_dict()["slots"])  # still within the first epoch
+        assert all(s["epoch"] == 0 for s in src.state_dict()["positions"].values())  # still the first epoch
     assert seen[0] == seen[1] and seen[2] == seen[3]  # sp ranks of one group read the same samples
     assert set(seen[0]).isdisjoint(seen[2])  # the two groups read different shards
 

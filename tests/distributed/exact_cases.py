@@ -11,11 +11,13 @@ and compares with a reference computed on the rank itself on one device (``Local
 plain autograd and ``torch.optim.AdamW``, no DeepSpeed): loss, gradient norm, updated
 parameters and the EMA.
 
-The reference loss is the mean over the dp groups of each group's loss, every group drawing
-its diffusion times and noise from ``noise_generator(cfg, dp_rank)`` (exactly what the
-distributed ranks do: the sp ranks of a group share the generator, dynamics.white_noise
-draws the global field and shards it), so the two compute the same function of the same
-random numbers and must agree to rounding.
+The reference loss is the mean over the dp groups of each group's loss, every sample drawing
+its diffusion time and noise from ``step_draws`` at its position in the global batch (exactly
+what the distributed ranks do: the draws of a sample depend on its global index only, not on
+dp or sp; dynamics.white_noise draws each sample's global field and shards it), so the two
+compute the same function of the same random numbers and must agree to rounding. (The mean
+over groups, not one loss of the whole batch: the text cross-entropy averages over the real
+tokens of a micro-batch.)
 
 Adam's epsilon is 1 here: the first Adam update is ``lr * g / (|g| + eps)``, which with the
 usual tiny epsilon is ``lr * sign(g)`` and would turn a rounding-level difference of a
@@ -99,12 +101,14 @@ def group_batch(batch: dict, dp: int, dp_rank: int) -> dict:
 
 def reference_step(variant: str, dp: int) -> dict:
     """Single device: loss, grad norm and AdamW-updated parameters of the mean loss over dp groups."""
-    from sgfm_dist.train.setup import noise_generator
+    from sgfm_dist.train.setup import step_draws
 
     cfg = make_config(variant, dp)
     model = small_model(cfg)
     batch = global_batch(variant.split("-")[0])
-    losses = [model.training_loss(group_batch(batch, dp, r), generator=noise_generator(cfg, r, "cpu"))[0]
+    m = GLOBAL_BATCH // dp
+    losses = [model.training_loss(group_batch(batch, dp, r),
+                                  generator=step_draws(SEED, 0, r * m, m, GLOBAL_BATCH, "cpu"))[0]
               for r in range(dp)]
     loss = torch.stack(losses).mean()
     loss.backward()

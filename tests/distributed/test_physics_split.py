@@ -66,16 +66,17 @@ def _batch(dims: int, shape) -> dict:
 
 def _reference(cfg, batch: dict, steps: int) -> dict:
     """One process: the model's own loss, AdamW, ``steps`` times on the same batch."""
-    from sgfm_dist.train.setup import noise_generator
+    from sgfm_dist.train.setup import step_draws
 
     model = _model(cfg)
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    gen = noise_generator(cfg, 0, "cpu")
     losses = []
-    for _ in range(steps):
+    n = batch["field"].shape[0]
+    for step in range(steps):
         opt.zero_grad()
-        loss = model.training_loss(batch, generator=gen)[0]
+        # the draws train_step uses at this step: the whole global batch, positions 0..n-1
+        loss = model.training_loss(batch, generator=step_draws(cfg.train.seed, step, 0, n, n, "cpu"))[0]
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))

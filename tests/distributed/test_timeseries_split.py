@@ -59,7 +59,7 @@ def job() -> dict:
     from sgfm_dist.parallel.runtime import setup_distributed
     from sgfm_dist.train.batches import global_field_shape
     from sgfm_dist.train.engine import full_parameters
-    from sgfm_dist.train.setup import build_training, noise_generator, train_step
+    from sgfm_dist.train.setup import build_training, step_draws, train_step
 
     setup_distributed("cpu")
     world = dist.get_world_size()
@@ -69,7 +69,8 @@ def job() -> dict:
         cfg1 = make_config(mode)
         ref = small_model(cfg1)
         whole = batch(cfg1)
-        loss, _ = ref.training_loss(whole, generator=noise_generator(cfg1, 0, "cpu"))
+        n = whole["field"].shape[0]
+        loss, _ = ref.training_loss(whole, generator=step_draws(cfg1.train.seed, 0, 0, n, n, "cpu"))
         loss.backward()
         ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
         o = cfg1.optim

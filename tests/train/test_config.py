@@ -159,6 +159,7 @@ BAD_VALUES = [
     ("data", "rows", "many", -16),
     ("data", "source", 3, ""),
     ("data", "prefetch_factor", None, 0),
+    ("data", "streams", "eight", -8),
     ("optim", "lr", "fast", 0.0),
     ("optim", "betas", [0.9, "x"], [0.9, 1.0]),
     ("optim", "min_lr_ratio", [0.1], -0.1),
