@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-blocks", type=int, default=0, help="transformer blocks (0 = the SGFM's n_blocks)")
     p.add_argument("--max-step-s", type=float, default=40.0, help="skip attention sizes predicted slower than this")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch default)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the SGFM step with train.compile (apply_compile: torch.compile of the score "
+                        "and forcing networks) against the eager step of the same size")
 
 
 class AttentionBlock(nn.Module):
@@ -133,8 +137,9 @@ def _step_fn(model, batch, device):
     return step
 
 
-def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None]:
-    """(seconds per step, peak bytes) of one case, built and run in this process."""
+def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None, float]:
+    """(seconds per step, peak bytes, seconds of the first step: allocation, optimizer state and,
+    for ``"sgfm compiled"``, compilation) of one case, built and run in this process."""
     from sgfm_dist.model.sgfm import build_model
     from sgfm_dist.train.config_loader import load_config
 
@@ -148,19 +153,27 @@ def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None]:
     tokens = torch.randint(0, 256, (1, T, L), generator=g).to(device)  # [1, T, L]
     batch = {"tokens": tokens, "pad_mask": torch.ones_like(tokens, dtype=torch.bool)}
     torch.manual_seed(0)
-    if kind == "sgfm":
+    if kind in ("sgfm", "sgfm compiled"):
         model = build_model(cfg.model, cfg.diffusion).to(device)
+        if kind == "sgfm compiled":
+            from sgfm_dist.parallel.parallelize import apply_compile
+
+            apply_compile(model)  # what parallelize applies for train.compile: true
     else:
         model = AttentionLM(257, opts["width"], opts["heads"], opts["attn_blocks"] or cfg.model.n_blocks).to(device)
     step = _step_fn(model, batch, device)
     base = _peak_reset(device)
-    step()  # first step: allocations and optimizer state (counted in the peak)
+    t0 = time.perf_counter()
+    step()  # first step: allocations, optimizer state (counted in the peak) and any compilation
     sync(device)
+    first = time.perf_counter() - t0
+    if kind == "sgfm compiled":
+        step()  # a second warm-up: the backward graph's last recompilations
     seconds = time_call(step, device=device, warmup=0, repeat=opts["repeat"] if n <= 16384 else 2, min_time=0.0)
-    return seconds, _peak_read(device, base)
+    return seconds, _peak_read(device, base), first
 
 
-def _measure(kind: str, n: int, opts: dict, pool) -> tuple[float, float | None]:
+def _measure(kind: str, n: int, opts: dict, pool) -> tuple[float, float | None, float]:
     """On CPU each case runs in a fresh child of a fork server (imports preloaded, no torch op
     run before the fork), so its peak resident set is its own and not hidden by memory the
     allocator kept from an earlier case. On GPU in this process (the allocator's peak is exact)."""
@@ -204,9 +217,16 @@ def run(args, rec) -> None:
     try:
         for n in sizes:
             T = n // L
-            t_s, m_s = _measure("sgfm", n, opts, pool)
+            t_s, m_s, _ = _measure("sgfm", n, opts, pool)
             done["sgfm"][0].append(n), done["sgfm"][1].append(t_s)
             case = f"text N={n} ({T}x{L}) w={args.width}"
+            if args.compile:
+                # speed-up of train.compile: the compiled step against the eager one just measured
+                t_c, m_c, first_c = _measure("sgfm compiled", n, opts, pool)
+                rec.add(case + " sgfm compiled", "s_per_step", t_c, baseline="sgfm eager", baseline_value=t_s,
+                        ratio=t_s / t_c, first_step_s=first_c)  # ratio: speed-up (eager time / compiled time)
+                if m_c is not None and m_s is not None:
+                    rec.add(case + " sgfm compiled", "peak_bytes", m_c, baseline="sgfm eager", baseline_value=m_s)
             predicted = None if last_attn is None else last_attn[1] * (n / last_attn[0]) ** 2
             if predicted is not None and predicted > args.max_step_s:
                 rec.add(case + " sgfm", "s_per_step", t_s)
@@ -215,7 +235,7 @@ def run(args, rec) -> None:
                 print(f"  attention at N={n} skipped: predicted {predicted:.0f} s/step (quadratic from "
                       f"N={last_attn[0]}) > --max-step-s {args.max_step_s}")
                 continue
-            t_a, m_a = _measure("attention", n, opts, pool)
+            t_a, m_a, _ = _measure("attention", n, opts, pool)
             last_attn = (n, t_a)
             done["attention"][0].append(n), done["attention"][1].append(t_a)
             rec.add(case + " attention", "s_per_step", t_a)
