@@ -17,6 +17,8 @@ it did; the model itself never branches on distribution).
   With one sp rank the model keeps the ``LocalDomain``.
 * :func:`apply_activation_checkpointing`: recomputes each residual block (every entry of an
   ``nn.ModuleList`` named ``blocks``) in backward.
+* :func:`apply_compile`: ``torch.compile`` of the score and forcing networks (the transformer
+  baseline: of each block), in place, so parameters and checkpoint keys stay the eager ones.
 * :func:`apply_zero`: the DeepSpeed side: ZeRO stage over all ``dp * sp`` ranks, batch sizes
   as DeepSpeed counts them (``sgfm_dist/parallel/batch.py`` says why this is exact).
 
@@ -57,6 +59,8 @@ class ParallelizeConfig:
     """Samples per data-parallel group per forward (DeepSpeed's ``train_micro_batch_size_per_gpu``)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    compile: bool = False
+    """``torch.compile`` the networks (``train.compile``; :func:`apply_compile`); sp = 1 only."""
 
     def __post_init__(self):
         if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
@@ -65,6 +69,8 @@ class ParallelizeConfig:
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"activation_checkpointing: must be a bool, got {self.activation_checkpointing!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: must be a bool, got {self.compile!r}")
 
 
 @dataclass
@@ -79,6 +85,8 @@ class ParallelPlan:
     """True and DeepSpeed batch sizes."""
     checkpointed_blocks: int
     """Residual blocks recomputed in backward (0 when off)."""
+    compiled: tuple[str, ...]
+    """Names of the submodules whose forward runs through ``torch.compile`` (empty when off)."""
     ds_config: dict | None
     """The complete DeepSpeed config (ZeRO stage and batch sizes for this mesh), or None when
     ``parallelize`` was given none (sampling)."""
@@ -173,6 +181,35 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return wrapped
 
 
+def apply_compile(model: nn.Module, sp: int = 1) -> tuple[str, ...]:
+    """``torch.compile`` (inductor, default mode) of the networks of ``model``, in place through
+    ``nn.Module.compile``: the SGFM's ``score_net`` and ``forcing_net`` (the convolutions,
+    spectral layers, norms and FiLM of every block, fused), or each entry of a ``blocks``
+    ``nn.ModuleList`` for a model without them (the transformer baseline). Parameters, their
+    names and the state dict stay those of the eager model, so checkpoints, the EMA and ZeRO see
+    no difference. Compilation happens at the first forward of each new input shape. Applied
+    after activation checkpointing (torchtitan's order), before the engine wraps the model.
+    The split domain's collectives are not traced: ``sp > 1`` (ranks sharing one sample) is a
+    ValueError. Returns the compiled submodules' names."""
+    if sp > 1:
+        raise ValueError(f"compile: torch.compile runs with sp = 1 only, got sp = {sp} (the split domain's halo "
+                         f"exchanges and distributed FFTs are not traced); set train.compile: false or parallel.sp: 1")
+    targets = [(name, getattr(model, name)) for name in ("score_net", "forcing_net")
+               if isinstance(getattr(model, name, None), nn.Module)]
+    if not targets:
+        blocks = getattr(model, "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            targets = [(f"blocks.{i}", block) for i, block in enumerate(blocks)]
+    if not targets:
+        raise ValueError(f"compile: {type(model).__name__} has no score_net / forcing_net and no 'blocks' "
+                         f"ModuleList to compile")
+    for _, module in targets:
+        module.compile()
+    names = tuple(name for name, _ in targets)
+    logger.info("torch.compile: %s (inductor; compiled at the first forward of each input shape)", ", ".join(names))
+    return names
+
+
 def apply_zero(ds_config: dict, accounting: BatchAccounting, zero_stage: int) -> dict:
     """The DeepSpeed config for ZeRO ``zero_stage`` on the mesh of ``accounting``: a copy of ``ds_config`` (optimizer,
     precision, clipping) with the stage set and the batch sizes as DeepSpeed counts them (every
@@ -203,7 +240,7 @@ def apply_zero(ds_config: dict, accounting: BatchAccounting, zero_stage: int) ->
 
 def parallelize(model: nn.Module, mesh: ProcessMesh, layout: FieldLayout, cfg: ParallelizeConfig,
                 ds_config: dict | None = None) -> ParallelPlan:
-    """Apply the domain split and activation checkpointing to ``model`` in place and complete
+    """Apply the domain split, activation checkpointing and compilation to ``model`` in place and complete
     ``ds_config`` (the engine's optimizer / precision / clipping settings) with ZeRO and this
     mesh's batch sizes; return the plan. ``ds_config=None``: no engine follows (sampling)."""
     if not isinstance(cfg, ParallelizeConfig):
@@ -211,9 +248,11 @@ def parallelize(model: nn.Module, mesh: ProcessMesh, layout: FieldLayout, cfg: P
     accounting = BatchAccounting(cfg.micro_batch, cfg.grad_accum, mesh.dp, mesh.sp)
     domain = apply_domain_split(model, mesh, layout, cfg.wavelet, cfg.levels)
     n = apply_activation_checkpointing(model) if cfg.activation_checkpointing else 0
+    compiled = apply_compile(model, mesh.sp) if cfg.compile else ()
     full = apply_zero(ds_config, accounting, cfg.zero_stage) if ds_config is not None else None
     logger.info("mesh: %s; true global batch %d", mesh.describe(), accounting.global_batch)
-    return ParallelPlan(mesh=mesh, domain=domain, accounting=accounting, checkpointed_blocks=n, ds_config=full)
+    return ParallelPlan(mesh=mesh, domain=domain, accounting=accounting, checkpointed_blocks=n, compiled=compiled,
+                        ds_config=full)
 
 
 def parallelize_for_sampling(model: nn.Module, world_size: int, sp: int, field_shape: Sequence[int], wavelet: str,

@@ -160,6 +160,13 @@ class TrainConfig:
     """Stop with an error after this many skipped steps in a row (0 = never stop). A step whose
     loss or gradient is NaN/inf on any rank is skipped by every rank (no parameter, optimizer or
     EMA update; its batch and LR slot are used up) and counted in ``optim/skipped_steps``."""
+    compile: bool = False
+    """Run the score and forcing networks through ``torch.compile`` (inductor; CPU and GPU),
+    applied once by ``parallelize`` (``apply_compile``). Losses equal the eager run's within
+    float tolerance, not bit for bit (fused kernels reorder float sums). The first steps pay
+    the compilation (minutes on a small CPU; a C++ compiler is required). Needs
+    ``parallel.sp = 1``: the split domain's halo exchanges and distributed FFTs are not
+    traced."""
     collective_timeout_s: float = 600.0
     """Seconds a collective waits for the other ranks before it fails (the process-group
     timeout): how long a job whose rank hangs, or whose node vanished, takes to fail when no
@@ -363,6 +370,10 @@ class Config:
                       f"{n} cells admit only {max_levels(n, wavelet)} levels of {wavelet!r}, model.levels={levels} "
                       f"(each level's input needs at least 2 x (filter length - 1) cells); use more cells, "
                       f"fewer levels or a shorter wavelet")
+        check(not (self.train.compile and (self.parallel.sp > 1 or len(self.parallel.sp_grid) > 1)), "train.compile",
+              f"torch.compile runs with parallel.sp = 1 only (got sp={self.parallel.sp}, "
+              f"sp_grid={list(self.parallel.sp_grid)}): the split domain's halo exchanges and distributed FFTs "
+              f"are not traced; set train.compile: false or parallel.sp: 1")
         check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds train.steps={self.train.steps}")
 

@@ -119,7 +119,7 @@ def build_training(cfg: Config, device: str, field_shape: tuple[int, ...], model
                        ParallelizeConfig(wavelet=cfg.model.wavelet, levels=cfg.model.levels,
                                          activation_checkpointing=pc.activation_checkpointing,
                                          zero_stage=pc.zero_stage, micro_batch=cfg.train.micro_batch,
-                                         grad_accum=cfg.train.grad_accum),
+                                         grad_accum=cfg.train.grad_accum, compile=cfg.train.compile),
                        ds_config=deepspeed_config(cfg, device))
     # the EMA copies the full weights now: under ZeRO-3 the engine partitions them
     ema = EMA(model.to(device), cfg.train.ema_decay, cfg.train.ema_warmup)

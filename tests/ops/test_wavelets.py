@@ -222,6 +222,23 @@ def test_gradcheck_dwt_and_idwt(d, wavelet, levels):
     torch.autograd.gradcheck(lambda c: idwt(unflatten_coeffs(c, layout)), (flat,), fast_mode=fast)
 
 
+@pytest.mark.parametrize("wavelet", ["haar", "db2", "db4"])
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_level_gradcheck_and_double_backward(d, wavelet):
+    """dwt_level / idwt_level: gradcheck against finite differences in float64 (forward and
+    inverse level, explicit filters), and gradgradcheck (the backward is itself differentiable)."""
+    filters = orthogonal_filters(wavelet, dtype=torch.float64)
+    shape = field_shape(d, wavelet, 1)
+    u = random_field(shape, torch.float64, seed=21, batch=1, chan=2).requires_grad_(True)
+    fwd = lambda x: (lambda a, det: flatten_coeffs(WaveletCoeffs(a, [det], wavelet)))(*dwt_level(x, filters))  # noqa: E731
+    torch.autograd.gradcheck(fwd, (u,), fast_mode=d > 1)
+    torch.autograd.gradgradcheck(fwd, (u,), fast_mode=True)
+    approx, details = (t.detach() for t in dwt_level(u, filters))
+    approx.requires_grad_(True)
+    details.requires_grad_(True)
+    torch.autograd.gradcheck(lambda a, b: idwt_level(a, b, filters), (approx, details), fast_mode=d > 1)
+
+
 def test_backward_is_inverse_transform():
     """For orthonormal W the gradient of <W u, g> w.r.t. u is W^T g = idwt(g)."""
     shape, levels = (56, 64), 3

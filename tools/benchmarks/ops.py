@@ -1,11 +1,13 @@
 """Single-device operators (DWT, spectral, finite differences, drift) vs a copy, an FFT pair and ptwt.
 
-    python tools/benchmark.py ops [--quick] [--device cuda] [--threads N] [--json out.jsonl]
+    python tools/benchmark.py ops [--quick] [--device cuda] [--threads N] [--only dwt] [--json out.jsonl]
 
 For 2-D fields (256^2 .. 1024^2) and 3-D fields (32^3 .. 128^3), each of a batch*channel count
 that keeps every case at ~1-6 M cells, prints cells/s (B*C*prod(S) / seconds per call) of:
 
 * ``dwt fwd`` / ``dwt fwd+inv``: ``sgfm_dist.ops.wavelets`` (db4, J = min(3, max_levels)),
+  and ``dwt fwd+inv+bwd`` (forward and backward, as a training step runs it) against its own
+  baseline ``fftn+ifftn fwd+bwd`` (the FFT pair forward and backward);
   and the same fwd+inv under a what-if domain whose ``pad`` concatenates slices instead of
   ``LocalDomain.pad``'s ``index_select`` (quantifies a proposed domain.py change);
 * ``leray``, ``spectral grad``, ``laplacian`` (``sgfm_dist.ops.spectral``), ``fd d/dx``
@@ -67,6 +69,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3,
                    help="times the whole case set runs, each in a fresh order; the spread over runs is printed")
     p.add_argument("--seed", type=int, default=0, help="seed of the case and call orders")
+    p.add_argument("--only", default="",
+                   help="comma-separated name fragments: time only the operators whose name contains one "
+                        "(e.g. 'dwt' or 'dwt,leray'); the copy / FFT / ptwt baselines always run")
 
 
 class _CatPadDomain:
@@ -111,6 +116,13 @@ def _nbytes(obj) -> int:
     return 0
 
 
+def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of ``fn`` at ``x`` (the gradient of ``<fn(x), x>``), as training runs it."""
+    u = x.detach().requires_grad_(True)
+    fn(u).backward(x)
+    return u.grad
+
+
 def _ptwt_baselines(x: torch.Tensor, levels: int) -> dict[str, tuple[str, Callable[[], object]]]:
     """``{"fwd": (name, call), "fwd+inv": (name, call)}``: ptwt's own multilevel transforms of
     ``x`` (d = 2, 3), the second baseline of the DWT rows; empty if ptwt does not import."""
@@ -145,6 +157,8 @@ def _operators(x: torch.Tensor, levels: int) -> list[tuple[str, Callable[[], obj
             (f"dwt{d}d {WAVELET} J={levels} fwd+inv", lambda: idwt(dwt(x, WAVELET, levels)), "fwd+inv"),
             (f"dwt{d}d {WAVELET} J={levels} fwd+inv [pad=cat what-if]",
              lambda: idwt(dwt(x, WAVELET, levels, domain=catpad), domain=catpad), "fwd+inv"),
+            (f"dwt{d}d {WAVELET} J={levels} fwd+inv+bwd", lambda: _fwd_bwd(lambda u: idwt(dwt(u, WAVELET, levels)), x),
+             "fwd+bwd"),
         ]
     other: list[tuple[str, Callable[[], object]]] = []
     leray = _lazy("sgfm_dist.ops.spectral", "leray_project")
@@ -167,7 +181,7 @@ def _operators(x: torch.Tensor, levels: int) -> list[tuple[str, Callable[[], obj
     return ops + [(name, fn, None) for name, fn in other]
 
 
-def _case_calls(d: int, n: int, batch: int, chan: int, device, dtype, wavelets) -> dict:
+def _case_calls(d: int, n: int, batch: int, chan: int, device, dtype, wavelets, only=()) -> dict:
     """The field of one case and everything timed on it: ``calls`` [(name, fn)] (copy, FFT pairs,
     ptwt, operators), compulsory bytes ``moved`` per call, ``base_of`` (operator -> its ptwt
     baseline), the names of the ptwt calls, cells and a tag."""
@@ -178,12 +192,16 @@ def _case_calls(d: int, n: int, batch: int, chan: int, device, dtype, wavelets) 
     axes = tuple(range(2, 2 + d))
     calls = [("copy", lambda: x.clone()),
              ("fftn+ifftn", lambda: torch.fft.ifftn(torch.fft.fftn(x, dim=axes), dim=axes)),
-             ("rfftn+irfftn", lambda: torch.fft.irfftn(torch.fft.rfftn(x, dim=axes), s=shape, dim=axes))]
+             ("rfftn+irfftn", lambda: torch.fft.irfftn(torch.fft.rfftn(x, dim=axes), s=shape, dim=axes)),
+             # the baseline of the fwd+inv+bwd rows: the FFT pair forward and backward, as training runs it
+             ("fftn+ifftn fwd+bwd", lambda: _fwd_bwd(lambda u: torch.fft.ifftn(torch.fft.fftn(u, dim=axes),
+                                                                                 dim=axes).real, x))]
     moved = {"copy": 2 * _nbytes(x),
              # fftn reads R real bytes and writes 2R complex; ifftn reads and writes 2R each
              "fftn+ifftn": 7 * _nbytes(x)}
     ptwt_base = _ptwt_baselines(x, levels)  # {"fwd"/"fwd+inv": (name, call)}
-    candidates = [(name, fn, None) for name, fn in ptwt_base.values()] + _operators(x, levels)
+    ops = [op for op in _operators(x, levels) if not only or any(frag in op[0] for frag in only)]
+    candidates = [(name, fn, None) for name, fn in ptwt_base.values()] + ops
     tag = f"{n}^{d} x{batch * chan}"
     base_of: dict[str, str] = {}
     for name, fn, key in candidates:
@@ -197,6 +215,8 @@ def _case_calls(d: int, n: int, batch: int, chan: int, device, dtype, wavelets) 
         calls.append((name, fn))
         if key is not None and key in ptwt_base:
             base_of[name] = ptwt_base[key][0]
+        elif key == "fwd+bwd":
+            base_of[name] = "fftn+ifftn fwd+bwd"
         del out
     return dict(calls=calls, moved=moved, base_of=base_of, ptwt_names={nm for nm, _ in ptwt_base.values()},
                 cells=batch * chan * n ** d, tag=tag)
@@ -236,6 +256,7 @@ def run(args: argparse.Namespace, rec) -> None:
           f"rounds={args.rounds} repeat={args.repeat} (ratios are against baselines measured in the same round; "
           f"[min-max] over the runs)", flush=True)
     cases = QUICK_CASES if args.quick else CASES
+    only = tuple(frag for frag in args.only.split(",") if frag)
     rng = random.Random(args.seed)
     # per case: per run, {call: median round seconds}, {(call, baseline): within-round ratio}
     per_run: dict[tuple, list[tuple[dict, dict]]] = {c: [] for c in cases}
@@ -245,7 +266,7 @@ def run(args: argparse.Namespace, rec) -> None:
         rng.shuffle(order)
         print(f"[ops] run {run_i + 1}/{args.runs}: " + ", ".join(f"{n}^{d}" for d, n, _, _ in order), flush=True)
         for case in order:
-            c = _case_calls(*case, device, dtype, wavelets)
+            c = _case_calls(*case, device, dtype, wavelets, only)
             times = _time_rounds(c["calls"], device, args.rounds, args.repeat, rng)
             med = {name: statistics.median(ts) for name, ts in times.items()}
             ratios = {}
@@ -280,7 +301,8 @@ def run(args: argparse.Namespace, rec) -> None:
         if device.type == "cuda":
             rec.add(f"copy {tag}", "bytes_per_s", copy_bw)
             rec.add(f"fftn+ifftn {tag}", "bw_fraction", m["moved"]["fftn+ifftn"] * cps("fftn+ifftn") / cells / copy_bw)
-        for name in m["names"][3:]:
+        add("fftn+ifftn fwd+bwd", "fftn+ifftn")
+        for name in m["names"][4:]:
             if name in m["ptwt_names"]:  # a baseline: against the FFT pair only, like rfftn+irfftn
                 add(name, "fftn+ifftn")
             else:

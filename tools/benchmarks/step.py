@@ -1,6 +1,6 @@
 """SGFM training step vs a same-width SDPA transformer, from 1k to 64k text positions.
 
-    python tools/benchmark.py step [--quick] [--device cuda] [--json out.jsonl]
+    python tools/benchmark.py step [--quick] [--device cuda] [--compile] [--json out.jsonl]
 
 Each case is one full training step at batch 1 (forward, backward, AdamW update):
 
@@ -18,6 +18,13 @@ per-step costs such as the optimizer update no longer dominate). Peak memory is 
 GPU; on CPU it is the rise of the process's peak resident set (VmHWM, reset per case through
 ``/proc/self/clear_refs``) over the resident set before the case.
 
+``--compile`` adds, per size, the speed-up of ``train.compile`` (``apply_compile``: the score
+and forcing networks through ``torch.compile``): an eager and a compiled copy of the same
+SGFM in one fresh process, their steps timed in ``--compile-rounds`` interleaved rounds; printed
+is the median over rounds of eager time / compiled time with its [min-max], and the first
+compiled step's time (the compilation). ``--compile-memory`` adds the compiled step's peak memory
+(one more process, which compiles again).
+
 On CPU every case runs in a fresh child of a fork server (so one case's peak memory is not
 hidden by memory the allocator kept from another). Attention cases whose time,
 extrapolated quadratically from the previous size, would exceed ``--max-step-s`` are
@@ -28,12 +35,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools.benchmarks.common import sync, time_call
+from tools.benchmarks.common import spread, sync, time_call
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,6 +58,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-blocks", type=int, default=0, help="transformer blocks (0 = the SGFM's n_blocks)")
     p.add_argument("--max-step-s", type=float, default=40.0, help="skip attention sizes predicted slower than this")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch default)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the SGFM step with train.compile (apply_compile: torch.compile of the score "
+                        "and forcing networks) against the eager step of the same size, interleaved in one process")
+    p.add_argument("--compile-rounds", type=int, default=5, help="interleaved eager/compiled rounds (--compile)")
+    p.add_argument("--compile-memory", action="store_true",
+                   help="with --compile, also the compiled step's peak memory (one more process, compiling again)")
 
 
 class AttentionBlock(nn.Module):
@@ -133,8 +148,9 @@ def _step_fn(model, batch, device):
     return step
 
 
-def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None]:
-    """(seconds per step, peak bytes) of one case, built and run in this process."""
+def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None, float]:
+    """(seconds per step, peak bytes, seconds of the first step: allocation, optimizer state and,
+    for ``"sgfm compiled"``, compilation) of one case, built and run in this process."""
     from sgfm_dist.model.sgfm import build_model
     from sgfm_dist.train.config_loader import load_config
 
@@ -148,19 +164,68 @@ def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None]:
     tokens = torch.randint(0, 256, (1, T, L), generator=g).to(device)  # [1, T, L]
     batch = {"tokens": tokens, "pad_mask": torch.ones_like(tokens, dtype=torch.bool)}
     torch.manual_seed(0)
-    if kind == "sgfm":
+    if kind in ("sgfm", "sgfm compiled"):
         model = build_model(cfg.model, cfg.diffusion).to(device)
+        if kind == "sgfm compiled":
+            from sgfm_dist.parallel.parallelize import apply_compile
+
+            apply_compile(model)  # what parallelize applies for train.compile: true
     else:
         model = AttentionLM(257, opts["width"], opts["heads"], opts["attn_blocks"] or cfg.model.n_blocks).to(device)
     step = _step_fn(model, batch, device)
     base = _peak_reset(device)
-    step()  # first step: allocations and optimizer state (counted in the peak)
+    t0 = time.perf_counter()
+    step()  # first step: allocations, optimizer state (counted in the peak) and any compilation
     sync(device)
+    first = time.perf_counter() - t0
+    if kind == "sgfm compiled":
+        step()  # a second warm-up: the backward graph's last recompilations
     seconds = time_call(step, device=device, warmup=0, repeat=opts["repeat"] if n <= 16384 else 2, min_time=0.0)
-    return seconds, _peak_read(device, base)
+    return seconds, _peak_read(device, base), first
 
 
-def _measure(kind: str, n: int, opts: dict, pool) -> tuple[float, float | None]:
+def measure_compile_speedup(n: int, opts: dict, rounds: int = 5) -> tuple[list[float], list[float], float]:
+    """Eager and compiled SGFM steps of the same size and weights in one process, timed in
+    ``rounds`` interleaved rounds (a fresh random order per round, so load that comes and goes
+    hits both alike): (eager seconds per round, compiled seconds per round, seconds of the
+    compiled model's first step, i.e. its compilation)."""
+    import copy
+    import random
+
+    from sgfm_dist.model.sgfm import build_model
+    from sgfm_dist.parallel.parallelize import apply_compile
+    from sgfm_dist.train.config_loader import load_config
+
+    device = opts["device"]
+    if opts["threads"] and device == "cpu":
+        torch.set_num_threads(opts["threads"])
+    cfg = load_config(opts["config"], [f"model.width={opts['width']}"])
+    L = opts["row_len"]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (1, n // L, L), generator=g).to(device)  # [1, T, L]
+    batch = {"tokens": tokens, "pad_mask": torch.ones_like(tokens, dtype=torch.bool)}
+    torch.manual_seed(0)
+    eager = build_model(cfg.model, cfg.diffusion).to(device)
+    compiled = copy.deepcopy(eager)
+    apply_compile(compiled)  # what parallelize applies for train.compile: true
+    steps = {"eager": _step_fn(eager, batch, device), "compiled": _step_fn(compiled, batch, device)}
+    t0 = time.perf_counter()
+    steps["compiled"]()  # compiles
+    sync(device)
+    first = time.perf_counter() - t0
+    steps["compiled"]()  # the backward graph's last recompilations
+    steps["eager"]()
+    times = {"eager": [], "compiled": []}
+    rng = random.Random(0)
+    for _ in range(rounds):
+        order = list(steps)
+        rng.shuffle(order)
+        for kind in order:
+            times[kind].append(time_call(steps[kind], device=device, warmup=0, repeat=1, min_time=0.0))
+    return times["eager"], times["compiled"], first
+
+
+def _measure(kind: str, n: int, opts: dict, pool) -> tuple[float, float | None, float]:
     """On CPU each case runs in a fresh child of a fork server (imports preloaded, no torch op
     run before the fork), so its peak resident set is its own and not hidden by memory the
     allocator kept from an earlier case. On GPU in this process (the allocator's peak is exact)."""
@@ -204,9 +269,23 @@ def run(args, rec) -> None:
     try:
         for n in sizes:
             T = n // L
-            t_s, m_s = _measure("sgfm", n, opts, pool)
+            t_s, m_s, _ = _measure("sgfm", n, opts, pool)
             done["sgfm"][0].append(n), done["sgfm"][1].append(t_s)
             case = f"text N={n} ({T}x{L}) w={args.width}"
+            if args.compile:
+                # speed-up of train.compile: compiled and eager steps interleaved in one process
+                args_c = (n, opts, args.compile_rounds)
+                t_e, t_c, first_c = pool.apply(measure_compile_speedup, args_c) if pool else measure_compile_speedup(*args_c)
+                rs = spread(e / c for e, c in zip(t_e, t_c))
+                rec.add(case + " sgfm compiled", "s_per_step", statistics.median(t_c), baseline="sgfm eager",
+                        baseline_value=statistics.median(t_e), ratio=rs["median"], ratio_min=rs["min"],
+                        ratio_max=rs["max"], runs=rs["n"], first_step_s=first_c)  # ratio: eager time / compiled time
+                print(f"  compiled step: speed-up {rs['median']:.3f} [{rs['min']:.3f}-{rs['max']:.3f} over "
+                      f"{rs['n']} interleaved rounds]; first (compiling) step {first_c:.1f} s")
+                if args.compile_memory:
+                    _, m_c, _ = _measure("sgfm compiled", n, opts, pool)  # a fresh process: its own peak
+                    if m_c is not None and m_s is not None:
+                        rec.add(case + " sgfm compiled", "peak_bytes", m_c, baseline="sgfm eager", baseline_value=m_s)
             predicted = None if last_attn is None else last_attn[1] * (n / last_attn[0]) ** 2
             if predicted is not None and predicted > args.max_step_s:
                 rec.add(case + " sgfm", "s_per_step", t_s)
@@ -215,7 +294,7 @@ def run(args, rec) -> None:
                 print(f"  attention at N={n} skipped: predicted {predicted:.0f} s/step (quadratic from "
                       f"N={last_attn[0]}) > --max-step-s {args.max_step_s}")
                 continue
-            t_a, m_a = _measure("attention", n, opts, pool)
+            t_a, m_a, _ = _measure("attention", n, opts, pool)
             last_attn = (n, t_a)
             done["attention"][0].append(n), done["attention"][1].append(t_a)
             rec.add(case + " attention", "s_per_step", t_a)
