@@ -5,7 +5,10 @@ the two report the same numbers for the same weights.
 Each modality that has metrics registers an :class:`Evaluation` in ``EVALUATIONS``: text is
 ``sgfm_dist.eval.text_metrics.evaluate_text`` (held-out denoising cross-entropy against the
 Bayes baseline, sample statistics); time series ``sgfm_dist.eval.timeseries.evaluate_timeseries``
-(the TimeGAN discriminative and predictive scores next to the real-data floor, PCA / t-SNE views). This module only gathers the inputs from the config
+(the TimeGAN discriminative and predictive scores next to the real-data floor, PCA / t-SNE views);
+video ``sgfm_dist.eval.video.evaluate_video``; physics ``sgfm_dist.eval.physics.evaluate_physics``
+(forecast RMSE per horizon next to persistence and climatology, spectrum error per band,
+divergence, enstrophy, spread-skill, CRPS). This module only gathers the inputs from the config
 (held-out batches, the training stream, the sampler settings), dispatches, and writes the
 summary. ``periodic_samples`` is the same registry for what the trainer logs while it trains.
 """
@@ -104,6 +107,26 @@ def _periodic_video(model, cfg: Config, device: str) -> dict:
     return periodic_video(model, cfg, device)
 
 
+def _evaluate_physics(model, cfg: Config, device: str, log=print) -> dict:
+    from sgfm_dist.eval.physics import evaluate_physics
+
+    return evaluate_physics(model, cfg, device, log)
+
+
+def _report_physics(summary: dict, log=print, show_samples: int = 0) -> None:
+    from sgfm_dist.eval.physics import format_physics_summary
+
+    log(f"\n=== evaluation (held-out flow forecasts: {summary['trajectories']} trajectories, "
+        f"{summary['prompt_frames']} given snapshot(s), {summary['members']} members) ===")
+    log(format_physics_summary(summary))
+
+
+def _periodic_physics(model, cfg: Config, device: str) -> dict:
+    from sgfm_dist.eval.physics import periodic_physics
+
+    return periodic_physics(model, cfg, device)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """The metrics of one modality."""
@@ -123,6 +146,10 @@ EVALUATIONS: dict[str, Evaluation] = {"text": Evaluation(_evaluate_text, _report
 # video: PSNR / SSIM per horizon of forecasts from the first frames next to persistence and
 # linear extrapolation; pictures of forecasts in TensorBoard (sgfm_dist/eval/video.py)
 EVALUATIONS["video"] = Evaluation(_evaluate_video, _report_video, _periodic_video)
+# physics: RMSE per horizon of Leray-projected forecasts next to persistence and climatology,
+# spectrum error per octave band, divergence, enstrophy, spread-skill and CRPS; vorticity strips,
+# spectra and RMSE curves as PNGs and in TensorBoard (sgfm_dist/eval/physics.py)
+EVALUATIONS["physics"] = Evaluation(_evaluate_physics, _report_physics, _periodic_physics)
 
 
 def evaluation_for(modality: str) -> Evaluation:
