@@ -215,3 +215,43 @@ def test_vorticity_strip_layout():
     # per trajectory: truth, 3 members, mean, spread = 6 rows of (16 + 3) px, 2 px apart; 8 px between trajectories
     assert img.dtype == np.uint8 and img.shape == (2 * (6 * 19 + 5 * 2) + 8, 4 * 16 + 3 * 2, 3)
     assert spectral is not None
+
+
+# ---- the evaluation split over ranks ------------------------------------------------------------
+
+def run_split_evaluation_job(ckpt: str, out_dir: str) -> dict:
+    from dataclasses import replace
+
+    from sgfm_dist.eval.evaluate import evaluate_checkpoint, evaluate_model
+    from sgfm_dist.train.inference import load_trained
+
+    torch.set_num_threads(1)
+    split = evaluate_checkpoint(ckpt, "cpu", {}, out=os.path.join(out_dir, "split.json"), log=lambda *a: None)
+    tm = load_trained(ckpt, "cpu")  # a model of its own on every rank: the whole field, no collective
+    cfg = replace(tm.config, train=replace(tm.config.train, out_dir=os.path.join(out_dir, "whole")))
+    whole = P.evaluate_physics(tm.model, cfg, "cpu", log=lambda *a: None, figures=False)
+    assert evaluate_model is not None
+    return {"whole": whole, "split": split}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_split_evaluation_equals_one_process(ns_ckpt, tmp_path):
+    """``launch/evaluate.py`` under a launcher: the field split over 2 ranks (y), each evaluating its
+    block, gives the numbers of one process on every rank; rank 0 alone writes the JSON and figures."""
+    from sgfm_dist.parallel.testing import run_distributed
+
+    results = run_distributed(run_split_evaluation_job, 2, ns_ckpt, str(tmp_path), timeout_s=300, pg_timeout_s=120)
+    for rank, res in enumerate(results):
+        whole, split = res["whole"], res["split"]
+        assert whole["trajectories"] == 2 and whole["horizons"] == [1, 2, 3]
+        for key, w in whole.items():
+            if isinstance(w, list) and w and isinstance(w[0], float):
+                assert split[key] == pytest.approx(w, rel=1e-4, abs=1e-6, nan_ok=True), (rank, key)  # sums reordered
+            elif isinstance(w, float):
+                assert split[key] == pytest.approx(w, rel=1e-4, abs=1e-7), (rank, key)
+            else:
+                assert split[key] == w, (rank, key)
+        assert ("figures" in split) == (rank == 0)
+    assert os.path.exists(tmp_path / "split.json")
+    assert os.path.exists(os.path.join(ns_ckpt, "eval_physics_vorticity.png"))
