@@ -32,7 +32,7 @@ forecasts from the first K snapshots of val trajectories (each conditioned on it
 forcing) or of ``--prompt-clip`` (.npy [T, C, *S], a simulator shard's array; Fourier-resampled to
 ``--size``), every sample Leray-projected at the end: ``<out>_vorticity.png`` (strips of truth,
 members, mean, spread), ``<out>_spectrum.png`` (generated vs data), ``<out>_spread.png``,
-``<out>.npy`` (float32 [N, M, C, T, *S]) and ``<out>_stats.npz`` (mean, spread); default
+``<out>.npy`` (float64 [N, M, C, T, *S]) and ``<out>_stats.npz`` (mean, spread); default
 ``<run>/samples/physics_stepN[_forecast]``. ``--size DxHxW`` for 3-D flows.
 
 ``--ckpt`` is a run directory, its checkpoint directory or one stepNNNNNNNN checkpoint.

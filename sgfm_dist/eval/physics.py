@@ -262,9 +262,11 @@ def physics_geometry(model) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
 def project_samples(u: Tensor, model) -> Tensor:
     """The Leray projection (Eq. 43, ``ops.spectral.leray_project``) of generated velocity fields
     ``[n, C, T, *S_local]`` over the flow axes, through the model's domain (its FFT when the
-    field is split), in float64 so the divergence left is roundoff of the field's norm."""
+    field is split). Returned in float64: rounding a projected field to float32 alone leaves a
+    divergence of about 1e-6 of its norm at 64^2 (the derivative amplifies the rounding by |k|),
+    float64 keeps it at roundoff (~1e-15)."""
     flow, lengths = physics_geometry(model)
-    return spectral.leray_project(u.double(), flow, lengths, domain=model.domain).to(u.dtype)
+    return spectral.leray_project(u.double(), flow, lengths, domain=model.domain)
 
 
 PHYSICAL_KEYS = ("nu", "dt", "forcing_strength")
@@ -403,7 +405,7 @@ def evaluate_physics(model, cfg, device: str, log=print, prompt_frames: int | No
         # the members' and the truth's spectra over all trajectories, reduced on the domain
         k, e_gen = spectral.energy_spectrum(ens.flatten(0, 1), flow, lengths, dom)  # [K], [M*N, K]
         _, e_true = spectral.energy_spectrum(truth, flow, lengths, dom)
-        gathered = dom.gather(torch.cat([local[:shown], full[:, :shown].flatten(0, 1)]))  # collective when split
+        gathered = dom.gather(torch.cat([local[:shown].to(full.dtype), full[:, :shown].flatten(0, 1)]))  # collective
         if _is_main():
             truth_g, ens_g = gathered[:shown], gathered[shown:].unflatten(0, (members, shown))
             out = cfg.train.out_dir
@@ -628,8 +630,8 @@ class PhysicsSampleResult:
     """What ``sample_physics`` produced (the same on every process; files on rank 0 only)."""
 
     fields: Tensor
-    """Generated velocity fields ``[N, M, C, T, *S]`` (Leray-projected): N trajectories (prompts; 1
-    unconditional), M members."""
+    """Generated velocity fields ``[N, M, C, T, *S]`` (Leray-projected, float64): N trajectories
+    (prompts; 1 unconditional), M members."""
     mean: Tensor
     """Ensemble mean ``[N, C, T, *S]``."""
     spread: Tensor
@@ -675,8 +677,8 @@ def sample_physics(tm, options, device: str, rank: int, world: int, log) -> Phys
     Split over ``world`` processes when there are several (the spatial axes, each rank projecting
     its block through the domain's FFT; gathered for writing). On rank 0: ``<stem>_vorticity.png``
     (strips: truth, members, mean, spread), ``<stem>_spectrum.png`` (generated vs data),
-    ``<stem>_spread.png`` (spread maps at the last snapshot), ``<stem>.npy`` (float32
-    ``[N, M, C, T, *S]``) and ``<stem>_stats.npz`` (mean, spread)."""
+    ``<stem>_spread.png`` (spread maps at the last snapshot), ``<stem>.npy`` (float64, the
+    projected samples ``[N, M, C, T, *S]``) and ``<stem>_stats.npz`` (mean, spread)."""
     import os
 
     import numpy as np
@@ -779,7 +781,7 @@ def sample_physics(tm, options, device: str, rank: int, world: int, log) -> Phys
                                   + (f" (trained {'x'.join(map(str, trained[1:]))})" if space != trained[1:] else "")))
         if M > 1:
             paths.append(plot_spread_maps(spread, stem + "_spread.png", P))
-        np.save(stem + ".npy", result.fields.numpy().astype(np.float32))
+        np.save(stem + ".npy", result.fields.numpy())  # float64: float32 would add ~1e-6 of divergence at 64^2
         np.savez(stem + "_stats.npz", mean=mean.numpy().astype(np.float32), spread=spread.numpy().astype(np.float32))
         paths += [stem + ".npy", stem + "_stats.npz"]
         result.paths = paths
