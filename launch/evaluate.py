@@ -20,9 +20,21 @@ Video (``sgfm_dist.eval.video``): PSNR and SSIM per horizon of forecasts of held
 their first ``diffusion.bc_rows`` frames (an ensemble of ``eval.n_samples`` each: its mean and its
 members), next to persistence and linear extrapolation, with a GIF / PNG of forecasts and the
 PSNR / SSIM curves in the run directory.
+Physics (``sgfm_dist.eval.physics``): RMSE per horizon of Leray-projected forecasts of held-out
+trajectories from their first ``diffusion.bc_rows`` snapshots (each conditioned on its own nu, dt,
+forcing; an ensemble of ``eval.n_samples``: its mean and a member) next to persistence and
+climatology, spread-skill ratio and CRPS per horizon, the energy-spectrum error per octave band,
+divergence / norm and enstrophy, with vorticity strips, spectra and RMSE curves as PNGs in the run
+directory:
+
+    python launch/evaluate.py --ckpt runs/ns2d_tiny [--steps 32] [--bc-eta 0]
+    torchrun --nproc_per_node 2 launch/evaluate.py --ckpt runs/ns2d_tiny   # the field split over 2 ranks
+
 Writes a JSON summary (default ``<run>/eval_stepN.json``) and prints a table.
 
-One process: the held-out set is small, and the evaluation is the one ``launch/train.py`` runs
+One process (video and physics also split over all processes under a launcher, like
+``launch/sample.py``: every rank evaluates its block of each field, metrics reduce on the domain,
+rank 0 writes): the held-out set is small, and the evaluation is the one ``launch/train.py`` runs
 after training (``sgfm_dist.eval.evaluate.evaluate_checkpoint`` -> ``evaluate_model``), with the
 run's ``eval`` section and the options below replacing its fields.
 """

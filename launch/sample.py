@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate text or video from a trained SGFM checkpoint (EMA weights).
+"""Generate text, video, time series or flow fields from a trained SGFM checkpoint (EMA weights).
 
     python launch/sample.py --ckpt runs/text_tiny --prompt "The " --length 1024 --steps 64 \\
         --sampler pc --ensemble 4 [--out FILE] [--seed 0] [--physics-eta 0] [--bc-eta 0]
@@ -20,6 +20,20 @@ plus the frames as ``<out>.npy`` (default ``<run>/samples/video_stepN[_forecast]
 ``--size HxW`` / ``--frames T`` sample at another size than the trained one (the networks
 are convolutional and spectral). ``--bc-eta`` adds the L_BC guidance (Eq. 44) towards the
 given frames (or text prompt) to every sampler step.
+
+Physics (``sgfm_dist.eval.physics.sample_physics``; the same options):
+
+    python launch/sample.py --ckpt runs/ns2d_tiny --ensemble 4                     # unconditional
+    python launch/sample.py --ckpt runs/ns2d_tiny --prompt-frames 1 --clips 2 --ensemble 4
+    python launch/sample.py --ckpt runs/ns2d_tiny --size 64x64 --ensemble 4         # 2N
+    python launch/sample.py --ckpt runs/ns2d_tiny --prompt-frames 1 --prompt-clip traj.npy
+
+forecasts from the first K snapshots of val trajectories (each conditioned on its own nu, dt,
+forcing) or of ``--prompt-clip`` (.npy [T, C, *S], a simulator shard's array; Fourier-resampled to
+``--size``), every sample Leray-projected at the end: ``<out>_vorticity.png`` (strips of truth,
+members, mean, spread), ``<out>_spectrum.png`` (generated vs data), ``<out>_spread.png``,
+``<out>.npy`` (float64 [N, M, C, T, *S]) and ``<out>_stats.npz`` (mean, spread); default
+``<run>/samples/physics_stepN[_forecast]``. ``--size DxHxW`` for 3-D flows.
 
 ``--ckpt`` is a run directory, its checkpoint directory or one stepNNNNNNNN checkpoint.
 The field keeps the trained row length L (``data.row_len``): ``--length N`` bytes become
@@ -51,12 +65,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_size(text: str):
-    """``HxW`` -> (H, W)."""
+    """``HxW`` -> (H, W); ``DxHxW`` (3-D physics) -> (D, H, W)."""
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
+        size = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size: expected HxW like 64x64, got {text!r}") from None
-    return (h, w)
+        raise argparse.ArgumentTypeError(f"--size: expected HxW like 64x64 (or DxHxW), got {text!r}") from None
+    if len(size) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"--size: expected HxW like 64x64 (or DxHxW), got {text!r}")
+    return size
 
 
 def parse_args(argv=None):
@@ -77,12 +93,12 @@ def parse_args(argv=None):
                    help="L_BC guidance weight towards the prompt (Eq. 44; default: the run's eval.bc_eta)")
     p.add_argument("--seed", type=int, default=0, help="eval.seed")
     p.add_argument("--out", default=None, help="output file (video: the stem of .gif/.mp4/_strip.png/.npy)")
-    v = p.add_argument_group("video")
+    v = p.add_argument_group("video and physics")
     v.add_argument("--prompt-frames", type=int, default=0, help="frames given; the rest is forecast (0: unconditional)")
     v.add_argument("--prompt-clip", default="", help="clip whose first frames are given (default: the val split)")
     v.add_argument("--clips", type=int, default=1, help="val clips forecast, one ensemble each")
     v.add_argument("--frames", type=int, default=0, help="frames per sample (0: the trained T)")
-    v.add_argument("--size", type=parse_size, default=None, help="HxW of the samples (default: the trained size)")
+    v.add_argument("--size", type=parse_size, default=None, help="HxW (3-D physics: DxHxW) of the samples (default: the trained size)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--sp", type=int, default=None,
                    help="processes that split the field (default: all launched processes; must equal them)")

@@ -5,7 +5,10 @@ the two report the same numbers for the same weights.
 Each modality that has metrics registers an :class:`Evaluation` in ``EVALUATIONS``: text is
 ``sgfm_dist.eval.text_metrics.evaluate_text`` (held-out denoising cross-entropy against the
 Bayes baseline, sample statistics); time series ``sgfm_dist.eval.timeseries.evaluate_timeseries``
-(the TimeGAN discriminative and predictive scores next to the real-data floor, PCA / t-SNE views). This module only gathers the inputs from the config
+(the TimeGAN discriminative and predictive scores next to the real-data floor, PCA / t-SNE views);
+video ``sgfm_dist.eval.video.evaluate_video``; physics ``sgfm_dist.eval.physics.evaluate_physics``
+(forecast RMSE per horizon next to persistence and climatology, spectrum error per band,
+divergence, enstrophy, spread-skill, CRPS). This module only gathers the inputs from the config
 (held-out batches, the training stream, the sampler settings), dispatches, and writes the
 summary. ``periodic_samples`` is the same registry for what the trainer logs while it trains.
 """
@@ -104,6 +107,26 @@ def _periodic_video(model, cfg: Config, device: str) -> dict:
     return periodic_video(model, cfg, device)
 
 
+def _evaluate_physics(model, cfg: Config, device: str, log=print) -> dict:
+    from sgfm_dist.eval.physics import evaluate_physics
+
+    return evaluate_physics(model, cfg, device, log)
+
+
+def _report_physics(summary: dict, log=print, show_samples: int = 0) -> None:
+    from sgfm_dist.eval.physics import format_physics_summary
+
+    log(f"\n=== evaluation (held-out flow forecasts: {summary['trajectories']} trajectories, "
+        f"{summary['prompt_frames']} given snapshot(s), {summary['members']} members) ===")
+    log(format_physics_summary(summary))
+
+
+def _periodic_physics(model, cfg: Config, device: str) -> dict:
+    from sgfm_dist.eval.physics import periodic_physics
+
+    return periodic_physics(model, cfg, device)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """The metrics of one modality."""
@@ -115,6 +138,10 @@ class Evaluation:
     periodic: Callable[..., dict] | None = None
     """``periodic(model, cfg, device) -> {tag: text or uint8 image [H, W, 3]}`` logged to TensorBoard at
     every ``train.eval_interval``; None: nothing."""
+    split: bool = False
+    """``run`` also takes a model split over several ranks (its metrics reduce on the model's
+    domain, only figures gather): ``evaluate_checkpoint`` under a launcher then splits the field
+    over all launched processes, every rank evaluating its block. False: one process only."""
 
 
 EVALUATIONS: dict[str, Evaluation] = {"text": Evaluation(_evaluate_text, _report_text, _periodic_text),
@@ -122,7 +149,11 @@ EVALUATIONS: dict[str, Evaluation] = {"text": Evaluation(_evaluate_text, _report
 """The evaluation of each ``model.modality`` that has one."""
 # video: PSNR / SSIM per horizon of forecasts from the first frames next to persistence and
 # linear extrapolation; pictures of forecasts in TensorBoard (sgfm_dist/eval/video.py)
-EVALUATIONS["video"] = Evaluation(_evaluate_video, _report_video, _periodic_video)
+EVALUATIONS["video"] = Evaluation(_evaluate_video, _report_video, _periodic_video, split=True)
+# physics: RMSE per horizon of Leray-projected forecasts next to persistence and climatology,
+# spectrum error per octave band, divergence, enstrophy, spread-skill and CRPS; vorticity strips,
+# spectra and RMSE curves as PNGs and in TensorBoard (sgfm_dist/eval/physics.py)
+EVALUATIONS["physics"] = Evaluation(_evaluate_physics, _report_physics, _periodic_physics, split=True)
 
 
 def evaluation_for(modality: str) -> Evaluation:
@@ -164,7 +195,24 @@ def evaluate_checkpoint(ckpt_path: str, device: str = "cpu", eval_overrides: dic
     """``evaluate_model`` of the EMA weights in ``ckpt_path`` (a run directory, its checkpoint
     directory or one stepNNNNNNNN directory) under the run's eval config with
     ``eval_overrides`` applied (``override_eval``); ``val_source`` replaces ``data.val_source``.
-    Writes the summary to ``out`` (default ``<run>/eval_step<N>.json``) and returns it."""
+    Writes the summary to ``out`` (default ``<run>/eval_step<N>.json``) and returns it.
+
+    Under a launcher (torchrun, deepspeed, mpiexec; several processes) a modality whose
+    evaluation takes a split model (``Evaluation.split``: video, physics) splits the field over
+    all of them like ``launch/sample.py`` (every rank evaluates its block, the metrics reduce on
+    the domain, nothing waits in a barrier); rank 0 logs and writes. Others refuse."""
+    from sgfm_dist.parallel import runtime
+
+    rank, world, started = runtime.setup_if_launched(device)
+    try:
+        return _evaluate_checkpoint(ckpt_path, device, eval_overrides, val_source, out,
+                                    log if rank == 0 else (lambda *a, **k: None), rank, world)
+    finally:
+        if started:
+            runtime.teardown_distributed()
+
+
+def _evaluate_checkpoint(ckpt_path, device, eval_overrides, val_source, out, log, rank: int, world: int) -> dict:
     from sgfm_dist.train.inference import load_trained
 
     tm = load_trained(ckpt_path, device)
@@ -172,6 +220,7 @@ def evaluate_checkpoint(ckpt_path: str, device: str = "cpu", eval_overrides: dic
     if cfg.model.modality not in EVALUATIONS:
         raise ValueError(f"--ckpt: {tm.path} is a {cfg.model.modality} model; there is no evaluation for it "
                          f"(there are: {sorted(EVALUATIONS)})")
+    ev = EVALUATIONS[cfg.model.modality]
     run_dir = os.path.dirname(os.path.dirname(tm.path))
     # figures an evaluation writes go to the checkpoint's run directory, wherever it was trained
     cfg = replace(cfg, eval=override_eval(cfg.eval, eval_overrides or {}),
@@ -182,7 +231,25 @@ def evaluate_checkpoint(ckpt_path: str, device: str = "cpu", eval_overrides: dic
         import torch
 
         torch.set_num_threads(cfg.train.threads)  # the run's CPU threads (train.threads), as training used
+    if world > 1:
+        if not ev.split:
+            raise ValueError(f"{cfg.model.modality} evaluation runs on one process; {world} were launched "
+                             f"(run launch/evaluate.py with plain python)")
+        from sgfm_dist.parallel.parallelize import parallelize_for_sampling
+        from sgfm_dist.train.batches import global_field_shape
+        from sgfm_dist.train.config import ParallelConfig
+        from sgfm_dist.train.setup import resolve_split_axes
+
+        shape = tuple(int(n) for n in global_field_shape(cfg))
+        try:
+            parallelize_for_sampling(tm.model, world, world, shape, cfg.model.wavelet, cfg.model.levels,
+                                     resolve_split_axes(cfg.model, ParallelConfig(sp=world)))
+        except ValueError as err:
+            raise ValueError(f"the field {'x'.join(map(str, shape))} does not split over {world} processes: "
+                             f"{err}") from None
+        log(f"evaluation split over {world} processes (field {'x'.join(map(str, shape))})")
     summary = evaluate_model(tm.model, cfg, device, log)
     summary.update(step=tm.step, checkpoint=tm.path)
-    report_summary(summary, out or os.path.join(run_dir, f"eval_step{tm.step}.json"), log)
+    if rank == 0:
+        report_summary(summary, out or os.path.join(run_dir, f"eval_step{tm.step}.json"), log)
     return summary

@@ -16,12 +16,17 @@ are reported one by one, must not be split (it is not: physics splits the spatia
 * ``spread_skill_ratio`` and ``ensemble_crps``: calibration and accuracy of an ensemble.
 
 ``evaluate_physics(model, cfg, device, log)`` forecasts the val split's trajectories from their
-first frames (``SGFM.generate`` with ``prompt_field``, an ensemble per trajectory, each
-trajectory's own nu and dt) and reports all of them next to the baselines.
+first frames (``forecast``: ``SGFM.generate`` with ``prompt_field``, an ensemble per trajectory,
+each trajectory's own nu and dt, Leray-projected at the end by ``project_samples``) and reports
+all of them next to the baselines, with vorticity strips, the RMSE curves and the spectra as
+PNGs; ``periodic_physics`` gives the trainer the same pictures for TensorBoard, and
+``sample_physics`` is ``launch/sample.py`` for physics models (unconditional samples and
+forecasts, ensembles with mean and spread, at the trained size or another).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -244,68 +249,181 @@ def forecast_metrics(ens: Tensor, truth: Tensor, prompt: Tensor, climatology: Te
     }
 
 
+# ---- held-out trajectories, forecasts, projection -------------------------------------------
+
+def physics_geometry(model) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
+    """``(flow_axes, lengths)`` of the model's field: the tensor dims of the velocity components'
+    directions and their box lengths (None: 2 pi each)."""
+    flow = model.cfg.flow_axes()
+    lengths = None if model.cfg.lengths is None else tuple(model.cfg.lengths[a - 2] for a in flow)
+    return flow, lengths
+
+
+def project_samples(u: Tensor, model) -> Tensor:
+    """The Leray projection (Eq. 43, ``ops.spectral.leray_project``) of generated velocity fields
+    ``[n, C, T, *S_local]`` over the flow axes, through the model's domain (its FFT when the
+    field is split). Returned in float64: rounding a projected field to float32 alone leaves a
+    divergence of about 1e-6 of its norm at 64^2 (the derivative amplifies the rounding by |k|),
+    float64 keeps it at roundoff (~1e-15)."""
+    flow, lengths = physics_geometry(model)
+    return spectral.leray_project(u.double(), flow, lengths, domain=model.domain)
+
+
+PHYSICAL_KEYS = ("nu", "dt", "forcing_strength")
+"""The per-trajectory parameters a forecast is conditioned on (each trajectory's own)."""
+
+
+def heldout_trajectories(cfg, count: int, split: str = "val") -> tuple[Tensor, dict, list[str]]:
+    """Up to ``count`` distinct windows of ``split``: the fields ``[N, C, T, *S]`` (global, CPU),
+    their physical parameters ``{nu, dt(, forcing_strength)}: [N]`` and sample ids. A source
+    repeats its epochs, so reading stops at the first repeat."""
+    from sgfm_dist.train.batches import build_train_source
+
+    seen, rows, ids = set(), [], []
+    for batch in build_train_source(cfg, 0, 1, split=split, num_workers=0):
+        done = False
+        for i, sid in enumerate(batch["sample_ids"]):
+            if sid in seen or len(rows) == count:
+                done = True
+                break
+            seen.add(sid)
+            ids.append(sid)
+            rows.append({k: batch[k][i] for k in ("field",) + PHYSICAL_KEYS if k in batch})
+        if done:
+            break
+    if not rows:
+        raise ValueError(f"{split}: no trajectory in {cfg.data.val_source or cfg.data.source}")
+    out = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return out.pop("field").float(), out, ids
+
+
+@torch.no_grad()
+def forecast(model, fields: Tensor, prompt_frames: int, members: int, steps: int, sampler: str,
+             generator: torch.Generator | None, physics: dict | None = None, bc_eta: float = 0.0,
+             physics_eta: float = 0.0, field_shape: tuple[int, ...] | None = None, chunk: int = 16,
+             project: bool = True) -> Tensor:
+    """``members`` forecasts of each trajectory ``fields [N, C, >= P, *S]`` (global) from its first
+    ``prompt_frames`` snapshots, conditioned on its own ``physics`` parameters (``{key: [N]}``;
+    None: the config's), Leray-projected at the end (``project``): ``[M, N, C, T, *S_local]`` on
+    the model's domain. Up to ``chunk`` samples per ``generate`` call, the members of a trajectory
+    side by side, all from one ``generator``. ``prompt_frames = 0``: unconditional samples
+    (``fields`` then only count them and give their shape)."""
+    N = fields.shape[0]
+    shape = tuple(field_shape) if field_shape is not None else tuple(fields.shape[2:])
+    per_call = max(1, chunk // members)
+    out = []
+    for start in range(0, N, per_call):
+        part = fields[start:start + per_call]                              # [n, C, T, *S]
+        n = part.shape[0] * members
+        prompt = part[:, :, :prompt_frames].repeat_interleave(members, dim=0) if prompt_frames else None
+        lam = None if physics is None else {k: v[start:start + per_call].repeat_interleave(members, dim=0)
+                                            for k, v in physics.items()}
+        res = model.generate(n, shape, steps, sampler=sampler, generator=generator, bc_eta=bc_eta,
+                             physics_eta=physics_eta, prompt_field=prompt, physics=lam)
+        u = res["field"].float()                                           # [n*M, C, T, *S_loc]
+        if project:
+            u = project_samples(u, model)
+        out.append(u.reshape(part.shape[0], members, *u.shape[1:]))
+    return torch.cat(out).transpose(0, 1)                                 # [M, N, C, T, *S_loc]
+
+
+def spectral_resize(u: Tensor, size: Sequence[int]) -> Tensor:
+    """Fields ``[..., *S]`` (the last ``len(size)`` axes periodic) resampled to ``size`` by
+    Fourier interpolation (zero-padding or truncating the spectrum; the Nyquist planes of a
+    shrunk or grown axis are dropped): a band-limited field keeps its values at the common grid
+    points, and a divergence-free velocity stays divergence-free. Whole fields only (CPU side)."""
+    d = len(size)
+    old = tuple(u.shape[-d:])
+    if old == tuple(size):
+        return u
+    dims = tuple(range(u.ndim - d, u.ndim))
+    hat = torch.fft.fftn(u.double(), dim=dims)
+    out = hat.new_zeros(*u.shape[:-d], *size)
+    index_src, index_dst = [], []
+    for n_old, n_new in zip(old, size):
+        m = (min(n_old, n_new) - 1) // 2                                   # modes kept each side (no Nyquist)
+        index_src.append(list(range(m + 1)) + list(range(n_old - m, n_old)))
+        index_dst.append(list(range(m + 1)) + list(range(n_new - m, n_new)))
+    sel_src = torch.meshgrid(*[torch.tensor(i) for i in index_src], indexing="ij")
+    sel_dst = torch.meshgrid(*[torch.tensor(i) for i in index_dst], indexing="ij")
+    out[(Ellipsis, *sel_dst)] = hat[(Ellipsis, *sel_src)]
+    scale = math.prod(size) / math.prod(old)
+    return (torch.fft.ifftn(out, dim=dims).real * scale).to(u.dtype)
+
+
+# ---- the evaluation ---------------------------------------------------------------------------
+
 @torch.no_grad()
 def evaluate_physics(model, cfg, device: str, log=print, prompt_frames: int | None = None,
-                     members: int | None = None, trajectories: int | None = None) -> dict:
+                     members: int | None = None, trajectories: int | None = None, figures: bool = True) -> dict:
     """Forecast held-out trajectories from their first frames and score them (``forecast_metrics``).
 
     ``prompt_frames`` given frames (default ``diffusion.bc_rows``, the initial condition L_BC
     fits) of each of ``trajectories`` val windows (default ``eval.val_batches`` x
     ``train.micro_batch``) are continued by ``members`` samples each (default ``eval.n_samples``)
-    with ``eval.sampler`` / ``eval.sample_steps`` / ``eval.physics_eta``, conditioned on each
-    trajectory's own nu, dt and forcing strength; the climatology is the mean field of as many
-    training windows. On the model's domain: a split model forecasts and scores its block.
+    with ``eval.sampler`` / ``eval.sample_steps`` / ``eval.bc_eta`` / ``eval.physics_eta``,
+    conditioned on each trajectory's own nu, dt and forcing strength and Leray-projected at the
+    end; the climatology is the mean field of as many training windows. On the model's domain:
+    a split model forecasts and scores its block (metric sums by ``domain.sum``, spectra by its
+    FFT); only the figures (``figures``: vorticity strips of the first trajectories, the RMSE
+    curves and the energy spectra under ``train.out_dir``) gather a few trajectories to rank 0.
     Returns a JSON-able summary (``modality``, the settings and ``forecast_metrics``'s keys)."""
-    from sgfm_dist.train.batches import build_train_source
-
     e = cfg.eval
-    prompt_frames = cfg.diffusion.bc_rows if prompt_frames is None else prompt_frames
-    members = e.n_samples if members is None else members
-    trajectories = e.val_batches * cfg.train.micro_batch if trajectories is None else trajectories
+    prompt_frames = cfg.diffusion.bc_rows if prompt_frames is None else int(prompt_frames)
+    members = e.n_samples if members is None else int(members)
+    trajectories = e.val_batches * cfg.train.micro_batch if trajectories is None else int(trajectories)
     dom = model.domain
-    lengths = None if cfg.model.lengths is None else tuple(cfg.model.lengths[a - 2] for a in model.cfg.flow_axes())
-    flow = model.cfg.flow_axes()
+    flow, lengths = physics_geometry(model)
 
-    def windows(split: str, count: int) -> dict:
-        """Up to ``count`` distinct windows (a source repeats its epochs: stop at the first repeat)."""
-        seen, rows = set(), []
-        for batch in build_train_source(cfg, 0, 1, split=split, num_workers=0):
-            for i, sid in enumerate(batch["sample_ids"]):
-                if sid in seen or len(rows) == count:
-                    break
-                seen.add(sid)
-                rows.append({k: batch[k][i] for k in ("field", "nu", "dt", "forcing_strength") if k in batch})
-            else:
-                continue
-            break
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-    val = windows("val", trajectories)
-    field = val.pop("field").to(device)                                              # [N, C, T, *S] global
-    physics = val                                                                    # nu, dt (, forcing_strength) [N]
+    field, physics, ids = heldout_trajectories(cfg, trajectories)
+    field = field.to(device)                                                         # [N, C, T, *S] global
+    physics = {k: v.to(device) for k, v in physics.items()}                         # nu, dt (, forcing_strength) [N]
     n, t = field.shape[0], field.shape[TIME_AXIS]
     if not 1 <= prompt_frames < t:
         raise ValueError(f"prompt_frames: {prompt_frames} given frames leave no horizon in windows of {t} frames")
-    climatology = mean_field([dom.shard(windows("train", trajectories)["field"].to(device))])  # [C, *S_loc]
+    train_fields, _, _ = heldout_trajectories(cfg, trajectories, split="train")
+    climatology = mean_field([dom.shard(train_fields.to(device))])                  # [C, *S_loc]
 
     gen = torch.Generator(device=device).manual_seed(e.seed)
-    log(f"physics evaluation: {n} val trajectories, {prompt_frames} given frames, {t - prompt_frames} horizons, "
-        f"{members} members, {e.sampler} x {e.sample_steps} steps")
-    ens = []
-    for i in range(n):
-        out = model.generate(members, tuple(field.shape[2:]), e.sample_steps, e.sampler,
-                             physics_eta=e.physics_eta, generator=gen,
-                             prompt_field=field[i:i + 1, :, :prompt_frames],
-                             physics={k: v[i:i + 1] for k, v in physics.items()})
-        ens.append(out["field"].narrow(TIME_AXIS, prompt_frames, t - prompt_frames).float())  # [M, C, H, *S_loc]
-    ens = torch.stack(ens, dim=1)                                                   # [M, N, C, H, *S_loc]
-    local = dom.shard(field)                                                        # [N, C, T, *S_loc]
+    log(f"physics evaluation: {n} val trajectories of {'x'.join(map(str, field.shape[2:]))}, {prompt_frames} "
+        f"given frames, {t - prompt_frames} horizons, {members} members, {e.sampler} x {e.sample_steps} steps, "
+        f"bc_eta {e.bc_eta}, physics_eta {e.physics_eta}")
+    full = forecast(model, field, prompt_frames, members, e.sample_steps, e.sampler, gen, physics, e.bc_eta,
+                    e.physics_eta)                                                   # [M, N, C, T, *S_loc]
+    ens = full.narrow(TIME_AXIS + 1, prompt_frames, t - prompt_frames)               # [M, N, C, H, *S_loc]
+    local = dom.shard(field)                                                         # [N, C, T, *S_loc]
     truth = local.narrow(TIME_AXIS, prompt_frames, t - prompt_frames)
     prompt = local.narrow(TIME_AXIS, 0, prompt_frames)
     summary = {"modality": "physics", "trajectories": n, "prompt_frames": prompt_frames, "members": members,
-               "sampler": e.sampler, "sample_steps": e.sample_steps, "physics_eta": e.physics_eta}
+               "sampler": e.sampler, "sample_steps": e.sample_steps, "physics_eta": e.physics_eta,
+               "bc_eta": e.bc_eta, "field_shape": list(field.shape[2:])}
     summary.update(forecast_metrics(ens, truth, prompt, climatology, flow, lengths, dom))
+    if figures:
+        import os
+
+        shown = min(4, n)
+        # the members' and the truth's spectra over all trajectories, reduced on the domain
+        k, e_gen = spectral.energy_spectrum(ens.flatten(0, 1), flow, lengths, dom)  # [K], [M*N, K]
+        _, e_true = spectral.energy_spectrum(truth, flow, lengths, dom)
+        gathered = dom.gather(torch.cat([local[:shown].to(full.dtype), full[:, :shown].flatten(0, 1)]))  # collective
+        if _is_main():
+            truth_g, ens_g = gathered[:shown], gathered[shown:].unflatten(0, (members, shown))
+            out = cfg.train.out_dir
+            os.makedirs(out, exist_ok=True)
+            paths = [write_png(vorticity_strip(truth_g, ens_g, prompt_frames, flow, lengths),
+                               os.path.join(out, "eval_physics_vorticity.png"))]
+            paths.append(plot_spectra(k, {"generated (members)": e_gen.mean(0), "truth": e_true.mean(0)},
+                                      os.path.join(out, "eval_physics_spectrum.png"),
+                                      f"energy spectrum of forecasts, {n} val trajectories"))
+            paths.append(plot_rmse_curves(summary, os.path.join(out, "eval_physics_rmse.png")))
+            summary["figures"] = paths
     return summary
+
+
+def _is_main() -> bool:
+    from sgfm_dist.parallel.runtime import world
+
+    return world()[0] == 0
 
 
 def format_physics_summary(summary: dict) -> str:
@@ -321,4 +439,378 @@ def format_physics_summary(summary: dict) -> str:
     lines.append(f"spectrum relative error per |k| band: {bands}")
     lines.append(f"divergence / norm: {summary['divergence_ratio']:.3g} (truth {summary['divergence_ratio_truth']:.3g})")
     lines.append(f"enstrophy: {summary['enstrophy']:.4g} (truth {summary['enstrophy_truth']:.4g})")
+    for f in summary.get("figures", []):
+        lines.append(f"wrote {f}")
     return "\n".join(lines)
+
+
+# ---- pictures -------------------------------------------------------------------------------
+
+def _colormap(x: Tensor, cmap: str, lo: float, hi: float):
+    """Values mapped to uint8 RGB ``[*x.shape, 3]`` through a matplotlib colormap over ``[lo, hi]``."""
+    import matplotlib
+    import numpy as np
+
+    scaled = ((x.double().cpu() - lo) / max(hi - lo, 1e-30)).clamp(0, 1).numpy()
+    return (matplotlib.colormaps[cmap](scaled)[..., :3] * 255 + 0.5).astype(np.uint8)
+
+
+def _tile(img, scale: int):
+    return img.repeat(scale, 0).repeat(scale, 1)
+
+
+def _grid(tiles: list[list], gap: int = 2):
+    """Rows of equally sized uint8 tiles on a white background, ``gap`` pixels apart."""
+    import numpy as np
+
+    h, w = tiles[0][0].shape[:2]
+    rows, cols = len(tiles), max(len(r) for r in tiles)
+    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tile
+    return out
+
+
+GIVEN, GENERATED, TRUTH = (40, 200, 80), (220, 60, 60), (90, 90, 90)
+"""Colours of the bar under a tile: a given (prompt) snapshot, a generated one, the truth."""
+
+
+def vorticity_strip(truth: Tensor | None, ens: Tensor, prompt_frames: int, flow_axes: Sequence[int],
+                    lengths: Sequence[float] | None = None, shown_members: int = 3, scale: int | None = None):
+    """A picture of forecasts (or unconditional samples): for each trajectory, rows of vorticity
+    snapshots t = 0..T-1 (RdBu, symmetric around 0, one colour scale per trajectory) for the truth
+    (if any), the first ``shown_members`` members and the ensemble mean, and the spread map (per
+    cell RMS over the velocity components of the members' std, viridis from 0 to the largest
+    spread); a green bar under given snapshots, red under generated ones, grey under the truth.
+    ``truth [N, C, T, *S]``, ``ens [M, N, C, T, *S]`` whole 2-D fields (3-D: the middle z slice).
+    -> uint8 ``[H', W', 3]``."""
+    import numpy as np
+
+    def vort(u: Tensor) -> Tensor:                                        # [B, C, T, *S] -> [B, T, H, W]
+        w = spectral.vorticity(u.double(), flow_axes, lengths)
+        if w.shape[1] != 1:                                                # 3-D: |curl u| would lose the sign; show w_z
+            w = w[:, -1:]
+        w = w[:, 0]
+        while w.ndim > 4:                                                  # 3-D: the middle slice of the first flow axis
+            w = w.select(2, w.shape[2] // 2)
+        return w
+
+    def spread_map(e: Tensor) -> Tensor:                                   # [M, C, T, *S] -> [T, H, W]
+        s = e.double().std(0, unbiased=True).square().mean(0).sqrt()
+        while s.ndim > 3:
+            s = s.select(1, s.shape[1] // 2)
+        return s
+
+    M, N = ens.shape[0], ens.shape[1]
+    T, H = ens.shape[TIME_AXIS + 1], ens.shape[-2]
+    scale = max(1, -(-64 // H)) if scale is None else scale
+    bar_h = 3
+    blocks = []
+    for i in range(N):
+        rows = [] if truth is None else [("truth", vort(truth[i:i + 1])[0])]
+        rows += [(f"member {m}", vort(ens[m, i:i + 1])[0]) for m in range(min(M, shown_members))]
+        if M > 1:
+            rows.append(("mean", vort(ens[:, i].mean(0, keepdim=True))[0]))
+        ref = rows[0][1]
+        lim = float(ref.abs().max()) or 1.0
+        tiles = []
+        for kind, w in rows:
+            line = []
+            for t in range(T):
+                img = _tile(_colormap(w[t], "RdBu_r", -lim, lim), scale)
+                bar = np.empty((bar_h, img.shape[1], 3), np.uint8)
+                bar[:] = TRUTH if kind == "truth" else (GIVEN if t < prompt_frames else GENERATED)
+                line.append(np.concatenate([img, bar], 0))
+            tiles.append(line)
+        if M > 1:
+            s = spread_map(ens[:, i])
+            top = float(s.max()) or 1.0
+            line = []
+            for t in range(T):
+                img = _tile(_colormap(s[t], "viridis", 0.0, top), scale)
+                line.append(np.concatenate([img, np.full((bar_h, img.shape[1], 3), 255, np.uint8)], 0))
+            tiles.append(line)
+        blocks.append(_grid(tiles))
+    return _grid([[b] for b in blocks], gap=8)
+
+
+def write_png(image, path: str) -> str:
+    """A uint8 ``[H, W, 3]`` image as a PNG (Pillow); returns the path."""
+    import os
+
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def plot_spectra(k: Tensor, spectra: dict, path: str, title: str) -> str:
+    """Isotropic energy spectra ``{label: E [K]}`` against |k| (log-log, the mean shell left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for (label, e), style in zip(spectra.items(), ("o-", "k--", "s:", "^-.")):
+        kk, ee = k.cpu()[1:len(e)], e.detach().cpu().double()[1:]
+        keep = ee > 0
+        ax.loglog(kk[keep], ee[keep], style, ms=3, label=label)
+    ax.set_xlabel("|k|")
+    ax.set_ylabel("E(k)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_rmse_curves(summary: dict, path: str) -> str:
+    """RMSE against the horizon: the ensemble mean and a member next to persistence and climatology."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = summary["horizons"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for key, label, style in (("rmse_mean", f"SGFM ensemble mean ({summary['members']})", "o-"),
+                              ("rmse_member", "SGFM member", "s--"), ("rmse_persistence", "persistence", "^:"),
+                              ("rmse_climatology", "climatology", "v:")):
+        ax.plot(h, summary[key], style, label=label)
+    ax.set_xlabel("horizon (snapshots after the prompt)")
+    ax.set_ylabel("RMSE of velocity")
+    ax.set_title(f"forecasts from {summary['prompt_frames']} given snapshot(s), {summary['trajectories']} "
+                 f"held-out trajectories", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- what the trainer shows while it trains ----------------------------------------------------
+
+@torch.no_grad()
+def periodic_physics(model, cfg, device: str, trajectories: int = 2) -> dict:
+    """TensorBoard pictures of the model (EMA weights): ``samples/forecast``, vorticity strips of
+    forecasts of ``trajectories`` held-out trajectories from ``diffusion.bc_rows`` snapshots
+    (truth, members, mean, spread), and ``samples/unconditional``, as many unconditional samples.
+    uint8 ``[H, W, 3]`` images, the pictures ``launch/sample.py`` writes."""
+    e = cfg.eval
+    P = cfg.diffusion.bc_rows
+    try:
+        field, physics, _ = heldout_trajectories(cfg, trajectories)
+    except ValueError:
+        field, physics, _ = heldout_trajectories(cfg, trajectories, split="train")
+    field = field.to(device)
+    physics = {k: v.to(device) for k, v in physics.items()}
+    flow, lengths = physics_geometry(model)
+    gen = torch.Generator(device=device).manual_seed(e.seed)
+    M = max(2, min(e.n_samples, 4))
+    dom = model.domain
+    ens = forecast(model, field, P, M, e.sample_steps, e.sampler, gen, physics, e.bc_eta)  # [M, N, C, T, *S_loc]
+    ens = dom.gather(ens.flatten(0, 1)).unflatten(0, (M, -1))
+    out = {"samples/forecast": vorticity_strip(field, ens, P, flow, lengths)}
+    free = forecast(model, field, 0, 1, e.sample_steps, e.sampler, gen, physics)   # [1, N, C, T, *S_loc]
+    free = dom.gather(free[0])
+    out["samples/unconditional"] = vorticity_strip(None, free[None], 0, flow, lengths)
+    return out
+
+
+# ---- launch/sample.py -----------------------------------------------------------------------------
+
+@dataclass
+class PhysicsSampleResult:
+    """What ``sample_physics`` produced (the same on every process; files on rank 0 only)."""
+
+    fields: Tensor
+    """Generated velocity fields ``[N, M, C, T, *S]`` (Leray-projected, float64): N trajectories
+    (prompts; 1 unconditional), M members."""
+    mean: Tensor
+    """Ensemble mean ``[N, C, T, *S]``."""
+    spread: Tensor
+    """Ensemble spread ``[N, T, *S]``: per cell the RMS over the components of the members' std."""
+    truth: Tensor | None
+    """The val trajectories the prompts came from ``[N, C, T', *S]`` (resampled to the size), None
+    for unconditional samples or a prompt file."""
+    prompt_frames: int
+    """Snapshots given (0: unconditional)."""
+    divergence_ratio: float
+    """Largest ``||div u|| / ||u||`` of the samples after the projection."""
+    paths: list[str]
+    """Files written (PNG strip, spectrum, spread maps, NPY)."""
+    step: int
+    """Optimizer steps of the checkpoint's weights."""
+
+
+def read_trajectory(path: str, frames: int, channels: int) -> Tensor:
+    """The first ``frames`` snapshots of a trajectory file: ``.npy`` float ``[T, C, *S]`` (the
+    shards' layout, ``tools/simulate_ns.py``) -> ``[1, C, frames, *S]``."""
+    import os
+
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise ValueError(f"--prompt-clip: {path} does not exist")
+    arr = np.load(path)
+    if arr.ndim < 3 or arr.shape[1] != channels:
+        raise ValueError(f"--prompt-clip: {path} holds shape {arr.shape}; expected a trajectory [T, {channels}, *S] "
+                         f"(the .npy of a tools/simulate_ns.py shard)")
+    if arr.shape[0] < frames:
+        raise ValueError(f"--prompt-clip: {path} has {arr.shape[0]} snapshots; {frames} are needed")
+    return torch.from_numpy(np.ascontiguousarray(arr[:frames])).float().transpose(0, 1)[None]
+
+
+def sample_physics(tm, options, device: str, rank: int, world: int, log) -> PhysicsSampleResult:
+    """Velocity fields of ``tm`` (a ``TrainedModel``) for ``launch/sample.py``: ``options.ensemble``
+    members, unconditional (``options.prompt_frames = 0``, the config's nu / dt) or forecasts of
+    ``options.clips`` val trajectories (or ``options.prompt_clip``, a ``.npy`` trajectory) from their
+    first ``prompt_frames`` snapshots, conditioned on each trajectory's own nu / dt / forcing, at
+    the trained size or ``options.frames`` x ``options.size`` (the networks are convolutional and
+    spectral; prompts are Fourier-resampled to it). Every sample is Leray-projected at the end.
+    Split over ``world`` processes when there are several (the spatial axes, each rank projecting
+    its block through the domain's FFT; gathered for writing). On rank 0: ``<stem>_vorticity.png``
+    (strips: truth, members, mean, spread), ``<stem>_spectrum.png`` (generated vs data),
+    ``<stem>_spread.png`` (spread maps at the last snapshot), ``<stem>.npy`` (float64, the
+    projected samples ``[N, M, C, T, *S]``) and ``<stem>_stats.npz`` (mean, spread)."""
+    import os
+
+    import numpy as np
+
+    from sgfm_dist.train.batches import global_field_shape
+    from sgfm_dist.train.config import override_eval
+
+    cfg = tm.config
+    e = override_eval(cfg.eval, options.eval_overrides)
+    P, M = int(options.prompt_frames), int(options.ensemble)
+    C = cfg.model.channels
+    if options.prompt:
+        raise ValueError("--prompt: text prompts are for text models; a physics forecast takes --prompt-frames K "
+                         "(and --prompt-clip FILE.npy, default the val split)")
+    try:
+        trained = tuple(int(v) for v in global_field_shape(cfg))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"the trained size is read from the run's data ({cfg.data.source}), which cannot be read "
+                         f"here ({err}); pass --frames T and --size HxW") from None
+    T = options.frames or trained[0]
+    space = tuple(options.size) if options.size else trained[1:]
+    if len(space) != len(trained) - 1:
+        raise ValueError(f"--size: {'x'.join(map(str, space))} has {len(space)} extents; the field has "
+                         f"{len(trained) - 1} spatial axes {'x'.join(map(str, trained[1:]))}")
+    shape = (T, *space)
+    if P >= T:
+        raise ValueError(f"--prompt-frames: {P} given snapshots leave nothing to generate in {T} frames")
+    truth, physics, data = None, None, None
+    if P == 0 and options.prompt_clip:
+        raise ValueError("--prompt-clip: give --prompt-frames K too (the snapshots of the trajectory that are given)")
+    try:
+        val, val_physics, ids = heldout_trajectories(cfg, options.clips)   # [N, C, T', *S_trained]
+    except (OSError, ValueError) as err:
+        if P and not options.prompt_clip:
+            raise ValueError(f"--prompt-frames: the val split of {cfg.data.source} cannot be read ({err})") from None
+        val, val_physics, ids = None, None, []
+    if val is not None:
+        data = spectral_resize(val, space)
+    if P == 0:
+        fields = torch.zeros(1, C, T, *space)
+    elif options.prompt_clip:
+        fields = spectral_resize(read_trajectory(options.prompt_clip, P, C), space)
+        log(f"prompt: the first {P} snapshots of {options.prompt_clip}, at {'x'.join(map(str, space))}")
+    else:
+        fields, physics = data, val_physics
+        log(f"prompt: the first {P} snapshots of {len(ids)} val trajectories {', '.join(ids[:4])}"
+            + (f", Fourier-resampled from {'x'.join(map(str, val.shape[3:]))}" if tuple(val.shape[3:]) != space
+               else ""))
+        truth = fields
+    domain = None
+    if world > 1:
+        from sgfm_dist.parallel.parallelize import parallelize_for_sampling
+        from sgfm_dist.train.config import ParallelConfig
+        from sgfm_dist.train.setup import resolve_split_axes
+
+        try:
+            domain = parallelize_for_sampling(tm.model, world, world, shape, cfg.model.wavelet, cfg.model.levels,
+                                              resolve_split_axes(cfg.model, ParallelConfig(sp=world)))
+        except ValueError as err:
+            raise ValueError(f"--sp {world}: the field {'x'.join(map(str, shape))} does not split over {world} "
+                             f"processes: {err}") from None
+    try:
+        tm.model._check_shape(shape, "field")
+    except ValueError as err:
+        raise ValueError(f"--frames/--size: {err}") from None
+    log(f"checkpoint {tm.path} (step {tm.step}); {'forecasts' if P else 'unconditional samples'} of "
+        f"{'x'.join(map(str, shape))} (trained {'x'.join(map(str, trained))}), {M} member(s), {e.sampler} x "
+        f"{e.sample_steps} steps, bc_eta {e.bc_eta}" + (f"; split over {world} processes" if world > 1 else ""))
+    gen = torch.Generator(device=device).manual_seed(e.seed)  # the same seed on every process
+    phys = None if physics is None else {k: v.to(device) for k, v in physics.items()}
+    ens = forecast(tm.model, fields.to(device), P, M, e.sample_steps, e.sampler, gen, phys, e.bc_eta,
+                   e.physics_eta, field_shape=shape)                        # [M, N, C, T, *S_loc] projected
+    flow, lengths = physics_geometry(tm.model)
+    div = float(divergence_ratio(ens.flatten(0, 1), flow, lengths, tm.model.domain).max())
+    mean = ens.mean(0)                                                     # [N, C, T, *S_loc]
+    spread = (ens.std(0, unbiased=True) if M > 1 else torch.zeros_like(mean)).square().mean(1).sqrt()  # [N, T, *S_loc]
+    N = ens.shape[1]
+    k, e_gen = spectral.energy_spectrum(ens.flatten(0, 1), flow, lengths, tm.model.domain)  # [K], [M*N, K]
+    if domain is not None:
+        both = domain.gather(torch.cat([ens.flatten(0, 1), mean]))        # (collective)
+        ens, mean = both[:M * N].unflatten(0, (M, N)), both[M * N:]
+        spread = domain.gather(spread[:, None])[:, 0]
+    ens, mean, spread = ens.cpu(), mean.cpu(), spread.cpu()
+    result = PhysicsSampleResult(fields=ens.transpose(0, 1).contiguous(), mean=mean, spread=spread, truth=truth,
+                                 prompt_frames=P, divergence_ratio=div, paths=[], step=tm.step)
+    log(f"divergence / norm of the samples after the Leray projection: {div:.3g}")
+    run_dir = os.path.dirname(os.path.dirname(tm.path))
+    stem = options.out or os.path.join(run_dir, "samples", f"physics_step{tm.step}" + ("_forecast" if P else ""))
+    stem = os.path.splitext(stem)[0] if stem.endswith((".png", ".npy")) else stem
+    if rank == 0:
+        paths = [write_png(vorticity_strip(truth, ens, P, flow, lengths), stem + "_vorticity.png")]
+        spectra = {f"generated ({M * N} samples)": e_gen.mean(0)}
+        if data is not None:
+            d_flow = tuple(range(3, data.ndim))
+            _, e_data = spectral.energy_spectrum(data[:, :, P:] if P else data, d_flow, lengths)
+            label = "data (val)" if tuple(val.shape[3:]) == space else "data (val, Fourier-resampled)"
+            spectra[label] = e_data.mean(0)
+        paths.append(plot_spectra(k, spectra, stem + "_spectrum.png",
+                                  f"energy spectrum at {'x'.join(map(str, space))}"
+                                  + (f" (trained {'x'.join(map(str, trained[1:]))})" if space != trained[1:] else "")))
+        if M > 1:
+            paths.append(plot_spread_maps(spread, stem + "_spread.png", P))
+        np.save(stem + ".npy", result.fields.numpy())  # float64: float32 would add ~1e-6 of divergence at 64^2
+        np.savez(stem + "_stats.npz", mean=mean.numpy().astype(np.float32), spread=spread.numpy().astype(np.float32))
+        paths += [stem + ".npy", stem + "_stats.npz"]
+        result.paths = paths
+        for p in paths:
+            log(f"wrote {p}")
+    return result
+
+
+def plot_spread_maps(spread: Tensor, path: str, prompt_frames: int) -> str:
+    """The ensemble spread ``[N, T, *S]`` at the last snapshot, one map per trajectory, with a colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    N = spread.shape[0]
+    fig, axes = plt.subplots(1, N, figsize=(3.2 * N + 0.8, 3), squeeze=False)
+    for i in range(N):
+        s = spread[i, -1]
+        while s.ndim > 2:
+            s = s.select(0, s.shape[0] // 2)
+        im = axes[0, i].imshow(s.numpy(), cmap="viridis", origin="lower")
+        axes[0, i].set_title(f"trajectory {i}: spread at t={spread.shape[1] - 1}", fontsize=8)
+        axes[0, i].set_xticks([])
+        axes[0, i].set_yticks([])
+        fig.colorbar(im, ax=axes[0, i], fraction=0.046)
+    fig.suptitle("ensemble spread (RMS over components of the members' std)"
+                 + (f"; {prompt_frames} snapshot(s) given" if prompt_frames else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

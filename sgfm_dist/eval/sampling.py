@@ -61,8 +61,8 @@ class SampleOptions:
     """Video: clips of the val split forecast (one ensemble each) when no ``prompt_clip`` is given."""
     frames: int = 0
     """Video: frames T per sample; 0 = the trained clips' T."""
-    size: tuple[int, int] | None = None
-    """Video: (H, W) of the samples; None = the trained size (e.g. twice it: the networks are
+    size: tuple[int, ...] | None = None
+    """Video, physics: (H, W) (3-D physics: (D, H, W)) of the samples; None = the trained size (e.g. twice it: the networks are
     convolutional and spectral, so they run at any size)."""
 
     def __post_init__(self):
@@ -76,8 +76,8 @@ class SampleOptions:
         for name, lo in (("prompt_frames", 0), ("clips", 1), ("frames", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name}: must be >= {lo}, got {getattr(self, name)}")
-        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
-            raise ValueError(f"size: must be (H, W) with positive extents, got {self.size}")
+        if self.size is not None and (len(self.size) < 1 or min(self.size) < 1):
+            raise ValueError(f"size: must be (H, W) (3-D physics: (D, H, W)) with positive extents, got {self.size}")
         prompt_bytes = len(self.prompt.encode("utf-8"))
         if self.length and prompt_bytes > self.length:
             raise ValueError(f"--prompt: {prompt_bytes} bytes is longer than the field of --length {self.length} bytes")
@@ -321,6 +321,18 @@ SAMPLE_WRITERS = {"text": _sample_text, "timeseries": _sample_timeseries}
 """What ``launch/sample.py`` does for each ``model.modality``: ``write(trained, options, device,
 rank, world, log) -> result`` (files on rank 0)."""
 SAMPLE_WRITERS["video"] = _sample_video
+
+
+def _sample_physics(tm, options: SampleOptions, device: str, rank: int, world: int, log):
+    """Velocity fields of ``tm``: unconditional samples or forecasts from given first snapshots,
+    ensembles with mean and spread, Leray-projected; vorticity strips, spectra, spread maps, NPY
+    (``sgfm_dist.eval.physics.sample_physics``)."""
+    from sgfm_dist.eval.physics import sample_physics
+
+    return sample_physics(tm, options, device, rank, world, log)
+
+
+SAMPLE_WRITERS["physics"] = _sample_physics
 
 
 def write_samples(result: SampleResult, e: EvalConfig, log=print) -> None:

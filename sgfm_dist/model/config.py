@@ -338,6 +338,15 @@ class DiffusionConfig:
     noising them to the current level. 0 = unconditional training (prompts by inpainting). Joint
     mode only."""
 
+    prompt_residual: bool = False
+    """For the samples given their prompt (``prompt_training``), diffuse the t-slices after it as
+    increments over the last given slice, ``u_t - u_{k-1}`` (``losses.prompt_increments``), as
+    forecast models of slowly changing states predict the change rather than the state (GenCast,
+    Price et al. 2024): the increment is small at short horizons, so a rough estimate of it stays
+    close to persistence instead of far from it. Training terms other than L_diff (physics, L_BC,
+    readout) see the state, increments undone; sampling with a prompt of ``bc_rows`` slices undoes
+    them at the end. Needs ``prompt_training > 0`` and the t axis whole on every rank."""
+
     def __post_init__(self):
         check_fields(self, "diffusion")
         check(self.logsnr_min < self.logsnr_max, "diffusion.logsnr_min",
@@ -347,5 +356,7 @@ class DiffusionConfig:
         positive_int("diffusion.bc_rows", self.bc_rows)
         check(0.0 <= self.prompt_training <= 1.0, "diffusion.prompt_training",
               f"must lie in [0, 1], got {self.prompt_training}")
+        check(not self.prompt_residual or self.prompt_training > 0, "diffusion.prompt_residual",
+              "increments over the prompt need prompted training samples (diffusion.prompt_training > 0)")
         check(self.prompt_training == 0 or self.mode == "joint", "diffusion.prompt_training",
               "noise-free prompts need mode: joint (a cascade stage noises one scale of every frame)")

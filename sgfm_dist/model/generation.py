@@ -268,21 +268,25 @@ class GuidanceEnergy:
     guidance of Eq. 44 acts on the clean estimate instead (:class:`Denoiser`)."""
 
     def __init__(self, model: nn.Module, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
-                 physics_eta: float):
+                 physics_eta: float, shift: Tensor | None = None):
         self.model, self.stage, self.shape, self.xi, self.lam = model, stage, shape, xi, lam
-        self.physics_eta = physics_eta
+        self.physics_eta, self.shift = physics_eta, shift
 
     @classmethod
     def build(cls, model: nn.Module, stage: Stage, shape: tuple[int, ...], xi: Tensor | None, lam: Tensor,
-              physics_eta: float) -> GuidanceEnergy | None:
-        """The energy, or None when it would be identically zero (no guidance step at all)."""
+              physics_eta: float, shift: Tensor | None = None) -> GuidanceEnergy | None:
+        """The energy, or None when it would be identically zero (no guidance step at all).
+        ``shift [n, C, *S]``: added to the field before E (the prompt's last slice after it, for a
+        model that diffuses increments: E is a function of the state)."""
         if physics_eta == 0:
             return None
-        return cls(model, stage, shape, xi, lam, physics_eta)
+        return cls(model, stage, shape, xi, lam, physics_eta, shift)
 
     def __call__(self, x: Tensor) -> Tensor:
         m = self.model
         u = m.to_field(self.stage.full(x), self.shape)  # [n, C, *S]
+        if self.shift is not None:
+            u = u + self.shift
         return self.physics_eta * m.physics_energy(u, self.xi, self.lam)
 
 
@@ -325,6 +329,20 @@ def check_request(model: nn.Module, n: int, field_shape, sampler: str, physics_e
             raise ValueError(f"field_shape: extent {s} of axis {i} is too small for {cfg.levels} levels of "
                              f"{cfg.wavelet!r} (at most {max_levels(s, cfg.wavelet)})")
     return field_shape
+
+
+def prompt_increment_rows(model: nn.Module, prompt_field: Tensor | None) -> int:
+    """P when ``model`` diffuses the slices after a prompt as increments over its last slice
+    (``diffusion.prompt_residual``) and ``prompt_field`` gives P = ``diffusion.bc_rows`` slices, the
+    prompt it was trained with; 0 without increments. Another prompt length is an error naming
+    the trained one (the increments are relative to the trained prompt's last slice)."""
+    if not getattr(model.dcfg, "prompt_residual", False) or prompt_field is None:
+        return 0
+    P, k = int(prompt_field.shape[2]), model.dcfg.bc_rows
+    if P != k:
+        raise ValueError(f"prompt_field: this model (diffusion.prompt_residual) forecasts increments over the "
+                         f"last of diffusion.bc_rows={k} given slices; got a prompt of {P}")
+    return P
 
 
 def make_prompt(model: nn.Module, prompt_tokens: Tensor | None, prompt_field: Tensor | None, n: int,

@@ -50,6 +50,26 @@ def given_prompt_mask(u: Tensor, rows: int, given: Tensor, domain: Domain = LOCA
     return m * given.to(m.dtype).reshape(-1, *([1] * (u.ndim - 1)))
 
 
+def prompt_increments(u: Tensor, rows: int, given: Tensor | None = None, undo: bool = False,
+                      domain: Domain = LOCAL) -> Tensor:
+    """The t-slices after the first ``rows`` as increments over slice ``rows - 1``, ``u_t - u_{rows-1}``
+    (``undo``: the inverse, ``+ u_{rows-1}``), for the samples where ``given [B]`` (bool; None: all);
+    the first ``rows`` slices unchanged (``diffusion.prompt_residual``).  ``[B, C, T, *S]`` -> same.
+    Needs the t axis whole on every rank (a slice is subtracted from the others)."""
+    if domain.global_extent(u, 2) != u.shape[2]:
+        raise ValueError(f"prompt increments: the t axis must be whole on every rank; it is split "
+                         f"(local {u.shape[2]} of {domain.global_extent(u, 2)})")
+    if not 1 <= rows <= u.shape[2]:
+        raise ValueError(f"rows: need 1 <= rows <= T={u.shape[2]}, got {rows}")
+    last = u[:, :, rows - 1:rows]                                        # [B, C, 1, *S]
+    after = torch.zeros_like(u[:1, :1])                                  # [1, 1, T, *S]
+    after[:, :, rows:] = 1
+    shift = after * last                                                 # [B, C, T, *S]
+    if given is not None:
+        shift = shift * given.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1)))
+    return u + shift if undo else u - shift
+
+
 def loss_weights(dcfg: DiffusionConfig) -> dict[str, float]:
     """lambda per term name of Eq. 38 (``ce`` and ``recon`` are the text / video readout terms)."""
     return {"diff": 1.0, "physics": dcfg.lambda_R, "bc": dcfg.lambda_B, "ce": dcfg.lambda_ce,

@@ -71,7 +71,8 @@ from ..ops.wavelets import coeff_layout, dwt, flatten_coeffs, idwt, unflatten_co
 from . import diffusion as D
 from . import generation as G
 from .config import DiffusionConfig, ModelConfig
-from .losses import boundary_loss, composite_loss, first_rows_mask, given_prompt_mask, loss_weights
+from .losses import (boundary_loss, composite_loss, first_rows_mask, given_prompt_mask, loss_weights,
+                     prompt_increments)
 from .modalities import build_modality
 from .networks import ConditionEmbedding, FieldNet
 from .samplers import SAMPLERS
@@ -346,13 +347,18 @@ class SGFM(nn.Module):
         logsnr = self.level_logsnr(tau)  # [B, J+1]
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(u0.dtype)  # [B, 1, N]
         noise = dynamics.white_noise(u0, generator, self.domain)  # [B, C, *S], iid N(0, 1)
+        shift = None  # [B, C, *S] what prompt_residual subtracts from the diffused field
         if dcfg.prompt_training > 0:
             # a drawn share of the samples is given its first bc_rows slices noise-free: the model
             # learns to continue a prompt (drawn after the noise, so the unprompted stream is unchanged)
             draw = generator.uniform("prompt") if per_sample else torch.rand(B, generator=generator, device=gdev)
             given = draw.to(dev) < dcfg.prompt_training  # [B]
-            noise = noise * (1 - given_prompt_mask(u0, min(dcfg.bc_rows, self.domain.global_extent(u0, 2)),
-                                                   given, self.domain))
+            rows = min(dcfg.bc_rows, self.domain.global_extent(u0, 2))
+            noise = noise * (1 - given_prompt_mask(u0, rows, given, self.domain))
+            if dcfg.prompt_residual:
+                # the given samples diffuse the increments over their last prompt slice
+                shift = u0 - prompt_increments(u0, rows, given, domain=self.domain)
+                c0 = self.to_coeffs(u0 - shift)
         eps = self.to_coeffs(noise)  # [B, C, N]
         c_tau = D.q_sample(c0, alpha, eps)
         lam = self._lambda(batch, B, dev)
@@ -366,6 +372,8 @@ class SGFM(nn.Module):
             eps_hat, c0_hat = self.eps_network(c_tau, alpha, self._conditions(logsnr, lam, None), shape)
         terms = {"diff": D.dsm_loss(eps_hat, eps, target, self.domain).mean()}  # only the stage's scale (cascade)
         u_hat = self.to_field(c0_hat, shape)  # [B, C, *S]
+        if shift is not None:
+            u_hat = u_hat + shift  # the state again (the prompt is known): physics, L_BC and readout see states
         # Cascade: a stage's estimate holds the scales up to its own (finer ones zero), so each term
         # compares like with like. L_BC compares it with the data on those same scales (the data's
         # coarse approximation), not with the full u0 whose finer detail the stage cannot have; the
@@ -454,7 +462,9 @@ class SGFM(nn.Module):
         ``diffusion.prompt_training``) and exactly at the end, optionally with the L_BC guidance
         ``bc_eta`` (Eq. 44) on every clean estimate (``generation.Denoiser``: the generated cells
         are pulled towards agreeing with the prompt through the network). ``physics_eta > 0`` adds the physics-guided
-        correction ``c <- c - eta grad_c E(W^-1 c)`` (Eq. 24) after every step.
+        correction ``c <- c - eta grad_c E(W^-1 c)`` (Eq. 24) after every step. A model trained with
+        ``diffusion.prompt_residual`` generates the slices after a prompt of ``bc_rows`` slices as
+        increments over its last one and returns the states.
 
         ``round_to_vocab`` (text): every clean estimate ``u_hat`` the sampler sees is replaced by
         the readout's expected embedding ``sum_b p(b | u_hat) e_b`` (Diffusion-LM's clamping,
@@ -473,6 +483,9 @@ class SGFM(nn.Module):
         like = self.domain.shard(torch.zeros(n, cfg.channels, *field_shape, device=dev, dtype=dtype))  # [n, C, *S_loc]
         shape, lam = tuple(like.shape[2:]), self._lambda(physics, n, dev)
         prompt = G.make_prompt(self, prompt_tokens, prompt_field, n, like)
+        increments = G.prompt_increment_rows(self, prompt_field)  # 0: the field is diffused as it is
+        shift = None if not increments else prompt_increments(prompt.field, increments, undo=True,
+                                                              domain=self.domain) - prompt.field  # [n, C, *S]
         noise = G.CoefficientNoise(self, like, generator)
         xi = self.forcing_noise(like, generator)
         temperature = self.modality.rounding_temperature(round_to_vocab, vocab_temperature)
@@ -481,13 +494,15 @@ class SGFM(nn.Module):
         for index in range(cfg.levels + 1) if self.cascade else [None]:
             stage = G.Stage.build(self, shape, index, c)
             constraint = None if prompt is None else G.PromptConstraint(self, stage, shape, prompt, noise)
-            energy = G.GuidanceEnergy.build(self, stage, shape, xi, lam, physics_eta)
+            energy = G.GuidanceEnergy.build(self, stage, shape, xi, lam, physics_eta, shift)
             denoiser = G.Denoiser(self, stage, shape, lam, temperature, prompt, bc_eta)
             c = G.sample_stage(SAMPLERS[sampler], steps, stage, denoiser,
                                noise, energy, constraint, self.domain, disable_progress)
         u = self.to_field(c, shape)  # [n, C, *S]
         if prompt is not None:
             u = prompt.paste(u)  # the prompt exactly
+            if increments:
+                u = prompt_increments(u, increments, undo=True, domain=self.domain)  # states again
         return {"field": u, **self.modality.decode(self, u, prompt)}
 
 
