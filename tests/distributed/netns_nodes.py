@@ -70,6 +70,10 @@ def down(suffix: str) -> None:
         shutil.rmtree(os.path.join(HOSTS_DIR, node.ns), ignore_errors=True)
     for node in names(suffix):  # an end not yet moved into its namespace
         _ip("link", "delete", node.dev, check=False)
+    try:
+        os.rmdir(HOSTS_DIR)  # only when no other namespace has a file there
+    except OSError:
+        pass
 
 
 def up(suffix: str) -> tuple[Node, Node]:
