@@ -16,7 +16,7 @@ to those addresses). A process in one namespace can reach the other only over th
   non-zero saying so; link up, ``--resume`` from step 4, losses bit for bit.
 
 Skipped, saying why, where namespaces cannot be made (not root, no ``ip`` / ``unshare``, or
-``ip netns add`` / ``ip link add ... type veth`` refused). About 2.5 minutes on 2 cores (137-157 s measured)."""
+``ip netns add`` / ``ip link add ... type veth`` refused). About 2.5 minutes on 2 cores (137-157 s measured, 4 runs)."""
 from __future__ import annotations
 
 import json
@@ -245,7 +245,8 @@ def test_the_link_is_cut_both_nodes_time_out_and_the_restart_resumes(nodes, root
         assert rc != 0, f"node {i} exited 0 although the link was cut\n{text[-3000:]}"
         assert re.search(rf"rank {i}: the job cannot go on at step [5-8]: the collective timed out: a rank hung or "
                          r"its node became unreachable", text), text[-4000:]
-        assert 20 <= end - cut["t"] < 50, f"node {i} ended {end - cut['t']:.1f} s after the cut (timeout 20 s)"
+        # a rank may have been waiting in its next collective since just before the cut
+        assert 15 <= end - cut["t"] < 50, f"node {i} ended {end - cut['t']:.1f} s after the cut (timeout 20 s)"
     assert not (root / "cut" / "checkpoints" / "step00000008").exists()
 
     out = _ok(_deepspeed(nodes, root, "cut", resume=True))
