@@ -33,9 +33,8 @@ import torch
 from torch import Tensor
 
 from sgfm_dist.ops import spectral
+from sgfm_dist.eval.horizons import GENERATED, GIVEN, TIME_AXIS, TRUTH, check_time_whole, spatial_dims, tile_grid
 from sgfm_dist.ops.domain import LOCAL, Domain
-
-TIME_AXIS = 2
 
 
 # ---- checks --------------------------------------------------------------------------------
@@ -50,20 +49,10 @@ def _check_pair(pred: Tensor, truth: Tensor, name: str = "pred", any_batch: bool
         raise ValueError(f"{name}: expected a field [B, C, T, *S], got shape {tuple(pred.shape)}")
 
 
-def _check_time_whole(x: Tensor, domain: Domain) -> None:
-    if domain.global_extent(x, TIME_AXIS) != x.shape[TIME_AXIS]:
-        raise ValueError(f"time axis: per-horizon metrics need t whole on every rank; it is split "
-                         f"(local {x.shape[TIME_AXIS]} of {domain.global_extent(x, TIME_AXIS)})")
-
-
-def _spatial_dims(x: Tensor) -> tuple[int, ...]:
-    return tuple(range(TIME_AXIS + 1, x.ndim))
-
-
 def _per_horizon_mean(sq: Tensor, domain: Domain) -> Tensor:
     """Mean over batch, channels and (global) cells of a ``[B, C, T, *S]`` tensor, per t.  -> [T]"""
-    local = sq.sum(dim=(1,) + _spatial_dims(sq))                         # [B, T]
-    count = sq.shape[0] * sq.shape[1] * domain.numel(sq, _spatial_dims(sq))
+    local = sq.sum(dim=(1,) + spatial_dims(sq))                         # [B, T]
+    count = sq.shape[0] * sq.shape[1] * domain.numel(sq, spatial_dims(sq))
     return domain.sum(local).sum(0) / count                              # [T]
 
 
@@ -73,7 +62,7 @@ def horizon_rmse(pred: Tensor, truth: Tensor, domain: Domain = LOCAL) -> Tensor:
     """RMSE per horizon: ``sqrt(mean_{b, c, cells} (pred - truth)^2)`` at each t.
     ``[B, C, H, *S]`` x2 -> ``[H]``."""
     _check_pair(pred, truth)
-    _check_time_whole(pred, domain)
+    check_time_whole(pred, domain)
     return _per_horizon_mean((pred - truth).square(), domain).sqrt()
 
 
@@ -131,7 +120,7 @@ def spectrum_band_error(pred: Tensor, truth: Tensor, flow_axes: Sequence[int] | 
     flattened). NaN for a band where the truth has no energy (none above roundoff of its total).
     Returns ``(bands, error [n_bands])``."""
     _check_pair(pred, truth, any_batch=True)
-    axes = tuple(flow_axes) if flow_axes is not None else _spatial_dims(pred)
+    axes = tuple(flow_axes) if flow_axes is not None else spatial_dims(pred)
     _, e_pred = spectral.energy_spectrum(pred, axes, lengths, domain)    # [B, K]
     _, e_true = spectral.energy_spectrum(truth, axes, lengths, domain)   # [B, K]
     e_pred, e_true = e_pred.mean(0), e_true.mean(0)                      # [K]
@@ -155,7 +144,7 @@ def divergence_ratio(u: Tensor, flow_axes: Sequence[int] | None = None, lengths:
                      domain: Domain = LOCAL) -> Tensor:
     """``||div u||_2 / ||u||_2`` per sample over all cells (spectral divergence over the flow
     axes, per channel group): 0 for an incompressible field.  ``[B, G*k, *S]`` -> ``[B]``."""
-    axes = tuple(flow_axes) if flow_axes is not None else _spatial_dims(u)
+    axes = tuple(flow_axes) if flow_axes is not None else spatial_dims(u)
     div = spectral.divergence(u, axes, lengths, domain=domain)           # [B, G, *S]
     num = _global_sum_per_sample(div.square(), domain)
     den = _global_sum_per_sample(u.square(), domain)
@@ -166,7 +155,7 @@ def enstrophy(u: Tensor, flow_axes: Sequence[int] | None = None, lengths: Sequen
               domain: Domain = LOCAL) -> Tensor:
     """``0.5 * mean |curl u|^2`` per sample, the mean over all cells (t included) of the
     vorticity's squared norm (2 or 3 flow axes).  ``[B, G*k, *S]`` -> ``[B]``."""
-    axes = tuple(flow_axes) if flow_axes is not None else _spatial_dims(u)
+    axes = tuple(flow_axes) if flow_axes is not None else spatial_dims(u)
     w = spectral.vorticity(u, axes, lengths, domain=domain)              # [B, G or 3G, *S]
     groups = u.shape[1] // len(axes)
     return 0.5 * _global_sum_per_sample(w.square(), domain) / (groups * domain.numel(u))
@@ -188,7 +177,7 @@ def spread_skill_ratio(ens: Tensor, truth: Tensor, domain: Domain = LOCAL) -> Te
     under-dispersive (Fortin et al. 2014, J. Hydrometeor. 15:1708, the finite-M factor).
     ``ens [M, B, C, H, *S]``, ``truth [B, C, H, *S]`` -> ``[H]``."""
     _check_ensemble(ens, truth)
-    _check_time_whole(truth, domain)
+    check_time_whole(truth, domain)
     m = ens.shape[0]
     var = ens.var(dim=0, unbiased=True)                                  # [B, C, H, *S]
     spread = _per_horizon_mean(var, domain).sqrt()
@@ -202,7 +191,7 @@ def ensemble_crps(ens: Tensor, truth: Tensor, domain: Domain = LOCAL) -> Tensor:
     ``E|X - X'|`` over all M^2 member pairs, from the sorted members in O(M log M).
     ``ens [M, B, C, H, *S]``, ``truth [B, C, H, *S]`` -> ``[H]``."""
     _check_ensemble(ens, truth)
-    _check_time_whole(truth, domain)
+    check_time_whole(truth, domain)
     m = ens.shape[0]
     skill = (ens - truth).abs().mean(0)                                  # [B, C, H, *S]
     ranked, _ = ens.sort(dim=0)                                          # [M, B, C, H, *S]
@@ -459,20 +448,6 @@ def _tile(img, scale: int):
     return img.repeat(scale, 0).repeat(scale, 1)
 
 
-def _grid(tiles: list[list], gap: int = 2):
-    """Rows of equally sized uint8 tiles on a white background, ``gap`` pixels apart."""
-    import numpy as np
-
-    h, w = tiles[0][0].shape[:2]
-    rows, cols = len(tiles), max(len(r) for r in tiles)
-    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
-    for i, row in enumerate(tiles):
-        for j, tile in enumerate(row):
-            out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tile
-    return out
-
-
-GIVEN, GENERATED, TRUTH = (40, 200, 80), (220, 60, 60), (90, 90, 90)
 """Colours of the bar under a tile: a given (prompt) snapshot, a generated one, the truth."""
 
 
@@ -531,8 +506,8 @@ def vorticity_strip(truth: Tensor | None, ens: Tensor, prompt_frames: int, flow_
                 img = _tile(_colormap(s[t], "viridis", 0.0, top), scale)
                 line.append(np.concatenate([img, np.full((bar_h, img.shape[1], 3), 255, np.uint8)], 0))
             tiles.append(line)
-        blocks.append(_grid(tiles))
-    return _grid([[b] for b in blocks], gap=8)
+        blocks.append(tile_grid(tiles))
+    return tile_grid([[b] for b in blocks], gap=8)
 
 
 def write_png(image, path: str) -> str:

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sgfm_dist.eval.horizons import GENERATED, GIVEN, TIME_AXIS, TRUTH, check_time_whole, spatial_dims, tile_grid
 from sgfm_dist.ops.domain import LOCAL, Domain
 
-TIME_AXIS = 2
 MSE_FLOOR = 1e-10
 """MSEs below this count as this (PSNR of identical frames: 100 dB at range 1, not infinity)."""
 
@@ -50,16 +50,6 @@ def _check_pair(pred: Tensor, truth: Tensor, name: str = "pred") -> None:
         raise ValueError(f"{name}: shape {tuple(pred.shape)} differs from truth {tuple(truth.shape)}")
     if pred.ndim < 4:
         raise ValueError(f"{name}: expected frames [B, C, T, *S], got shape {tuple(pred.shape)}")
-
-
-def _check_time_whole(x: Tensor, domain: Domain) -> None:
-    if domain.global_extent(x, TIME_AXIS) != x.shape[TIME_AXIS]:
-        raise ValueError(f"time axis: per-horizon metrics need t whole on every rank; it is split "
-                         f"(local {x.shape[TIME_AXIS]} of {domain.global_extent(x, TIME_AXIS)})")
-
-
-def _spatial_dims(x: Tensor) -> tuple[int, ...]:
-    return tuple(range(TIME_AXIS + 1, x.ndim))
 
 
 def to_pixels(u: Tensor) -> Tensor:
@@ -77,10 +67,10 @@ def to_uint8(pixels: Tensor) -> np.ndarray:
 def frame_mse(pred: Tensor, truth: Tensor, domain: Domain = LOCAL) -> Tensor:
     """Mean square error per clip and frame over channels and (global) pixels.  ``[B, C, T, *S]`` x2 -> ``[B, T]``."""
     _check_pair(pred, truth)
-    _check_time_whole(pred, domain)
+    check_time_whole(pred, domain)
     sq = (pred - truth).square()
-    local = sq.sum(dim=(1,) + _spatial_dims(sq))                          # [B, T]
-    return domain.sum(local) / (sq.shape[1] * domain.numel(sq, _spatial_dims(sq)))
+    local = sq.sum(dim=(1,) + spatial_dims(sq))                          # [B, T]
+    return domain.sum(local) / (sq.shape[1] * domain.numel(sq, spatial_dims(sq)))
 
 
 def psnr(pred: Tensor, truth: Tensor, data_range: float = 1.0, domain: Domain = LOCAL) -> Tensor:
@@ -109,7 +99,7 @@ def window_mean(x: Tensor, window: Tensor, domain: Domain = LOCAL) -> Tensor:
     widths = [(0, 0)] + [(r, r)] * (x.ndim - TIME_AXIS - 1)
     xp = domain.pad(x, widths)                                            # [B, C, T, *(S + 2r)] (halo when split)
     w = window.to(x.dtype)
-    for dim in _spatial_dims(x):
+    for dim in spatial_dims(x):
         n = x.shape[dim]
         acc = None
         for k in range(window.numel()):
@@ -135,10 +125,10 @@ def ssim_map(pred: Tensor, truth: Tensor, data_range: float = 1.0, domain: Domai
 
 def ssim(pred: Tensor, truth: Tensor, data_range: float = 1.0, domain: Domain = LOCAL, **window) -> Tensor:
     """Mean SSIM per clip and frame over channels and (global) pixels.  ``[B, C, T, *S]`` x2 -> ``[B, T]``."""
-    _check_time_whole(pred, domain)
+    check_time_whole(pred, domain)
     s = ssim_map(pred, truth, data_range, domain, **window)
-    local = s.sum(dim=(1,) + _spatial_dims(s))                            # [B, T]
-    return domain.sum(local) / (s.shape[1] * domain.numel(s, _spatial_dims(s)))
+    local = s.sum(dim=(1,) + spatial_dims(s))                            # [B, T]
+    return domain.sum(local) / (s.shape[1] * domain.numel(s, spatial_dims(s)))
 
 
 # ---- baselines ------------------------------------------------------------------------------
@@ -327,7 +317,6 @@ def format_video_summary(summary: dict) -> str:
 
 PICTURE_FPS = 4.0
 """Frame rate of the GIFs / MP4s: slow enough to follow the motion of a few frames."""
-GIVEN, GENERATED, TRUTH = (40, 200, 80), (220, 60, 60), (90, 90, 90)
 """Colours of the bar under a tile: a given (prompt) frame, a generated frame, the held-out truth."""
 
 
@@ -379,17 +368,6 @@ def _bar(kind: str, t: int, prompt_frames: int) -> tuple[int, int, int]:
     return TRUTH if kind == "truth" else (GIVEN if t < prompt_frames else GENERATED)
 
 
-def _grid(tiles: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
-    """Rows of equally sized tiles on a white background, ``gap`` pixels apart."""
-    h, w = tiles[0][0].shape[:2]
-    rows, cols = len(tiles), max(len(r) for r in tiles)
-    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
-    for i, row in enumerate(tiles):
-        for j, tile in enumerate(row):
-            out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tile
-    return out
-
-
 def default_scale(height: int) -> int:
     """Magnification of small frames in pictures: about 96 px per tile, at least 1."""
     return max(1, -(-96 // height))
@@ -401,7 +379,7 @@ def animation_frames(panels: list[Panel], prompt_frames: int, scale: int | None 
     T, H = panels[0].frames[0].shape[:2]
     scale = default_scale(H) if scale is None else scale
     rows = len(panels[0].frames)
-    return np.stack([_grid([[_tile(p.frames[r][t], scale, _bar(p.kind, t, prompt_frames)) for p in panels]
+    return np.stack([tile_grid([[_tile(p.frames[r][t], scale, _bar(p.kind, t, prompt_frames)) for p in panels]
                             for r in range(rows)]) for t in range(T)])
 
 
@@ -409,7 +387,7 @@ def frame_strip(panels: list[Panel], prompt_frames: int, scale: int | None = Non
     """A PNG frame strip of clip ``row``: one line per panel, frames t = 0..T-1 left to right.  -> uint8 image."""
     T, H = panels[0].frames[0].shape[:2]
     scale = default_scale(H) if scale is None else scale
-    return _grid([[_tile(p.frames[row][t], scale, _bar(p.kind, t, prompt_frames)) for t in range(T)]
+    return tile_grid([[_tile(p.frames[row][t], scale, _bar(p.kind, t, prompt_frames)) for t in range(T)]
                   for p in panels])
 
 
@@ -456,7 +434,7 @@ def write_video_files(panels: list[Panel], stem: str, prompt_frames: int, fps: f
     if mp4 is not None:
         paths.append(mp4)
     strips = [frame_strip(panels, prompt_frames, scale, r) for r in range(len(panels[0].frames))]
-    Image.fromarray(_grid([[s] for s in strips], gap=8)).save(stem + "_strip.png")
+    Image.fromarray(tile_grid([[s] for s in strips], gap=8)).save(stem + "_strip.png")
     paths.append(stem + "_strip.png")
     return paths
 
@@ -508,7 +486,7 @@ def periodic_video(model, cfg, device: str, clips: int = 2) -> dict[str, np.ndar
     dom = model.domain
     ens, truth = dom.gather(ens.flatten(0, 1)).unflatten(0, (M, -1)), truth
     panels = forecast_panels(truth, ens, P)
-    out = {"samples/forecast": _grid([[frame_strip(panels, P, row=r)] for r in range(field.shape[0])], gap=8)}
+    out = {"samples/forecast": tile_grid([[frame_strip(panels, P, row=r)] for r in range(field.shape[0])], gap=8)}
     free = to_pixels(forecast(model, field, 0, 1, e.sample_steps, e.sampler, gen))  # [1, N, 3, T, *S]
     free = dom.gather(free[0])
     out["samples/unconditional"] = frame_strip([Panel(f"sample {i}", [to_uint8(f.movedim(0, -1))])
