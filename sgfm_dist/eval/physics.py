@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from sgfm_dist.ops import spectral
-from sgfm_dist.eval.horizons import GENERATED, GIVEN, TIME_AXIS, TRUTH, check_time_whole, spatial_dims, tile_grid
+from sgfm_dist.eval.horizons import (GENERATED, GIVEN, TIME_AXIS, TRUTH, check_time_whole, ensemble_forecast,
+                                     heldout_windows, spatial_dims, tile_grid)
 from sgfm_dist.ops.domain import LOCAL, Domain
 
 
@@ -264,25 +265,8 @@ PHYSICAL_KEYS = ("nu", "dt", "forcing_strength")
 
 def heldout_trajectories(cfg, count: int, split: str = "val") -> tuple[Tensor, dict, list[str]]:
     """Up to ``count`` distinct windows of ``split``: the fields ``[N, C, T, *S]`` (global, CPU),
-    their physical parameters ``{nu, dt(, forcing_strength)}: [N]`` and sample ids. A source
-    repeats its epochs, so reading stops at the first repeat."""
-    from sgfm_dist.train.batches import build_train_source
-
-    seen, rows, ids = set(), [], []
-    for batch in build_train_source(cfg, 0, 1, split=split, num_workers=0):
-        done = False
-        for i, sid in enumerate(batch["sample_ids"]):
-            if sid in seen or len(rows) == count:
-                done = True
-                break
-            seen.add(sid)
-            ids.append(sid)
-            rows.append({k: batch[k][i] for k in ("field",) + PHYSICAL_KEYS if k in batch})
-        if done:
-            break
-    if not rows:
-        raise ValueError(f"{split}: no trajectory in {cfg.data.val_source or cfg.data.source}")
-    out = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    their physical parameters ``{nu, dt(, forcing_strength)}: [N]`` and sample ids."""
+    out, ids = heldout_windows(cfg, count, split, ("field",) + PHYSICAL_KEYS)
     return out.pop("field").float(), out, ids
 
 
@@ -294,26 +278,10 @@ def forecast(model, fields: Tensor, prompt_frames: int, members: int, steps: int
     """``members`` forecasts of each trajectory ``fields [N, C, >= P, *S]`` (global) from its first
     ``prompt_frames`` snapshots, conditioned on its own ``physics`` parameters (``{key: [N]}``;
     None: the config's), Leray-projected at the end (``project``): ``[M, N, C, T, *S_local]`` on
-    the model's domain. Up to ``chunk`` samples per ``generate`` call, the members of a trajectory
-    side by side, all from one ``generator``. ``prompt_frames = 0``: unconditional samples
-    (``fields`` then only count them and give their shape)."""
-    N = fields.shape[0]
-    shape = tuple(field_shape) if field_shape is not None else tuple(fields.shape[2:])
-    per_call = max(1, chunk // members)
-    out = []
-    for start in range(0, N, per_call):
-        part = fields[start:start + per_call]                              # [n, C, T, *S]
-        n = part.shape[0] * members
-        prompt = part[:, :, :prompt_frames].repeat_interleave(members, dim=0) if prompt_frames else None
-        lam = None if physics is None else {k: v[start:start + per_call].repeat_interleave(members, dim=0)
-                                            for k, v in physics.items()}
-        res = model.generate(n, shape, steps, sampler=sampler, generator=generator, bc_eta=bc_eta,
-                             physics_eta=physics_eta, prompt_field=prompt, physics=lam)
-        u = res["field"].float()                                           # [n*M, C, T, *S_loc]
-        if project:
-            u = project_samples(u, model)
-        out.append(u.reshape(part.shape[0], members, *u.shape[1:]))
-    return torch.cat(out).transpose(0, 1)                                 # [M, N, C, T, *S_loc]
+    the model's domain (``horizons.ensemble_forecast``). ``prompt_frames = 0``: unconditional samples."""
+    return ensemble_forecast(model, fields, prompt_frames, members, steps, sampler, generator, "field",
+                             per_sample=physics, finish=(lambda u: project_samples(u, model)) if project else None,
+                             chunk=chunk, field_shape=field_shape, bc_eta=bc_eta, physics_eta=physics_eta)
 
 
 def spectral_resize(u: Tensor, size: Sequence[int]) -> Tensor:

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sgfm_dist.eval.horizons import GENERATED, GIVEN, TIME_AXIS, TRUTH, check_time_whole, spatial_dims, tile_grid
+from sgfm_dist.eval.horizons import (GENERATED, GIVEN, TIME_AXIS, TRUTH, check_time_whole, ensemble_forecast,
+                                     heldout_windows, spatial_dims, tile_grid)
 from sgfm_dist.ops.domain import LOCAL, Domain
 
 MSE_FLOOR = 1e-10
@@ -197,25 +198,9 @@ def forecast_scores(ens: Tensor, truth: Tensor, prompt: Tensor, domain: Domain =
 
 def heldout_clips(cfg, count: int, split: str = "val") -> tuple[Tensor, list[str]]:
     """Up to ``count`` distinct windows of ``split`` as fields ``[N, 3, T, H, W]`` in [-1, 1] (CPU)
-    and their sample ids; a source repeats its epochs, so reading stops at the first repeat."""
-    from sgfm_dist.train.batches import batch_to_device, build_train_source
-
-    seen, rows, ids = set(), [], []
-    for batch in build_train_source(cfg, 0, 1, split=split, num_workers=0):
-        field = batch_to_device(batch, "cpu")["field"]                    # [B, 3, T, H, W]
-        done = False
-        for i, sid in enumerate(batch["sample_ids"]):
-            if sid in seen or len(rows) == count:
-                done = True
-                break
-            seen.add(sid)
-            rows.append(field[i])
-            ids.append(sid)
-        if done:
-            break
-    if not rows:
-        raise ValueError(f"{split}: no clip in {cfg.data.val_source or cfg.data.source}")
-    return torch.stack(rows), ids
+    and their sample ids (``horizons.heldout_windows``)."""
+    out, ids = heldout_windows(cfg, count, split)
+    return out["field"], ids
 
 
 @torch.no_grad()
@@ -225,24 +210,10 @@ def forecast(model, clips: Tensor, prompt_frames: int, members: int, steps: int,
     """``members`` forecasts of each clip from its first ``prompt_frames`` frames: generated
     frames ``[M, N, 3, T, *S_local]`` (field units; on the model's domain, the prompt frames
     exact). ``clips [N, 3, >= P, *S]`` are global, in field units; ``field_shape`` (default the
-    clips' ``(T, *S)``) may be longer in t. Up to ``chunk`` samples per ``generate`` call, the
-    members of a clip side by side, all from one ``generator``. ``prompt_frames = 0``:
+    clips' ``(T, *S)``) may be longer in t (``horizons.ensemble_forecast``). ``prompt_frames = 0``:
     unconditional samples (``clips`` then only count them)."""
-    N = clips.shape[0]
-    shape = tuple(field_shape) if field_shape is not None else tuple(clips.shape[2:])
-    per_call = max(1, chunk // members)
-    out = []
-    for start in range(0, N, per_call):
-        part = clips[start:start + per_call]                              # [n, 3, T, *S]
-        n = part.shape[0] * members
-        prompt = None
-        if prompt_frames:
-            prompt = part[:, :, :prompt_frames].repeat_interleave(members, dim=0)  # [n*M, 3, P, *S]
-        res = model.generate(n, shape, steps, sampler=sampler, generator=generator, bc_eta=bc_eta,
-                             physics_eta=physics_eta, prompt_field=prompt)
-        frames = res["frames"].float()                                    # [n*M, 3, T, *S_loc]
-        out.append(frames.reshape(part.shape[0], members, *frames.shape[1:]))
-    return torch.cat(out).transpose(0, 1)                                 # [M, N, 3, T, *S_loc]
+    return ensemble_forecast(model, clips, prompt_frames, members, steps, sampler, generator, "frames",
+                             chunk=chunk, field_shape=field_shape, bc_eta=bc_eta, physics_eta=physics_eta)
 
 
 @torch.no_grad()
