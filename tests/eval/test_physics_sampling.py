@@ -14,6 +14,8 @@ import torch
 from sgfm_dist.eval import physics as P
 from sgfm_dist.ops import spectral
 
+from .trained_run import write_trained_run
+
 TINY = ["model.width=8", "model.n_blocks=1", "model.mlp_ratio=1", "model.forcing_width=4", "model.wavelet=haar",
         "model.levels=1", "model.spectral_modes=[2, 4, 4]", "model.cond_dim=16", "model.fourier_features=4",
         "data.frames=4", "diffusion.bc_rows=1", "diffusion.prompt_training=0.5", "train.micro_batch=2",
@@ -34,8 +36,7 @@ def ns_ckpt(tmp_path_factory):
     """A run directory holding one complete checkpoint of a seeded, untrained tiny 2-D physics
     model whose data is a simulated corpus of 16x16 trajectories of 4 snapshots."""
     from sgfm_dist.model.sgfm import build_model
-    from sgfm_dist.train import checkpoint
-    from sgfm_dist.train.config_loader import config_to_dict, load_config
+    from sgfm_dist.train.config_loader import load_config
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ns")
@@ -49,13 +50,7 @@ def ns_ckpt(tmp_path_factory):
         for p in model.parameters():  # zero-initialised output layers would generate nothing
             p.add_(0.05 * torch.randn_like(p))
     run = root / "run"
-    tag = checkpoint.tag_for_step(3)
-    os.makedirs(run / "checkpoints" / tag)
-    raw = config_to_dict(cfg)
-    torch.save({"config": raw, "step": 3, "ema": {"shadow": model.state_dict()}},
-               run / "checkpoints" / tag / checkpoint.MODEL_STATES)
-    checkpoint.mark_complete(str(run / "checkpoints"), tag, 3, raw)
-    return str(run)
+    return write_trained_run(run, cfg, model)
 
 
 def _sample(ckpt, **kw):

@@ -13,6 +13,8 @@ from sgfm_dist.eval.evaluate import evaluate_checkpoint, evaluate_model, overrid
 from sgfm_dist.eval.sampling import SampleOptions, field_rows, sample_checkpoint
 from sgfm_dist.train.config import EvalConfig
 
+from .trained_run import write_trained_run
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY = ["model.channels=8", "model.width=16", "model.n_blocks=1", "model.forcing_width=8",
@@ -67,20 +69,13 @@ def test_sample_options_fail_before_any_checkpoint_is_read(kwargs, message):
 def ckpt(tmp_path_factory):
     """A run directory holding one complete checkpoint of a seeded, untrained tiny model."""
     from sgfm_dist.model.sgfm import build_model
-    from sgfm_dist.train import checkpoint
-    from sgfm_dist.train.config_loader import config_to_dict, load_config
+    from sgfm_dist.train.config_loader import load_config
 
     run = tmp_path_factory.mktemp("run")
     cfg = load_config(os.path.join(REPO, "configs", "text_tiny.yaml"), TINY)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.diffusion)
-    tag = checkpoint.tag_for_step(3)
-    os.makedirs(run / "checkpoints" / tag)
-    raw = config_to_dict(cfg)
-    torch.save({"config": raw, "step": 3, "ema": {"shadow": model.state_dict()}},
-               run / "checkpoints" / tag / checkpoint.MODEL_STATES)
-    checkpoint.mark_complete(str(run / "checkpoints"), tag, 3, raw)
-    return str(run)
+    return write_trained_run(run, cfg, model)
 
 
 def test_sample_checkpoint_writes_texts_and_spread(ckpt, tmp_path):

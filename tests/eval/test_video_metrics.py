@@ -14,6 +14,8 @@ from sgfm_dist.eval.video import (MSE_FLOOR, Panel, animation_frames, forecast_p
                                   psnr, ssim, ssim_map, to_pixels, window_mean, write_gif, write_mp4,
                                   write_video_files)
 
+from .trained_run import write_trained_run
+
 C1, C2 = (0.01 * 1.0) ** 2, (0.03 * 1.0) ** 2  # SSIM's stabilizers at data range 1 (Wang et al. 2004)
 
 
@@ -290,8 +292,7 @@ def video_ckpt(tmp_path_factory):
     """A run directory holding one complete checkpoint of a seeded, untrained tiny video model whose
     data is a synthetic corpus of 16x16 clips."""
     from sgfm_dist.model.sgfm import build_model
-    from sgfm_dist.train import checkpoint
-    from sgfm_dist.train.config_loader import config_to_dict, load_config
+    from sgfm_dist.train.config_loader import load_config
 
     root = tmp_path_factory.mktemp("video")
     _tiny_corpus(str(root / "corpus"))
@@ -304,13 +305,7 @@ def video_ckpt(tmp_path_factory):
         for p in model.parameters():  # zero-initialised output layers would generate nothing
             p.add_(0.05 * torch.randn_like(p))
     run = root / "run"
-    tag = checkpoint.tag_for_step(3)
-    os.makedirs(run / "checkpoints" / tag)
-    raw = config_to_dict(cfg)
-    torch.save({"config": raw, "step": 3, "ema": {"shadow": model.state_dict()}},
-               run / "checkpoints" / tag / checkpoint.MODEL_STATES)
-    checkpoint.mark_complete(str(run / "checkpoints"), tag, 3, raw)
-    return str(run)
+    return write_trained_run(run, cfg, model)
 
 
 def _sample(ckpt, **kw):
