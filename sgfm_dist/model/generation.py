@@ -333,15 +333,14 @@ def check_request(model: nn.Module, n: int, field_shape, sampler: str, physics_e
 
 def prompt_increment_rows(model: nn.Module, prompt_field: Tensor | None) -> int:
     """P when ``model`` diffuses the slices after a prompt as increments over its last slice
-    (``diffusion.prompt_residual``) and ``prompt_field`` gives P = ``diffusion.bc_rows`` slices, the
-    prompt it was trained with; 0 without increments. Another prompt length is an error naming
-    the trained one (the increments are relative to the trained prompt's last slice)."""
+    (``diffusion.prompt_residual``) and ``prompt_field`` gives P slices (any 1 <= P; a model
+    forecasts best from the prompt lengths it was trained with, ``diffusion.bc_rows`` or
+    ``diffusion.prompt_lengths``); 0 without increments."""
     if not getattr(model.dcfg, "prompt_residual", False) or prompt_field is None:
         return 0
-    P, k = int(prompt_field.shape[2]), model.dcfg.bc_rows
-    if P != k:
-        raise ValueError(f"prompt_field: this model (diffusion.prompt_residual) forecasts increments over the "
-                         f"last of diffusion.bc_rows={k} given slices; got a prompt of {P}")
+    P = int(prompt_field.shape[2])
+    if P < 1:
+        raise ValueError(f"prompt_field: a prompt of {P} slices; increments need at least one given slice")
     return P
 
 

@@ -39,8 +39,9 @@ Design decisions (see also DESIGN.md section 1):
   config's where a batch has none): the residual, the drift and the conditioning all read
   lambda ``[B, 3]`` (``physics_spec``), so a batch mixing viscosities is right sample by
   sample. A 3-D flow is a field (t, z, y, x) (``model.spatial_dims: 3``).
-* **L_BC** (Eq. 44): mean square of ``u_hat - u0`` on the first ``bc_rows`` t-slices (the
-  initial condition, i.e. the prompt rows of text / first frames of video);
+* **L_BC** (Eq. 44): mean square of ``u_hat - u0`` on the first k t-slices, k = ``bc_rows`` or
+  each sample's drawn prompt length (``prompt_lengths``) (the initial condition, i.e. the prompt
+  rows of text / first frames of video, the same k its noise-free prompt and increments use);
   ``losses.boundary_loss``, the same function the sampler's guidance uses. The total of
   Eq. 38 is ``losses.composite_loss``.
 * **Readout.** Text: tied-embedding logits of ``u_hat``, cross-entropy over real tokens
@@ -348,12 +349,15 @@ class SGFM(nn.Module):
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(u0.dtype)  # [B, 1, N]
         noise = dynamics.white_noise(u0, generator, self.domain)  # [B, C, *S], iid N(0, 1)
         shift = None  # [B, C, *S] what prompt_residual subtracts from the diffused field
+        given = None  # [B] the samples given their prompt noise-free
         if dcfg.prompt_training > 0:
-            # a drawn share of the samples is given its first bc_rows slices noise-free: the model
+            # a drawn share of the samples is given its first rows slices noise-free: the model
             # learns to continue a prompt (drawn after the noise, so the unprompted stream is unchanged)
             draw = generator.uniform("prompt") if per_sample else torch.rand(B, generator=generator, device=gdev)
             given = draw.to(dev) < dcfg.prompt_training  # [B]
-            rows = min(dcfg.bc_rows, self.domain.global_extent(u0, 2))
+        # the prompt length: diffusion.bc_rows, or one drawn per sample (diffusion.prompt_lengths)
+        rows = self._training_prompt_rows(u0, generator, per_sample)  # int or [B]
+        if given is not None:
             noise = noise * (1 - given_prompt_mask(u0, rows, given, self.domain))
             if dcfg.prompt_residual:
                 # the given samples diffuse the increments over their last prompt slice
@@ -385,8 +389,7 @@ class SGFM(nn.Module):
             energy = self.physics_energy(u_hat, self.forcing_noise(u0, generator), lam)  # [B]
             terms["physics"] = energy.mean() if final is None else (energy * final).sum() / final.sum().clamp(min=1)
         if dcfg.lambda_B > 0:
-            # the prompt length (diffusion.bc_rows): the frames / rows a forecast is given
-            rows = min(dcfg.bc_rows, self.domain.global_extent(u0, 2))
+            # each sample's prompt length: the frames / rows a forecast is given
             seen = u0 if final is None else self.to_field((sidx[None, :] <= stage[:, None]).unsqueeze(1) * c0, shape)
             terms["bc"] = boundary_loss(u_hat, seen, first_rows_mask(u0, rows, self.domain), self.domain).mean()
         if dcfg.lambda_ce > 0 and self.modality.readout_term is not None:
@@ -395,6 +398,24 @@ class SGFM(nn.Module):
             terms[self.modality.readout_term] = self._readout_loss(u_hat, batch, logsnr[:, -1], final)
         total = composite_loss(terms, loss_weights(dcfg))
         return total, {k: v.detach() for k, v in terms.items()}
+
+    def _training_prompt_rows(self, u0: Tensor, generator, per_sample: bool) -> int | Tensor:
+        """The prompt length of a training batch: ``diffusion.bc_rows`` (an int, at most T), or with
+        ``diffusion.prompt_lengths = [lo, hi]`` one per sample ``[B]`` drawn uniformly from it (its
+        own stream, ``prompt_length``, drawn after the others so they are unchanged)."""
+        T, lengths = self.domain.global_extent(u0, 2), self.dcfg.prompt_lengths
+        if lengths is None:
+            return min(self.dcfg.bc_rows, T)
+        lo, hi = lengths
+        if hi >= T:
+            raise ValueError(f"diffusion.prompt_lengths: prompts of up to {hi} slices leave no slice to "
+                             f"generate in a field of {T} t-slices (need k_max < {T})")
+        if per_sample:
+            k = generator.randint(hi - lo + 1, "prompt_length")
+        else:
+            gdev = generator.device if generator is not None else u0.device
+            k = torch.randint(0, hi - lo + 1, (u0.shape[0],), generator=generator, device=gdev)
+        return (k + lo).to(u0.device)  # [B]
 
     # ------------------------------------------------------------------ evaluation
     def clean_estimate(self, c_tau: Tensor, alpha_bar: float, shape: tuple[int, ...], lam: Tensor) -> Tensor:
@@ -463,7 +484,7 @@ class SGFM(nn.Module):
         ``bc_eta`` (Eq. 44) on every clean estimate (``generation.Denoiser``: the generated cells
         are pulled towards agreeing with the prompt through the network). ``physics_eta > 0`` adds the physics-guided
         correction ``c <- c - eta grad_c E(W^-1 c)`` (Eq. 24) after every step. A model trained with
-        ``diffusion.prompt_residual`` generates the slices after a prompt of ``bc_rows`` slices as
+        ``diffusion.prompt_residual`` generates the slices after a prompt of any P slices as
         increments over its last one and returns the states.
 
         ``round_to_vocab`` (text): every clean estimate ``u_hat`` the sampler sees is replaced by
