@@ -356,6 +356,14 @@ class DiffusionConfig:
     will be given: ``bc_rows`` or ``prompt_lengths``). Needs ``prompt_training > 0`` and the t axis
     whole on every rank."""
 
+    prompt_condition: bool = False
+    """Also give the network the prompt as a clean condition: ``C + 1`` more input channels, the
+    given slices' field (unscaled, zero after the prompt) and the 0/1 mask of the given cells (zero
+    for an unprompted sample). Inside the diffused field a noise-free prompt is scaled by
+    ``sqrt(alpha_bar)``, so at high noise (alpha_bar ~ 1e-4) the network would see it at a
+    hundredth of the noise's size; as an input of its own it sees it whole at every noise level,
+    with the prompt length. Needs ``prompt_training > 0``."""
+
     def __post_init__(self):
         check_fields(self, "diffusion")
         check(self.logsnr_min < self.logsnr_max, "diffusion.logsnr_min",
@@ -373,5 +381,7 @@ class DiffusionConfig:
               f"must lie in [0, 1], got {self.prompt_training}")
         check(not self.prompt_residual or self.prompt_training > 0, "diffusion.prompt_residual",
               "increments over the prompt need prompted training samples (diffusion.prompt_training > 0)")
+        check(not self.prompt_condition or self.prompt_training > 0, "diffusion.prompt_condition",
+              "a prompt condition needs prompted training samples (diffusion.prompt_training > 0)")
         check(self.prompt_training == 0 or self.mode == "joint", "diffusion.prompt_training",
               "noise-free prompts need mode: joint (a cascade stage noises one scale of every frame)")

@@ -162,6 +162,8 @@ class Denoiser:
         n = lam.shape[0]
         self.stage_ids = None if stage.index is None else torch.full((n,), stage.index, device=lam.device)  # [n]
         self.prompt, self.bc_eta = (prompt, float(bc_eta)) if prompt is not None and bc_eta > 0 else (None, 0.0)
+        # the clean prompt as network inputs (diffusion.prompt_condition; None otherwise)
+        self.given = None if prompt is None or stage.index is not None else model.prompt_inputs(prompt.field, prompt.mask)
         if self.prompt is not None:
             # channels x prompt cells of the whole field: L_BC (a mean) times this is the sum S
             cells = model.domain.sum(self.prompt.mask.sum().reshape(1))
@@ -171,7 +173,7 @@ class Denoiser:
         """``(eps_hat [n, C, N_block], c0_hat [n, C, N])`` of the block ``x``."""
         m, st = self.model, self.stage
         if st.index is None:
-            return m.eps_network(x, a, m._conditions(logsnr, self.lam, None), self.shape)  # [n, C, N] each
+            return m.eps_network(x, a, m._conditions(logsnr, self.lam, None), self.shape, self.given)  # [n, C, N] each
         eps, c0, _ = cascade_estimate(m, st.base, st.full(x), a, logsnr, self.lam, self.stage_ids, self.shape,
                                       st.coarse)
         return st.part(eps), c0  # [n, C, N_s], [n, C, N]

@@ -103,6 +103,8 @@ class SGFM(nn.Module):
         self.n_conditions = (J + 1) + 2 + (1 if self.cascade else 0)
         self.condition = ConditionEmbedding(self.n_conditions, cfg.fourier_features, cfg.cond_dim)
         in_ch = (2 * C if self.cascade else C) + 2 * cfg.positions * d  # + position features (model.positions)
+        self.prompt_channels = C + 1 if diffusion_cfg.prompt_condition else 0  # the clean prompt and its mask
+        in_ch += self.prompt_channels
         self.score_net = FieldNet(in_ch, C, cfg.width, cfg.n_blocks, cfg.kernel_size, cfg.spectral_modes, d,
                                   cfg.cond_dim, cfg.mlp_ratio)
         if cfg.forcing_blocks > 0 and cfg.physics:
@@ -250,15 +252,30 @@ class SGFM(nn.Module):
 
     # ------------------------------------------------------------------ the eps-network
     def score_coeffs(self, c_in: Tensor, cond: Tensor, shape: tuple[int, ...],
-                     coarse: Tensor | None = None) -> Tensor:
+                     coarse: Tensor | None = None, given: Tensor | None = None) -> Tensor:
         """The score network's raw output (eps or v, Eq. 20) ``[B, C, N]`` for noisy coefficients
-        ``c_in``, run in physical space; a cascade model also sees the coarse field ``[B, C, *S]``."""
+        ``c_in``, run in physical space; a cascade model also sees the coarse field ``[B, C, *S]``,
+        a ``diffusion.prompt_condition`` model the clean prompt ``given [B, C + 1, *S]``
+        (``prompt_inputs``; None: no prompt)."""
         x = self.to_field(c_in, shape)  # [B, C, *S]
         if self.cascade:
             x = torch.cat([x, coarse], dim=1)  # [B, 2C, *S]
+        if self.prompt_channels:
+            if given is None:
+                given = x.new_zeros(x.shape[0], self.prompt_channels, *x.shape[2:])
+            x = torch.cat([x, given.to(x.dtype)], dim=1)  # [B, C + C + 1, *S]
         if self.cfg.positions:
             x = torch.cat([x, self.position_features(x)], dim=1)  # [B, (2)C + 2Kd, *S]
         return self.to_coeffs(self.score_net(x.to(self.param_dtype), cond).to(c_in.dtype))  # [B, C, N]
+
+    def prompt_inputs(self, field: Tensor, mask: Tensor) -> Tensor | None:
+        """The clean prompt condition ``[B, C + 1, *S]`` of a ``diffusion.prompt_condition`` model:
+        ``field [B, C, *S]`` on the prompt cells and the mask ``[B or 1, 1, *S]`` of those cells
+        (None for other models)."""
+        if not self.prompt_channels:
+            return None
+        mask = mask.to(field.dtype).expand(field.shape[0], 1, *field.shape[2:])
+        return torch.cat([field * mask, mask], dim=1)
 
     def position_features(self, like: Tensor) -> Tensor:
         """``[B, 2 K d, *S_local]``: cos and sin of k * 2 pi (i + 1/2) / n (k = 1..K = ``model.positions``)
@@ -277,11 +294,13 @@ class SGFM(nn.Module):
         pos = torch.stack(feats).unsqueeze(0).to(like.dtype)  # [1, 2Kd, *S_global]
         return dom.shard(pos).expand(like.shape[0], -1, *([-1] * len(g_shape)))  # [B, 2Kd, *S_local]
 
-    def eps_network(self, c_in: Tensor, alpha: Tensor, cond: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def eps_network(self, c_in: Tensor, alpha: Tensor, cond: Tensor, shape: tuple[int, ...],
+                    given: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(eps_hat, c0_hat)`` ``[B, C, N]`` of a joint model for noisy coefficients ``c_in`` at
-        per-coefficient noise level ``alpha`` (broadcastable; cast to the coefficients' dtype).
+        per-coefficient noise level ``alpha`` (broadcastable; cast to the coefficients' dtype),
+        ``given`` the clean prompt inputs of a ``prompt_condition`` model (``prompt_inputs``).
         A cascade model's stage goes through ``generation.cascade_estimate``."""
-        raw = self.score_coeffs(c_in, cond, shape)  # [B, C, N]
+        raw = self.score_coeffs(c_in, cond, shape, given=given)  # [B, C, N]
         return D.eps_and_c0(raw, c_in, alpha.to(raw.dtype), self.dcfg.parameterization)
 
     # ------------------------------------------------------------------ physics
@@ -357,8 +376,11 @@ class SGFM(nn.Module):
             given = draw.to(dev) < dcfg.prompt_training  # [B]
         # the prompt length: diffusion.bc_rows, or one drawn per sample (diffusion.prompt_lengths)
         rows = self._training_prompt_rows(u0, generator, per_sample)  # int or [B]
+        prompt_in = None  # [B, C + 1, *S] the clean prompt condition (diffusion.prompt_condition)
         if given is not None:
-            noise = noise * (1 - given_prompt_mask(u0, rows, given, self.domain))
+            given_cells = given_prompt_mask(u0, rows, given, self.domain)  # [B, 1, *S]
+            noise = noise * (1 - given_cells)
+            prompt_in = self.prompt_inputs(u0, given_cells)
             if dcfg.prompt_residual:
                 # the given samples diffuse the increments over their last prompt slice
                 shift = u0 - prompt_increments(u0, rows, given, domain=self.domain)
@@ -373,7 +395,7 @@ class SGFM(nn.Module):
             eps_hat, c0_hat, target = G.cascade_estimate(self, c0, c_tau, alpha, logsnr, lam, stage, shape)
         else:
             stage = target = None
-            eps_hat, c0_hat = self.eps_network(c_tau, alpha, self._conditions(logsnr, lam, None), shape)
+            eps_hat, c0_hat = self.eps_network(c_tau, alpha, self._conditions(logsnr, lam, None), shape, prompt_in)
         terms = {"diff": D.dsm_loss(eps_hat, eps, target, self.domain).mean()}  # only the stage's scale (cascade)
         u_hat = self.to_field(c0_hat, shape)  # [B, C, *S]
         if shift is not None:
