@@ -333,8 +333,8 @@ class DiffusionConfig:
     (``prompt_training``), the slice its increments are taken over (``prompt_residual``) and the
     rows its L_BC penalizes, so one model forecasts from any of these k. With noise-free prompts
     the network sees where its prompt ends (the noise-free cells; explicitly with
-    ``prompt_condition``); unprompted samples only get their L_BC rows drawn. ``k_max`` must be
-    below the field's t extent (checked when training)."""
+    ``prompt_condition``); unprompted samples only get their L_BC rows drawn. Lengths are capped at
+    the field's t extent - 1 (a prompt leaves a slice to generate)."""
 
     prompt_training: float = 0.0
     """Share of training samples whose first ``bc_rows`` t-slices are given noise-free (their noise

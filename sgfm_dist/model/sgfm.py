@@ -423,15 +423,18 @@ class SGFM(nn.Module):
 
     def _training_prompt_rows(self, u0: Tensor, generator, per_sample: bool) -> int | Tensor:
         """The prompt length of a training batch: ``diffusion.bc_rows`` (an int, at most T), or with
-        ``diffusion.prompt_lengths = [lo, hi]`` one per sample ``[B]`` drawn uniformly from it (its
-        own stream, ``prompt_length``, drawn after the others so they are unchanged)."""
+        ``diffusion.prompt_lengths = [lo, hi]`` one per sample ``[B]`` drawn uniformly from it, capped
+        at T - 1 so every prompt leaves a slice to generate (clips shorter than the config assumed
+        train the lengths they have); its own stream, ``prompt_length``, drawn after the others so
+        they are unchanged."""
         T, lengths = self.domain.global_extent(u0, 2), self.dcfg.prompt_lengths
         if lengths is None:
             return min(self.dcfg.bc_rows, T)
-        lo, hi = lengths
-        if hi >= T:
-            raise ValueError(f"diffusion.prompt_lengths: prompts of up to {hi} slices leave no slice to "
-                             f"generate in a field of {T} t-slices (need k_max < {T})")
+        if T < 2:
+            raise ValueError(f"diffusion.prompt_lengths: a field of {T} t-slice leaves nothing to generate "
+                             f"after a prompt")
+        hi = min(lengths[1], T - 1)
+        lo = min(lengths[0], hi)
         if per_sample:
             k = generator.randint(hi - lo + 1, "prompt_length")
         else:

@@ -132,9 +132,14 @@ def test_prompt_lengths_are_checked():
         DiffusionConfig(prompt_lengths=[3, 2])
     with pytest.raises(ValueError, match="diffusion.prompt_lengths"):
         DiffusionConfig(prompt_lengths=[0, 2])
-    model = _model(True, 0.5, prompt_lengths=[1, 8])
-    with pytest.raises(ValueError, match="need k_max < 8"):
-        model.training_loss({"field": torch.randn(2, 2, 8, 8, 8)}, torch.Generator().manual_seed(0))
+    # lengths beyond the field are capped at T - 1: [5, 9] on 8 slices trains k = 5..7, [5, 5] on 4 slices k = 3
+    model = _model(True, 0.5, prompt_lengths=[5, 9])
+    field = torch.randn(3, 2, 8, 8, 8)
+    for draws in (_draws(range(3)), _draws(range(3), 6)):
+        k = model._training_prompt_rows(field, draws, True)
+        assert ((k >= 5) & (k <= 7)).all()
+    k = _model(True, 0.5, prompt_lengths=[5, 5])._training_prompt_rows(field[:, :, :4], _draws(range(3)), True)
+    assert k.tolist() == [3, 3, 3]
 
 
 def test_prompt_condition_feeds_the_clean_prompt_and_its_mask():
