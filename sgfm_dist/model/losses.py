@@ -38,7 +38,8 @@ def first_rows_mask(u: Tensor, rows: int | Tensor, domain: Domain = LOCAL) -> Te
     prompt lengths (one per sample) gives ``[B, 1, *S_local]``."""
     g_shape = [domain.global_extent(u, a) for a in range(2, u.ndim)]
     if isinstance(rows, Tensor):
-        if rows.ndim != 1 or rows.dtype.is_floating_point or bool((rows < 0).any()):
+        # the values are checked on the CPU only: on an accelerator the check would stall every step
+        if rows.ndim != 1 or rows.dtype.is_floating_point or (rows.device.type == "cpu" and bool((rows < 0).any())):
             raise ValueError(f"rows: per-sample prompt lengths must be integers >= 0 of shape [B], got {rows}")
         t = torch.arange(g_shape[0], device=u.device)                                    # [T]
         m = (t[None, :] < rows.to(u.device)[:, None]).to(u.dtype)                       # [B, T]
@@ -73,7 +74,8 @@ def prompt_increments(u: Tensor, rows: int | Tensor, given: Tensor | None = None
                          f"(local {T} of {domain.global_extent(u, 2)})")
     if isinstance(rows, Tensor):
         r = rows.to(u.device).reshape(-1)
-        if r.dtype.is_floating_point or r.numel() != u.shape[0] or bool(((r < 1) | (r > T)).any()):
+        bad = r.device.type == "cpu" and bool(((r < 1) | (r > T)).any())  # not checked on an accelerator (a stall)
+        if r.dtype.is_floating_point or r.numel() != u.shape[0] or bad:
             raise ValueError(f"rows: need {u.shape[0]} integer prompt lengths in [1, T={T}], got {rows.tolist()}")
         view = (-1, 1, T, *([1] * (u.ndim - 3)))
         t = torch.arange(T, device=u.device)                                 # [T]
