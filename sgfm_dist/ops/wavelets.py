@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from sgfm_dist.ops.domain import LOCAL, Domain, check_real_field
+from sgfm_dist.ops.domain import LOCAL, Domain, LocalDomain, check_real_field
 
 __all__ = [
     "CoeffLayout",
@@ -226,17 +226,17 @@ def _check_even(u: Tensor) -> None:
 def dwt_level(u: Tensor, filters: Sequence[Tensor], domain: Domain = LOCAL) -> tuple[Tensor, Tensor]:
     """One level of the periodized orthonormal DWT over all field axes of ``u`` ``[B, C, *S]``.
 
-    Returns ``approx [B, C, *S/2]`` and ``details [B, C, 2^d - 1, *S/2]`` (band order in the
-    module docstring), both views of one fresh ``[B, C, 2^d, *S/2]`` tensor (so neither is
-    contiguous: use ``reshape``, not ``view``). ``filters`` is ``orthogonal_filters(...)``;
-    every local extent must be even.
+    Returns ``approx [B, C, *S/2]`` (contiguous) and ``details [B, C, 2^d - 1, *S/2]`` (band
+    order in the module docstring), both views of one fresh band-major ``[2^d, B, C, *S/2]``
+    tensor (``details`` is not contiguous: use ``reshape``, not ``view``). ``filters`` is
+    ``orthogonal_filters(...)`` (constants: no gradient flows to them); every local extent
+    must be even.
     """
     _check_field(u)
     length = _check_filters(filters)
     _check_even(u)
-    dec_lo = filters[0].to(dtype=u.dtype, device=u.device)
-    dec_hi = filters[1].to(dtype=u.dtype, device=u.device)
-    return _dwt_level(u, length, lambda block: _analysis_matrix(dec_lo, dec_hi, block), domain)
+    out = _DWTLevel.apply(u, _FilterBank(length, filters=tuple(filters)), domain)  # [2^d, B, C, *S/2]
+    return out[0], out[1:].movedim(0, 2)
 
 
 def idwt_level(approx: Tensor, details: Tensor, filters: Sequence[Tensor], domain: Domain = LOCAL) -> Tensor:
@@ -244,10 +244,9 @@ def idwt_level(approx: Tensor, details: Tensor, filters: Sequence[Tensor], domai
     to the field ``[B, C, *2Sc]`` (contiguous)."""
     _check_field(approx, "approx")
     length = _check_filters(filters)
+    approx, details = _full_precision(approx), _full_precision(details)
     _check_details(approx, details)
-    rec_lo = filters[2].to(dtype=approx.dtype, device=approx.device)
-    rec_hi = filters[3].to(dtype=approx.dtype, device=approx.device)
-    return _idwt_level(approx, details, length, lambda block: _synthesis_matrix(rec_lo, rec_hi, block), domain)
+    return _IDWTLevel.apply(_band_major(approx, details), _FilterBank(length, filters=tuple(filters)), domain)
 
 
 def _check_details(approx: Tensor, details: Tensor) -> None:
@@ -262,18 +261,59 @@ def _check_details(approx: Tensor, details: Tensor) -> None:
                          f"{approx.dtype}/{approx.device}")
 
 
+def _band_major(approx: Tensor, details: Tensor) -> Tensor:
+    """``[2^d, B, C, *Sc]``: approximation and detail bands stacked band-major (one copy,
+    long contiguous runs), the layout :func:`_idwt_level` reads."""
+    return torch.cat([approx.unsqueeze(0), details.movedim(2, 0)], dim=0)
+
+
+def _matrices(kind: str, lo: Tensor, hi: Tensor, block: int) -> tuple[Tensor, ...]:
+    """The GEMM operands of one block length, contiguous, from a filter pair (``dec_*`` for
+    ``"analysis"``, ``rec_*`` for ``"synthesis"``):
+
+    * analysis: ``(A, A^T)``, ``A`` ``[block + F - 2, block]`` (:func:`_analysis_matrix`);
+    * synthesis: ``(S, S^T)``, ``S`` ``[2 (block/2 + 2 R), block]`` (:func:`_synthesis_matrix`).
+    """
+    if kind == "analysis":
+        a = _analysis_matrix(lo, hi, block)                     # [W, (band, p)]
+        return a.contiguous(), a.t().contiguous()
+    s = _synthesis_matrix(lo, hi, block)                        # [2 Wc, block]
+    return s.contiguous(), s.t().contiguous()
+
+
 @functools.lru_cache(maxsize=256)
-def _cached_matrix(kind: str, wavelet: str, block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Analysis/synthesis matrix of a named wavelet, built once per (block, dtype, device):
-    rebuilding it costs ~10 small ops per axis and level, a large share of small transforms.
-    Internal only: the cached tensor is never modified in place. Built outside inference
-    mode so that a first call under ``torch.inference_mode`` (sampling) does not cache an
-    inference tensor that later training calls could not save for backward."""
+def _cached_matrix(kind: str, wavelet: str, block: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """:func:`_matrices` of a named wavelet, built once per (block, dtype, device):
+    rebuilding them costs ~10 small ops per axis and level, a large share of small transforms.
+    Internal only: the cached tensors are never modified in place. Built outside inference
+    mode so that a first call under ``torch.inference_mode`` (sampling) does not cache
+    inference tensors that later training calls could not use."""
     with torch.inference_mode(False), torch.no_grad():
         dec_lo, dec_hi, rec_lo, rec_hi = orthogonal_filters(wavelet, dtype=dtype, device=device)
         if kind == "analysis":
-            return _analysis_matrix(dec_lo, dec_hi, block)
-        return _synthesis_matrix(rec_lo, rec_hi, block)
+            return _matrices(kind, dec_lo, dec_hi, block)
+        return _matrices(kind, rec_lo, rec_hi, block)
+
+
+class _FilterBank:
+    """The filters of one transform: a named wavelet (matrices cached) or explicit filter
+    tensors (``dwt_level`` / ``idwt_level``; matrices built per call). Passed through the
+    autograd Functions, so that the backward builds the adjoint from the same filters."""
+
+    def __init__(self, length: int, wavelet: str | None = None, filters: tuple[Tensor, ...] | None = None):
+        self.length = length
+        self.reach = length // 2 - 1          # forward halo, fine cells (filter_reach)
+        self.inv_reach = length // 4          # inverse halo, coarse cells (inverse_filter_reach)
+        self.wavelet = wavelet
+        self.filters = filters
+
+    def get(self, kind: str, block: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+        if self.wavelet is not None:
+            return _cached_matrix(kind, self.wavelet, block, dtype, device)
+        i = 0 if kind == "analysis" else 2
+        with torch.no_grad():
+            lo, hi = (f.detach().to(dtype=dtype, device=device) for f in self.filters[i:i + 2])
+            return _matrices(kind, lo, hi, block)
 
 
 def _pad_axis(x: Tensor, axis: int, width: int, domain: Domain) -> Tensor:
@@ -284,77 +324,199 @@ def _pad_axis(x: Tensor, axis: int, width: int, domain: Domain) -> Tensor:
     return domain.pad(x, widths)
 
 
-def _dwt_level(u: Tensor, length: int, matrix, domain: Domain) -> tuple[Tensor, Tensor]:
-    """:func:`dwt_level` after validation; ``matrix(block)`` gives the analysis matrix."""
+def _wrap_windows(src: Tensor, win: Tensor, axis: int, cell_dim: int, reach: int, size: int) -> None:
+    """Fill ``win`` (block dim ``axis``, window dim ``cell_dim`` of ``size + 2 reach`` cells)
+    from ``src`` (the same dims, ``size`` cells per block): each block's own cells plus
+    ``reach`` cells of each periodic neighbour block. Five copies with long contiguous runs;
+    needs ``reach <= size`` (one neighbour block holds the whole halo)."""
+    def sl(t, blocks, cells):  # t[..., blocks, .., cells, ...] on dims axis, cell_dim
+        idx = [slice(None)] * (cell_dim + 1)
+        idx[axis], idx[cell_dim] = blocks, cells
+        return t[tuple(idx)]
+
+    sl(win, slice(None), slice(reach, reach + size)).copy_(src)
+    if reach:
+        nblk = src.shape[axis]
+        left, right = slice(size - reach, size), slice(0, reach)
+        sl(win, slice(1, None), slice(0, reach)).copy_(sl(src, slice(0, nblk - 1), left))
+        sl(win, slice(0, 1), slice(0, reach)).copy_(sl(src, slice(nblk - 1, nblk), left))
+        sl(win, slice(0, nblk - 1), slice(reach + size, None)).copy_(sl(src, slice(1, None), right))
+        sl(win, slice(nblk - 1, nblk), slice(reach + size, None)).copy_(sl(src, slice(0, 1), right))
+
+
+def _local_fast(domain: Domain) -> bool:
+    """The whole field is on this device and wraps locally: the periodic halo is built straight
+    into the GEMM operands instead of through ``domain.pad`` (same values, fewer copies). Any
+    other domain (a split one, or a subclass that records its calls) pads through ``domain.pad``."""
+    return type(domain) is LocalDomain
+
+
+def _dwt_last_axis(x: Tensor, block: int, reach: int, a_top: Tensor, a_bot: Tensor) -> Tensor:
+    """The filter along the contiguous last axis of ``x`` ``[R, n]`` -> ``[2, R, n/2]`` (band-major).
+
+    The row is wrapped once into ``[R, (nblk + 1) block]`` (``reach`` cells in front, ``block -
+    reach`` behind), whose chunks of ``block`` cells form the contiguous matrix ``C``
+    ``[R (nblk + 1), block]`` without any window copy: block ``p``'s window is chunk ``p``
+    (rows ``a_top`` of the analysis matrix) plus the first ``2 reach`` cells of chunk ``p + 1``
+    (rows ``a_bot``), i.e. ``Z[j] = C[j] a_top + C[j + 1, :2 reach] a_bot``: two GEMMs, the
+    second accumulating into a one-row-shifted output. Needs ``2 reach <= block``."""
+    rows, n = x.shape
+    nblk, half = n // block, block // 2
+    xp = torch.cat([x[:, n - reach:], x, x[:, :block - reach]], dim=1)  # [R, (nblk + 1) block]
+    c = xp.view(rows * (nblk + 1), block)
+    g = torch.mm(c[:, :2 * reach], a_bot)                               # [R (nblk + 1), block]
+    z = x.new_empty(rows * (nblk + 1), block)
+    torch.addmm(g[1:], c[:-1], a_top, out=z[:-1])
+    # chunk nblk of each row is scratch; the bands go to the front with one copy
+    return z.view(rows, nblk + 1, 2, half)[:, :nblk].permute(2, 0, 1, 3).contiguous().view(2, rows, nblk * half)
+
+
+def _idwt_last_axis(x: Tensor, block: int, reach: int, s_lo: Tensor, s_hi: Tensor) -> Tensor:
+    """Inverse of :func:`_dwt_last_axis`: ``x`` ``[2, R, nc]`` (band-major, contiguous) ->
+    ``[R, 2 nc]``. The same chunk trick on the coarse rows (``reach`` = inverse reach, chunks
+    of ``block / 2`` coarse cells, ``s_lo`` / ``s_hi`` the band rows of the synthesis matrix):
+    four GEMMs accumulating into one output. Needs ``2 reach <= block / 2``."""
+    _, rows, nc = x.shape
+    half = block // 2
+    nblk = nc // half
+    xp = torch.cat([x[..., nc - reach:], x, x[..., :half - reach]], dim=-1)  # [2, R, (nblk + 1) half]
+    c = xp.view(2, rows * (nblk + 1), half)
+    g = torch.mm(c[0, :, :2 * reach], s_lo[half:])                     # [R (nblk + 1), block]
+    g.addmm_(c[1, :, :2 * reach], s_hi[half:])
+    z = x.new_empty(rows * (nblk + 1), block)
+    torch.addmm(g[1:], c[0, :-1], s_lo[:half], out=z[:-1])
+    z[:-1].addmm_(c[1, :-1], s_hi[:half])
+    return z.view(rows, nblk + 1, block)[:, :nblk].contiguous().view(rows, nblk * block)
+
+
+def _dwt_level(u: Tensor, bank: _FilterBank, domain: Domain) -> Tensor:
+    """One forward level without autograd: ``[B, C, *S]`` -> band-major ``[2^d, B, C, *S/2]``.
+
+    Axes go last to first. Before axis k the data is the contiguous
+    ``[b_>k, B, C, S_<k, S_k, Sc_>k]`` (bands of the axes done so far in front, MSB first), i.e.
+    ``[L, n, M]``. The last axis (``M = 1``) runs :func:`_dwt_last_axis`; every other axis builds
+    its windows ``[L, nblk, W, M]`` by one copy with runs of ``M`` cells and one batched GEMM
+    ``[block, W] @ [W, M]``; the bands then move to the front (one copy, long runs), which is the
+    next axis's layout with ``b_k`` outermost."""
     d = u.ndim - 2
-    reach = length // 2 - 1
     batch, chan = u.shape[:2]
-    sizes = tuple(u.shape[2:])
-    blocks = [_block(n) for n in sizes]
-
-    x = u
-    # Last axis first: its windows are rows of a plain [rows, W] matrix; the other axes then
-    # run batched GEMMs over long rows of already filtered cells. Each axis is padded just
-    # before its filter (only its own halo, no work wasted on halos of other axes); axes
-    # keep their extents, so the intermediate is a valid [B, C, *S] field for domain.pad.
-    for a in reversed(range(d)):
-        dim = 2 + a
-        block = blocks[a]
-        width = block + 2 * reach
-        m = matrix(block)                                          # [W, block]
-        xp = _pad_axis(x.reshape(batch, chan, *sizes), a, reach, domain)  # [B, C, .., S_a + 2 reach, ..]
-        win = xp.unfold(dim, width, block)                         # [B, C, S_<a, nblk, S_>a, W]
-        if a == d - 1:
-            y = win.reshape(-1, width) @ m                         # [rows * nblk, block]
-            x = y.reshape(*win.shape[:-1], block)                  # [B, C, S_<a, nblk, block]
+    spatial = list(u.shape[2:])
+    reach = bank.reach
+    x = u.contiguous()
+    bands = 1
+    for k in reversed(range(d)):
+        n = spatial[k]
+        block = _block(n)
+        half, nblk, width = block // 2, n // block, block + 2 * reach
+        lead = bands * batch * chan * math.prod(spatial[:k])
+        later = math.prod(spatial[k + 1:])
+        a, a_t = bank.get("analysis", block, u.dtype, u.device)       # [W, block], [block, W]
+        fast = _local_fast(domain)
+        if later == 1 and fast and 2 * reach <= block:
+            out = _dwt_last_axis(x.view(lead, n), block, reach, a[:block], a[block:])
         else:
-            win = win.movedim(-1, dim + 1)                         # [B, C, S_<a, nblk, W, S_>a]
-            lead, later = win.shape[:dim + 1], win.shape[dim + 2:]
-            y = torch.matmul(m.t(), win.reshape(-1, width, math.prod(later)))  # [batch, block, S_>a]
-            x = y.reshape(*lead, block, math.prod(later))          # [B, C, S_<a, nblk, block, S_>a]
-    # x: [B, C, (nb_a, blk_a) for each axis] with blk = (band, half) -> band-major
-    split = [batch, chan]
-    for a in range(d):
-        split += [sizes[a] // blocks[a], 2, blocks[a] // 2]
-    x = x.reshape(split)                                           # [B, C, (nb, 2, h) per axis]
-    perm = [0, 1] + [3 + 3 * a for a in range(d)] + [p for a in range(d) for p in (2 + 3 * a, 4 + 3 * a)]
-    out = x.permute(perm).reshape(batch, chan, 2 ** d, *[n // 2 for n in sizes])  # [B, C, 2^d, *S/2]
-    return out[:, :, 0], out[:, :, 1:]
+            if fast and reach <= block:
+                # the local wrap goes straight into the windows: no padded copy of the field
+                win = x.new_empty(lead, nblk, width, later)
+                _wrap_windows(x.view(lead, nblk, block, later), win, 1, 2, reach, block)
+            else:
+                xp = _pad_axis(x.view(bands * batch, chan, *spatial), k, reach, domain)
+                win = xp.reshape(lead, n + 2 * reach, later).unfold(1, width, block).movedim(-1, 2)
+                win = win.contiguous()                                  # [L, nblk, W, M]
+            if later == 1:
+                y = torch.mm(win.view(lead * nblk, width), a)           # [L nblk, (band, h)]
+            else:
+                y = torch.matmul(a_t, win.view(lead * nblk, width, later))  # [L nblk, (band, h), M]
+            out = y.view(lead * nblk, 2, half * later).transpose(0, 1).contiguous()
+        x = out                                                         # [b_k, L, nblk, h, M]
+        bands *= 2
+        spatial[k] = n // 2
+    return x.view(bands, batch, chan, *spatial)
 
 
-def _idwt_level(approx: Tensor, details: Tensor, length: int, matrix, domain: Domain) -> Tensor:
-    """:func:`idwt_level` after validation; ``matrix(block)`` gives the synthesis matrix."""
-    d = approx.ndim - 2
-    r = length // 4
-    batch, chan = approx.shape[:2]
-    cur = list(approx.shape[2:])                                    # extents: coarse, then fine once done
-    sizes = [2 * n for n in cur]
+def _idwt_level(buf: Tensor, bank: _FilterBank, domain: Domain) -> Tensor:
+    """One inverse level without autograd: band-major ``[2^d, B, C, *Sc]`` -> ``[B, C, *2Sc]``.
 
-    x = torch.cat([approx.unsqueeze(2), details], dim=2)           # [B, C, 2^d, *Sc]
-    # Last axis first (long GEMM rows for the others), each axis padded just before its
-    # filter. Before axis a the layout is [B, C, b_0..b_a, Sc_0..Sc_a, S_{a+1}..S_{d-1}]:
-    # band bit at dim 2 + a, axis at 3 + 2a; folding the band bits into C gives a field.
-    for a in reversed(range(d)):
-        dim = 3 + 2 * a
-        block = _block(sizes[a])
-        wc = block // 2 + 2 * r
-        m = matrix(block)                                           # [2 Wc, block]
-        xp = _pad_axis(x.reshape(batch, chan * 2 ** (a + 1), *cur), a, r, domain)
-        xp = xp.reshape(batch, chan, *([2] * (a + 1)), *xp.shape[2:])  # [B, C, b_0..b_a, .., Sc_a + 2R, ..]
-        win = xp.unfold(dim, wc, block // 2)                        # [B, C, b_0..b_a, Sc_<a, nblk, S_>a, Wc]
-        nlater = d - 1 - a
-        # -> [B, C, b_<a, Sc_<a, nblk, b_a, Wc, S_>a]
-        perm = ([0, 1] + list(range(2, 2 + a)) + list(range(3 + a, dim + 1)) + [2 + a, win.ndim - 1]
-                + list(range(dim + 1, dim + 1 + nlater)))
-        win = win.permute(perm)
-        lead, later = win.shape[:dim], win.shape[dim + 2:]          # lead ends with nblk
-        if nlater == 0:
-            y = win.reshape(-1, 2 * wc) @ m                         # [rows * nblk, block]
+    Axes go first to last, so that the band of the axis at hand is always the outermost dim:
+    before axis k the data is the contiguous ``[b_k, b_>k, B, C, S_<k, Sc_k, Sc_>k]`` =
+    ``[2, L, nc, M]``. The last axis (``M = 1``) runs :func:`_idwt_last_axis`; every other axis
+    builds windows ``[L, nblk, 2, Wc, M]`` (both bands of a block side by side) by one copy and
+    one batched GEMM gives ``[L, nblk * block, M]``, the next axis's layout."""
+    d = buf.ndim - 3
+    batch, chan = buf.shape[1:3]
+    spatial = list(buf.shape[3:])
+    r = bank.inv_reach
+    x = buf.contiguous()
+    bands = 2 ** d
+    for k in range(d):
+        nc = spatial[k]
+        n = 2 * nc
+        block = _block(n)
+        half, nblk = block // 2, n // block
+        wc = half + 2 * r
+        bands //= 2
+        lead = bands * batch * chan * math.prod(spatial[:k])
+        later = math.prod(spatial[k + 1:])
+        s, s_t = bank.get("synthesis", block, buf.dtype, buf.device)  # [2 Wc, block], [block, 2 Wc]
+        fast = _local_fast(domain)
+        if later == 1 and fast and 4 * r <= block:
+            y = _idwt_last_axis(x.view(2, lead, nc), block, r, s[:wc], s[wc:])
         else:
-            y = torch.matmul(m.t(), win.reshape(-1, 2 * wc, math.prod(later)))  # [batch, block, S_>a]
-        x = y.reshape(*lead[:-1], sizes[a], *later)                 # [B, C, b_<a, Sc_<a, S_a, S_>a]
-        cur[a] = sizes[a]
-    return x
+            if fast and r <= half:
+                win = x.new_empty(lead, nblk, 2, wc, later)
+                src = x.view(2, lead, nblk, half, later).permute(1, 2, 0, 3, 4)  # [L, nblk, 2, half, M]
+                _wrap_windows(src, win, 1, 3, r, half)
+            else:
+                xp = _pad_axis(x.view(2 * bands * batch, chan, *spatial), k, r, domain)
+                win = xp.reshape(2, lead, nc + 2 * r, later).unfold(2, wc, half)  # [2, L, nblk, M, Wc]
+                win = win.permute(1, 2, 0, 4, 3).contiguous()                    # [L, nblk, 2, Wc, M]
+            if later == 1:
+                y = torch.mm(win.view(lead * nblk, 2 * wc), s)                     # [L nblk, block]
+            else:
+                y = torch.matmul(s_t, win.view(lead * nblk, 2 * wc, later))        # [L nblk, block, M]
+        x = y                                                                      # [L, n, M]
+        spatial[k] = n
+    return x.view(batch, chan, *spatial)
+
+
+def _full_precision(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is half precision (bf16 / fp16), else unchanged.
+
+    Mixed-precision training (``train.precision: bf16``, autocast) runs the networks' Linear and
+    Conv layers in half precision; the transform itself stays in float32 (autocast off inside each
+    level, which would otherwise run the level GEMMs in bf16 and write them into float32 buffers):
+    an orthonormal transform in bf16 loses 3 significant digits per level for no speed that
+    matters next to the networks. Gradients flow back in the input's dtype (autograd casts them)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _DWTLevel(torch.autograd.Function):
+    """One forward level; its backward is the inverse level of the gradient (the transform is
+    orthonormal, so the adjoint is the inverse), which stores nothing for backward."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, bank: _FilterBank, domain: Domain) -> Tensor:
+        ctx.bank, ctx.domain = bank, domain
+        with torch.autocast(u.device.type, enabled=False):  # see _full_precision
+            return _dwt_level(_full_precision(u), bank, domain)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _IDWTLevel.apply(grad, ctx.bank, ctx.domain), None, None
+
+
+class _IDWTLevel(torch.autograd.Function):
+    """One inverse level; its backward is the forward level of the gradient (adjoint = inverse)."""
+
+    @staticmethod
+    def forward(ctx, buf: Tensor, bank: _FilterBank, domain: Domain) -> Tensor:
+        ctx.bank, ctx.domain = bank, domain
+        with torch.autocast(buf.device.type, enabled=False):  # see _full_precision
+            return _idwt_level(_full_precision(buf), bank, domain)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _DWTLevel.apply(grad, ctx.bank, ctx.domain), None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -426,13 +588,15 @@ def dwt(u: Tensor, wavelet: str = "db4", levels: int = 1, domain: Domain = LOCAL
             raise ValueError(f"levels: {levels} is too many for field axis {i} of extent {n_global} with "
                              f"wavelet {wavelet!r} (filter length {w.dec_len}): max_levels = {jmax} "
                              f"(pywt.dwt_max_level rule: each level's input >= 2 * (filter length - 1) cells)")
-    matrix = functools.partial(_cached_matrix, "analysis", wavelet, dtype=u.dtype, device=u.device)
-    details = []
+    bank = _FilterBank(w.dec_len, wavelet=wavelet)
+    outs = []
     x = u
     with record_function("sgfm.dwt"):  # profiler range (tools/benchmarks/profile.py); changes no value
         for _ in range(levels):
-            x, det = _dwt_level(x, w.dec_len, matrix, domain)
-            details.append(det)
+            out = _DWTLevel.apply(x, bank, domain)                 # [2^d, B, C, *S/2^j]
+            outs.append(out)
+            x = out[0]
+    details = [out[1:].movedim(0, 2) for out in outs]             # [B, C, 2^d - 1, *S/2^j] views
     return WaveletCoeffs(approx=x, details=details, wavelet=wavelet)
 
 
@@ -441,14 +605,13 @@ def idwt(coeffs: WaveletCoeffs, domain: Domain = LOCAL) -> Tensor:
     if not isinstance(coeffs, WaveletCoeffs):
         raise ValueError(f"coeffs: expected WaveletCoeffs, got {type(coeffs).__name__}")
     _check_field(coeffs.approx, "coeffs.approx")
-    length = _orthogonal_wavelet(coeffs.wavelet).dec_len
-    approx = coeffs.approx
-    matrix = functools.partial(_cached_matrix, "synthesis", coeffs.wavelet, dtype=approx.dtype, device=approx.device)
-    x = approx
+    bank = _FilterBank(_orthogonal_wavelet(coeffs.wavelet).dec_len, wavelet=coeffs.wavelet)
+    x = coeffs.approx
     with record_function("sgfm.idwt"):  # profiler range (tools/benchmarks/profile.py); changes no value
         for det in reversed(coeffs.details):
+            x, det = _full_precision(x), _full_precision(det)
             _check_details(x, det)
-            x = _idwt_level(x, det, length, matrix, domain)
+            x = _IDWTLevel.apply(_band_major(x, det), bank, domain)
     return x
 
 

@@ -32,6 +32,7 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..ops.domain import LOCAL, Domain
@@ -51,8 +52,10 @@ class ParallelizeConfig:
     """The model's wavelet (``model.wavelet``): its filter reach sets the halo per level."""
     levels: int = 2
     """The model's wavelet levels (``model.levels``): local extents must divide by ``2**levels``."""
-    activation_checkpointing: bool = False
-    """Recompute each residual block in backward instead of storing its activations."""
+    activation_checkpointing: bool | str = False
+    """Recompute each residual block in backward instead of storing its activations: ``True`` /
+    ``"full"`` (store only each block's input), ``"selective"`` (store the block's matmul,
+    convolution, FFT and attention outputs, recompute its element-wise ops), ``False`` off."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0 off, 1 optimizer state, 2 + gradients, 3 + parameters), over all ranks."""
     micro_batch: int = 1
@@ -67,8 +70,9 @@ class ParallelizeConfig:
             raise ValueError(f"levels: must be a positive int, got {self.levels!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage!r}")
-        if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError(f"activation_checkpointing: must be a bool, got {self.activation_checkpointing!r}")
+        if self.activation_checkpointing not in CHECKPOINT_MODES:
+            raise ValueError(f"activation_checkpointing: must be true, false, 'full' or 'selective', "
+                             f"got {self.activation_checkpointing!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile: must be a bool, got {self.compile!r}")
 
@@ -151,12 +155,50 @@ def apply_domain_split(model: nn.Module, mesh: ProcessMesh, layout: FieldLayout,
     return domain
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
+CHECKPOINT_MODES = (False, True, "full", "selective")
+"""Values of ``parallel.activation_checkpointing`` (``True`` = ``"full"``)."""
+
+
+def _saved_by_selective_checkpointing() -> frozenset:
+    """The ATen ops whose outputs selective checkpointing stores (torchtitan's op-level SAC
+    policy): the products (matmul, convolution, attention) and the FFTs, whose recomputation
+    costs FLOPs. Everything else in a block is element-wise or a copy (norms, FiLM, GELU,
+    residual sums, periodic padding): cheap to recompute, and it is what holds the memory (about
+    20 full-width tensors per block against ~7 outputs of products; docs/results.md)."""
+    aten = torch.ops.aten
+    ops = [aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+           aten.convolution.default, aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default]
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention"):
+        if hasattr(aten, name):
+            ops.append(getattr(aten, name).default)
+    return frozenset(ops)
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_by_selective_checkpointing()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: bool | str = "full") -> int:
     """Recompute every residual block of the score and forcing networks in backward
     (``torch.utils.checkpoint``, non-reentrant, so halo/FFT communication simply runs again in
-    the recomputation). Returns the number of blocks; a model without blocks is a ValueError."""
-    from torch.utils.checkpoint import checkpoint
+    the recomputation). ``mode`` ``"full"`` (or True) stores each block's input only;
+    ``"selective"`` also stores the outputs of its products and FFTs
+    (:func:`_saved_by_selective_checkpointing`) and recomputes the element-wise ops between them.
+    Either way the forward values and the gradients are those of the plain model, bit for bit.
+    Returns the number of blocks; a model without blocks is a ValueError."""
+    from torch.utils.checkpoint import checkpoint, noop_context_fn
 
+    if mode not in CHECKPOINT_MODES or mode is False:
+        raise ValueError(f"mode: expected 'full' or 'selective', got {mode!r}")
+    context_fn = _selective_context if mode == "selective" else noop_context_fn
     wrapped = 0
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "blocks":
@@ -169,7 +211,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
                     import torch
 
                     if torch.is_grad_enabled():
-                        return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                        return checkpoint(_f, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
                     return _f(*args, **kwargs)
 
                 block.forward = ckpt_forward
@@ -247,7 +289,7 @@ def parallelize(model: nn.Module, mesh: ProcessMesh, layout: FieldLayout, cfg: P
         raise ValueError(f"cfg: expected a ParallelizeConfig, got {type(cfg).__name__}")
     accounting = BatchAccounting(cfg.micro_batch, cfg.grad_accum, mesh.dp, mesh.sp)
     domain = apply_domain_split(model, mesh, layout, cfg.wavelet, cfg.levels)
-    n = apply_activation_checkpointing(model) if cfg.activation_checkpointing else 0
+    n = apply_activation_checkpointing(model, cfg.activation_checkpointing) if cfg.activation_checkpointing else 0
     compiled = apply_compile(model, mesh.sp) if cfg.compile else ()
     full = apply_zero(ds_config, accounting, cfg.zero_stage) if ds_config is not None else None
     logger.info("mesh: %s; true global batch %d", mesh.describe(), accounting.global_batch)

@@ -216,8 +216,11 @@ class ParallelConfig:
     stencil that reads t whole (``sgfm_dist.train.setup.resolve_split_axes``)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters."""
-    activation_checkpointing: bool = False
-    """Recompute each network block in the backward pass instead of storing its activations."""
+    activation_checkpointing: bool | Literal["full", "selective"] = False
+    """Recompute each network block in the backward pass instead of storing its activations:
+    ``true`` / ``full`` stores each block's input only; ``selective`` stores the outputs of its
+    products and FFTs and recomputes the element-wise ops (most of the memory, little of the
+    time); ``false`` stores everything. Losses and gradients are the same bit for bit."""
 
     def __post_init__(self):
         check_fields(self, "parallel")

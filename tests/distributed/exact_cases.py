@@ -39,6 +39,9 @@ FIELDS = {"text": (32, 16), "physics": (16, 32, 16)}
 VARIANTS = ("text-joint", "text-cascade", "physics-joint", "physics-cascade", "physics-prompt")
 # physics-prompt: joint diffusion with forecasting on: noise-free prompts of lengths drawn per sample,
 # increments over the last given slice and the prompt as a clean network input
+# activation checkpointing (parallel.activation_checkpointing): the recomputation in backward
+# runs the halo exchanges and FFT transposes again; one field, ZeRO 0, every mesh
+CHECKPOINT_VARIANT, CHECKPOINT_MODES = "physics-joint", ("full", "selective")
 
 
 def meshes(world_size: int) -> list[tuple[int, int]]:
@@ -49,7 +52,7 @@ def case_id(variant: str, dp: int, sp: int, stage: int) -> str:
     return f"{variant}-dp{dp}-sp{sp}-zero{stage}"
 
 
-def make_config(variant: str, dp: int = 1, sp: int = 1, stage: int = 0):
+def make_config(variant: str, dp: int = 1, sp: int = 1, stage: int = 0, checkpointing: bool | str = False):
     """The typed run config of one case (what a YAML file would give)."""
     from sgfm_dist.model.config import DiffusionConfig, ModelConfig
     from sgfm_dist.train.config import Config, DataConfig, OptimConfig, ParallelConfig, TrainConfig
@@ -72,7 +75,7 @@ def make_config(variant: str, dp: int = 1, sp: int = 1, stage: int = 0):
                   optim=OptimConfig(lr=LR, warmup_steps=0, schedule="constant", eps=1.0, grad_clip=0.0),
                   train=TrainConfig(steps=1, micro_batch=GLOBAL_BATCH // dp, seed=SEED, device="cpu",
                                     ema_decay=0.0),
-                  parallel=ParallelConfig(dp=dp, sp=sp, zero_stage=stage))
+                  parallel=ParallelConfig(dp=dp, sp=sp, zero_stage=stage, activation_checkpointing=checkpointing))
 
 
 def small_model(cfg):
@@ -126,12 +129,12 @@ def reference_step(variant: str, dp: int) -> dict:
     return {"loss": float(loss.detach()), "grad_norm": float(norm), "params": params}
 
 
-def distributed_step(variant: str, dp: int, sp: int, stage: int) -> dict:
+def distributed_step(variant: str, dp: int, sp: int, stage: int, checkpointing: bool | str = False) -> dict:
     """This rank's view of one ``train_step`` on the (dp, sp) mesh, ZeRO ``stage``."""
     from sgfm_dist.train.engine import full_parameters
     from sgfm_dist.train.setup import build_training, train_step
 
-    cfg = make_config(variant, dp, sp, stage)
+    cfg = make_config(variant, dp, sp, stage, checkpointing)
     kind = variant.split("-")[0]
     t = build_training(cfg, "cpu", FIELDS[kind], model=small_model(cfg))
     try:
@@ -183,6 +186,10 @@ def run_job(world_size: int) -> dict:
             for stage in STAGES:
                 # a failing rank raises: the harness stops the others (no rank waits in a collective)
                 results[case_id(variant, dp, sp, stage)] = compare(distributed_step(variant, dp, sp, stage), refs[dp])
+            if variant == CHECKPOINT_VARIANT:
+                for mode in CHECKPOINT_MODES:
+                    results[f"{case_id(variant, dp, sp, 0)}-ckpt-{mode}"] = compare(
+                        distributed_step(variant, dp, sp, 0, mode), refs[dp])
     if world_size == 2:
         results.update(sampling_cases())
     return results

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from .exact_cases import SAMPLERS, STAGES, VARIANTS, case_id, meshes
+from .exact_cases import CHECKPOINT_MODES, CHECKPOINT_VARIANT, SAMPLERS, STAGES, VARIANTS, case_id, meshes
 
 pytestmark = pytest.mark.distributed
 RTOL = 1e-5
@@ -29,6 +29,18 @@ def test_step_equals_single_process(exact_results, world, dp, sp, stage, variant
         for key in ("loss", "grad_norm", "params", "ema"):
             assert r[key] <= RTOL, (f"rank {rank} {cid}: {key} differs from the single-process step by "
                                     f"{r[key]:.3g} (relative; worst parameter {r['worst_param']})")
+
+
+@pytest.mark.parametrize("mode", CHECKPOINT_MODES)
+@pytest.mark.parametrize("world,dp,sp", CASES, ids=[f"dp{dp}-sp{sp}" for _, dp, sp in CASES])
+def test_checkpointed_step_equals_single_process(exact_results, world, dp, sp, mode):
+    """parallel.activation_checkpointing full / selective: the backward's recomputation (halo
+    exchanges and FFT transposes run again on a split field) gives the plain single-process step."""
+    cid = f"{case_id(CHECKPOINT_VARIANT, dp, sp, 0)}-ckpt-{mode}"
+    for rank, res in enumerate(exact_results(world)):
+        r = res[cid]
+        for key in ("loss", "grad_norm", "params", "ema"):
+            assert r[key] <= RTOL, f"rank {rank} {cid}: {key} differs from the single-process step by {r[key]:.3g}"
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

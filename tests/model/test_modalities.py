@@ -130,3 +130,25 @@ def test_position_features_tell_a_window_s_ends_from_its_middle():
         y = m.score_net(torch.cat([x, m.position_features(x)], 1), cond)
         y_rolled = m.score_net(torch.cat([x.roll(4, -1), m.position_features(x)], 1), cond)
     assert (y.roll(4, -1) - y_rolled).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("modality", ["text", "video", "physics", "timeseries"])
+def test_training_under_bf16_autocast_matches_fp32(modality):
+    """GPU training runs with ``train.precision: bf16`` (DeepSpeed's torch_autocast around the
+    forward). Found on an H200: the DWT levels' GEMMs ran under autocast and wrote bf16 products
+    into float32 buffers, so no SGFM could train on a GPU at the default precision. The networks
+    may run in bf16; the transforms stay float32 (ops/wavelets.py ``_full_precision``), and the
+    loss with its physics and L_BC terms matches the fp32 one to bf16's precision."""
+    channels = {"text": 4, "video": 4, "physics": 2}.get(modality, 3)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(modality=modality, channels=channels, **SMALL),
+                        DiffusionConfig(lambda_R=0.1, lambda_B=0.1)).float()
+    batch = {k: v.float() if v.is_floating_point() else v for k, v in _batch(modality).items()}
+    ref, _ = model.training_loss(batch, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = model.training_loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(torch.isfinite(v) for v in terms.values())
+    torch.testing.assert_close(loss, ref, rtol=5e-2, atol=1e-3)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

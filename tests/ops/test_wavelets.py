@@ -225,8 +225,9 @@ def test_gradcheck_dwt_and_idwt(d, wavelet, levels):
 @pytest.mark.parametrize("wavelet", ["haar", "db2", "db4"])
 @pytest.mark.parametrize("d", [1, 2, 3])
 def test_level_gradcheck_and_double_backward(d, wavelet):
-    """dwt_level / idwt_level: gradcheck against finite differences in float64 (forward and
-    inverse level, explicit filters), and gradgradcheck (the backward is itself differentiable)."""
+    """dwt_level / idwt_level are autograd Functions whose backward is the adjoint level (the
+    inverse: nothing is stored for backward): gradcheck against finite differences in float64,
+    and gradgradcheck (the backward is itself differentiable)."""
     filters = orthogonal_filters(wavelet, dtype=torch.float64)
     shape = field_shape(d, wavelet, 1)
     u = random_field(shape, torch.float64, seed=21, batch=1, chan=2).requires_grad_(True)
@@ -288,7 +289,8 @@ def test_padding_goes_through_domain_with_filter_reach(wavelet, reach, inv_reach
     assert dom.widths == per_level * levels
     dom.widths.clear()
     torch.testing.assert_close(idwt(c, domain=dom), u, atol=1e-10, rtol=0)
-    per_level = [tuple((inv_reach, inv_reach) if i == a else (0, 0) for i in range(3)) for a in (2, 1, 0)]
+    # the inverse runs the axes first to last (the band of the axis at hand is outermost)
+    per_level = [tuple((inv_reach, inv_reach) if i == a else (0, 0) for i in range(3)) for a in (0, 1, 2)]
     assert dom.widths == per_level * levels
 
 

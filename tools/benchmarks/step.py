@@ -61,6 +61,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time the SGFM step with train.compile (apply_compile: torch.compile of the score "
                         "and forcing networks) against the eager step of the same size, interleaved in one process")
+    p.add_argument("--checkpointing", choices=["none", "full", "selective"], default="none",
+                   help="activation checkpointing of both models' blocks (parallel.activation_checkpointing)")
     p.add_argument("--compile-rounds", type=int, default=5, help="interleaved eager/compiled rounds (--compile)")
     p.add_argument("--compile-memory", action="store_true",
                    help="with --compile, also the compiled step's peak memory (one more process, compiling again)")
@@ -172,6 +174,10 @@ def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None, fl
             apply_compile(model)  # what parallelize applies for train.compile: true
     else:
         model = AttentionLM(257, opts["width"], opts["heads"], opts["attn_blocks"] or cfg.model.n_blocks).to(device)
+    if opts.get("checkpointing", "none") != "none":
+        from sgfm_dist.parallel.parallelize import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, opts["checkpointing"])  # what parallelize applies
     step = _step_fn(model, batch, device)
     base = _peak_reset(device)
     t0 = time.perf_counter()
@@ -253,12 +259,13 @@ def run(args, rec) -> None:
     step_rows = 2 ** cfg.model.levels
     blocks = args.attn_blocks or cfg.model.n_blocks
     opts = dict(device=device, threads=args.threads, config=args.config, width=args.width, row_len=L,
-                heads=args.heads, attn_blocks=args.attn_blocks, repeat=3)
+                heads=args.heads, attn_blocks=args.attn_blocks, repeat=3, checkpointing=args.checkpointing)
     for n in sizes:
         if n % L or (n // L) % step_rows:
             raise ValueError(f"--sizes: {n} positions is not T x L with L={L} and T divisible by {step_rows}")
     print(f"SGFM: {cfg.model.n_blocks} blocks, width {args.width}, {cfg.model.wavelet} J={cfg.model.levels}; "
-          f"attention: {blocks} blocks, width {args.width}, {args.heads} heads; batch 1, rows of L={L}")
+          f"attention: {blocks} blocks, width {args.width}, {args.heads} heads; batch 1, rows of L={L}; "
+          f"activation checkpointing: {args.checkpointing}")
     pool = None
     if device == "cpu":
         ctx = mp.get_context("forkserver")
@@ -271,7 +278,8 @@ def run(args, rec) -> None:
             T = n // L
             t_s, m_s, _ = _measure("sgfm", n, opts, pool)
             done["sgfm"][0].append(n), done["sgfm"][1].append(t_s)
-            case = f"text N={n} ({T}x{L}) w={args.width}"
+            case = f"text N={n} ({T}x{L}) w={args.width}" + (f" ckpt={args.checkpointing}"
+                                                               if args.checkpointing != "none" else "")
             if args.compile:
                 # speed-up of train.compile: compiled and eager steps interleaved in one process
                 args_c = (n, opts, args.compile_rounds)
