@@ -324,10 +324,17 @@ class DiffusionConfig:
     """The prompt length k: the t-slices at t = 0 that L_BC compares with the data (the initial
     condition u0 of Eq. 44): the first k rows of text, frames of video, snapshots of a flow.
     Evaluation and sampling give this many frames by default, so the L_BC that is trained is the
-    one that guides them (``losses.first_rows_mask``). Fixed, not drawn per sample: the network
-    never sees the prompt length (a prompt is imposed at sampling by inpainting), so a drawn k
-    would only reweight the same early-slice penalty at random, a noisier estimate of a fixed
-    weighting."""
+    one that guides them (``losses.first_rows_mask``). Every training sample uses it unless
+    ``prompt_lengths`` draws one per sample."""
+
+    prompt_lengths: tuple[int, int] | None = None
+    """``[k_min, k_max]``: draw each training sample's prompt length k uniformly from this range
+    (None: ``bc_rows`` for every sample). The drawn k is the sample's noise-free prompt
+    (``prompt_training``), the slice its increments are taken over (``prompt_residual``) and the
+    rows its L_BC penalizes, so one model forecasts from any of these k. With noise-free prompts
+    the network sees where its prompt ends (the noise-free cells; explicitly with
+    ``prompt_condition``); unprompted samples only get their L_BC rows drawn. Lengths are capped at
+    the field's t extent - 1 (a prompt leaves a slice to generate)."""
 
     prompt_training: float = 0.0
     """Share of training samples whose first ``bc_rows`` t-slices are given noise-free (their noise
@@ -344,8 +351,18 @@ class DiffusionConfig:
     forecast models of slowly changing states predict the change rather than the state (GenCast,
     Price et al. 2024): the increment is small at short horizons, so a rough estimate of it stays
     close to persistence instead of far from it. Training terms other than L_diff (physics, L_BC,
-    readout) see the state, increments undone; sampling with a prompt of ``bc_rows`` slices undoes
-    them at the end. Needs ``prompt_training > 0`` and the t axis whole on every rank."""
+    readout) see the state, increments undone; sampling with a prompt of any P slices (1 <= P < T)
+    diffuses the increments over its last slice and undoes them at the end (train the lengths it
+    will be given: ``bc_rows`` or ``prompt_lengths``). Needs ``prompt_training > 0`` and the t axis
+    whole on every rank."""
+
+    prompt_condition: bool = False
+    """Also give the network the prompt as a clean condition: ``C + 1`` more input channels, the
+    given slices' field (unscaled, zero after the prompt) and the 0/1 mask of the given cells (zero
+    for an unprompted sample). Inside the diffused field a noise-free prompt is scaled by
+    ``sqrt(alpha_bar)``, so at high noise (alpha_bar ~ 1e-4) the network would see it at a
+    hundredth of the noise's size; as an input of its own it sees it whole at every noise level,
+    with the prompt length. Needs ``prompt_training > 0``."""
 
     def __post_init__(self):
         check_fields(self, "diffusion")
@@ -354,9 +371,17 @@ class DiffusionConfig:
         for name in ("lambda_R", "lambda_B", "lambda_ce"):
             non_negative(f"diffusion.{name}", getattr(self, name))
         positive_int("diffusion.bc_rows", self.bc_rows)
+        if self.prompt_lengths is not None:
+            check(isinstance(self.prompt_lengths, (tuple, list)) and len(self.prompt_lengths) == 2
+                  and all(isinstance(k, int) and not isinstance(k, bool) for k in self.prompt_lengths)
+                  and 1 <= self.prompt_lengths[0] <= self.prompt_lengths[1], "diffusion.prompt_lengths",
+                  f"must be [k_min, k_max] with 1 <= k_min <= k_max, got {self.prompt_lengths!r}")
+            self.prompt_lengths = tuple(self.prompt_lengths)
         check(0.0 <= self.prompt_training <= 1.0, "diffusion.prompt_training",
               f"must lie in [0, 1], got {self.prompt_training}")
         check(not self.prompt_residual or self.prompt_training > 0, "diffusion.prompt_residual",
               "increments over the prompt need prompted training samples (diffusion.prompt_training > 0)")
+        check(not self.prompt_condition or self.prompt_training > 0, "diffusion.prompt_condition",
+              "a prompt condition needs prompted training samples (diffusion.prompt_training > 0)")
         check(self.prompt_training == 0 or self.mode == "joint", "diffusion.prompt_training",
               "noise-free prompts need mode: joint (a cascade stage noises one scale of every frame)")

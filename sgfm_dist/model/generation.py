@@ -162,6 +162,8 @@ class Denoiser:
         n = lam.shape[0]
         self.stage_ids = None if stage.index is None else torch.full((n,), stage.index, device=lam.device)  # [n]
         self.prompt, self.bc_eta = (prompt, float(bc_eta)) if prompt is not None and bc_eta > 0 else (None, 0.0)
+        # the clean prompt as network inputs (diffusion.prompt_condition; None otherwise)
+        self.given = None if prompt is None or stage.index is not None else model.prompt_inputs(prompt.field, prompt.mask)
         if self.prompt is not None:
             # channels x prompt cells of the whole field: L_BC (a mean) times this is the sum S
             cells = model.domain.sum(self.prompt.mask.sum().reshape(1))
@@ -171,7 +173,7 @@ class Denoiser:
         """``(eps_hat [n, C, N_block], c0_hat [n, C, N])`` of the block ``x``."""
         m, st = self.model, self.stage
         if st.index is None:
-            return m.eps_network(x, a, m._conditions(logsnr, self.lam, None), self.shape)  # [n, C, N] each
+            return m.eps_network(x, a, m._conditions(logsnr, self.lam, None), self.shape, self.given)  # [n, C, N] each
         eps, c0, _ = cascade_estimate(m, st.base, st.full(x), a, logsnr, self.lam, self.stage_ids, self.shape,
                                       st.coarse)
         return st.part(eps), c0  # [n, C, N_s], [n, C, N]
@@ -333,15 +335,14 @@ def check_request(model: nn.Module, n: int, field_shape, sampler: str, physics_e
 
 def prompt_increment_rows(model: nn.Module, prompt_field: Tensor | None) -> int:
     """P when ``model`` diffuses the slices after a prompt as increments over its last slice
-    (``diffusion.prompt_residual``) and ``prompt_field`` gives P = ``diffusion.bc_rows`` slices, the
-    prompt it was trained with; 0 without increments. Another prompt length is an error naming
-    the trained one (the increments are relative to the trained prompt's last slice)."""
+    (``diffusion.prompt_residual``) and ``prompt_field`` gives P slices (any 1 <= P; a model
+    forecasts best from the prompt lengths it was trained with, ``diffusion.bc_rows`` or
+    ``diffusion.prompt_lengths``); 0 without increments."""
     if not getattr(model.dcfg, "prompt_residual", False) or prompt_field is None:
         return 0
-    P, k = int(prompt_field.shape[2]), model.dcfg.bc_rows
-    if P != k:
-        raise ValueError(f"prompt_field: this model (diffusion.prompt_residual) forecasts increments over the "
-                         f"last of diffusion.bc_rows={k} given slices; got a prompt of {P}")
+    P = int(prompt_field.shape[2])
+    if P < 1:
+        raise ValueError(f"prompt_field: a prompt of {P} slices; increments need at least one given slice")
     return P
 
 

@@ -29,42 +29,66 @@ def boundary_loss(u: Tensor, u0: Tensor, mask: Tensor, domain: Domain = LOCAL) -
     return num / den.clamp(min=1)
 
 
-def first_rows_mask(u: Tensor, rows: int, domain: Domain = LOCAL) -> Tensor:
+def first_rows_mask(u: Tensor, rows: int | Tensor, domain: Domain = LOCAL) -> Tensor:
     """``[1, 1, *S_local]``: 1.0 on the first ``rows`` global t-slices, the initial condition of Eq. 44:
     the prompt of ``rows`` = k rows of text, frames of video, snapshots of a flow. Training masks
-    ``diffusion.bc_rows`` slices; a prompt of P frames masks P (``generation.field_prompt``), so the
-    L_BC that is trained and the L_BC that guides a prompt of that length are one penalty."""
+    each sample's prompt length (``diffusion.bc_rows``, or the lengths ``diffusion.prompt_lengths``
+    draws); a prompt of P frames masks P (``generation.field_prompt``), so the L_BC that is trained
+    and the L_BC that guides a prompt of that length are one penalty. ``rows`` a tensor ``[B]`` of
+    prompt lengths (one per sample) gives ``[B, 1, *S_local]``."""
+    g_shape = [domain.global_extent(u, a) for a in range(2, u.ndim)]
+    if isinstance(rows, Tensor):
+        # the values are checked on the CPU only: on an accelerator the check would stall every step
+        if rows.ndim != 1 or rows.dtype.is_floating_point or (rows.device.type == "cpu" and bool((rows < 0).any())):
+            raise ValueError(f"rows: per-sample prompt lengths must be integers >= 0 of shape [B], got {rows}")
+        t = torch.arange(g_shape[0], device=u.device)                                    # [T]
+        m = (t[None, :] < rows.to(u.device)[:, None]).to(u.dtype)                       # [B, T]
+        m = m.reshape(-1, 1, g_shape[0], *([1] * (len(g_shape) - 1))).expand(-1, 1, *g_shape)
+        return domain.shard(m.contiguous())                                              # [B, 1, *S_local]
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
         raise ValueError(f"rows: the prompt length must be an integer >= 0, got {rows!r}")
-    g_shape = [domain.global_extent(u, a) for a in range(2, u.ndim)]
     m = torch.zeros(1, 1, *g_shape, dtype=u.dtype, device=u.device)  # [1, 1, *S_global]
     m[:, :, :rows] = 1
     # built globally and sharded: which rows are "first" is a global fact, not a local one
     return domain.shard(m)
 
 
-def given_prompt_mask(u: Tensor, rows: int, given: Tensor, domain: Domain = LOCAL) -> Tensor:
-    """``[B, 1, *S_local]``: 1.0 on the first ``rows`` t-slices of the samples where ``given [B]``
-    (bool) holds, the cells a prompt-trained model sees noise-free (``diffusion.prompt_training``)."""
+def given_prompt_mask(u: Tensor, rows: int | Tensor, given: Tensor, domain: Domain = LOCAL) -> Tensor:
+    """``[B, 1, *S_local]``: 1.0 on the first ``rows`` t-slices (one length, or ``[B]`` per sample) of
+    the samples where ``given [B]`` (bool) holds, the cells a prompt-trained model sees noise-free
+    (``diffusion.prompt_training``)."""
     m = first_rows_mask(u, rows, domain)  # [1, 1, *S_local]
     return m * given.to(m.dtype).reshape(-1, *([1] * (u.ndim - 1)))
 
 
-def prompt_increments(u: Tensor, rows: int, given: Tensor | None = None, undo: bool = False,
+def prompt_increments(u: Tensor, rows: int | Tensor, given: Tensor | None = None, undo: bool = False,
                       domain: Domain = LOCAL) -> Tensor:
     """The t-slices after the first ``rows`` as increments over slice ``rows - 1``, ``u_t - u_{rows-1}``
     (``undo``: the inverse, ``+ u_{rows-1}``), for the samples where ``given [B]`` (bool; None: all);
-    the first ``rows`` slices unchanged (``diffusion.prompt_residual``).  ``[B, C, T, *S]`` -> same.
+    the first ``rows`` slices unchanged (``diffusion.prompt_residual``). ``rows``: one prompt length,
+    or ``[B]`` integers, each sample's own (``diffusion.prompt_lengths``). ``[B, C, T, *S]`` -> same.
     Needs the t axis whole on every rank (a slice is subtracted from the others)."""
-    if domain.global_extent(u, 2) != u.shape[2]:
+    T = u.shape[2]
+    if domain.global_extent(u, 2) != T:
         raise ValueError(f"prompt increments: the t axis must be whole on every rank; it is split "
-                         f"(local {u.shape[2]} of {domain.global_extent(u, 2)})")
-    if not 1 <= rows <= u.shape[2]:
-        raise ValueError(f"rows: need 1 <= rows <= T={u.shape[2]}, got {rows}")
-    last = u[:, :, rows - 1:rows]                                        # [B, C, 1, *S]
-    after = torch.zeros_like(u[:1, :1])                                  # [1, 1, T, *S]
-    after[:, :, rows:] = 1
-    shift = after * last                                                 # [B, C, T, *S]
+                         f"(local {T} of {domain.global_extent(u, 2)})")
+    if isinstance(rows, Tensor):
+        r = rows.to(u.device).reshape(-1)
+        bad = r.device.type == "cpu" and bool(((r < 1) | (r > T)).any())  # not checked on an accelerator (a stall)
+        if r.dtype.is_floating_point or r.numel() != u.shape[0] or bad:
+            raise ValueError(f"rows: need {u.shape[0]} integer prompt lengths in [1, T={T}], got {rows.tolist()}")
+        view = (-1, 1, T, *([1] * (u.ndim - 3)))
+        t = torch.arange(T, device=u.device)                                 # [T]
+        select = (t[None, :] == r[:, None] - 1).to(u.dtype).reshape(view)    # [B, 1, T, 1..]: slice rows-1
+        last = (u * select).sum(2, keepdim=True)                             # [B, C, 1, *S]
+        after = (t[None, :] >= r[:, None]).to(u.dtype).reshape(view)         # [B, 1, T, 1..]
+    else:
+        if not 1 <= rows <= T:
+            raise ValueError(f"rows: need 1 <= rows <= T={T}, got {rows}")
+        last = u[:, :, rows - 1:rows]                                        # [B, C, 1, *S]
+        after = torch.zeros_like(u[:1, :1])                                  # [1, 1, T, *S]
+        after[:, :, rows:] = 1
+    shift = after * last                                                     # [B, C, T, *S]
     if given is not None:
         shift = shift * given.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1)))
     return u + shift if undo else u - shift

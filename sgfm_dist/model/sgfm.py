@@ -39,8 +39,9 @@ Design decisions (see also DESIGN.md section 1):
   config's where a batch has none): the residual, the drift and the conditioning all read
   lambda ``[B, 3]`` (``physics_spec``), so a batch mixing viscosities is right sample by
   sample. A 3-D flow is a field (t, z, y, x) (``model.spatial_dims: 3``).
-* **L_BC** (Eq. 44): mean square of ``u_hat - u0`` on the first ``bc_rows`` t-slices (the
-  initial condition, i.e. the prompt rows of text / first frames of video);
+* **L_BC** (Eq. 44): mean square of ``u_hat - u0`` on the first k t-slices, k = ``bc_rows`` or
+  each sample's drawn prompt length (``prompt_lengths``) (the initial condition, i.e. the prompt
+  rows of text / first frames of video, the same k its noise-free prompt and increments use);
   ``losses.boundary_loss``, the same function the sampler's guidance uses. The total of
   Eq. 38 is ``losses.composite_loss``.
 * **Readout.** Text: tied-embedding logits of ``u_hat``, cross-entropy over real tokens
@@ -102,6 +103,8 @@ class SGFM(nn.Module):
         self.n_conditions = (J + 1) + 2 + (1 if self.cascade else 0)
         self.condition = ConditionEmbedding(self.n_conditions, cfg.fourier_features, cfg.cond_dim)
         in_ch = (2 * C if self.cascade else C) + 2 * cfg.positions * d  # + position features (model.positions)
+        self.prompt_channels = C + 1 if diffusion_cfg.prompt_condition else 0  # the clean prompt and its mask
+        in_ch += self.prompt_channels
         self.score_net = FieldNet(in_ch, C, cfg.width, cfg.n_blocks, cfg.kernel_size, cfg.spectral_modes, d,
                                   cfg.cond_dim, cfg.mlp_ratio)
         if cfg.forcing_blocks > 0 and cfg.physics:
@@ -249,15 +252,30 @@ class SGFM(nn.Module):
 
     # ------------------------------------------------------------------ the eps-network
     def score_coeffs(self, c_in: Tensor, cond: Tensor, shape: tuple[int, ...],
-                     coarse: Tensor | None = None) -> Tensor:
+                     coarse: Tensor | None = None, given: Tensor | None = None) -> Tensor:
         """The score network's raw output (eps or v, Eq. 20) ``[B, C, N]`` for noisy coefficients
-        ``c_in``, run in physical space; a cascade model also sees the coarse field ``[B, C, *S]``."""
+        ``c_in``, run in physical space; a cascade model also sees the coarse field ``[B, C, *S]``,
+        a ``diffusion.prompt_condition`` model the clean prompt ``given [B, C + 1, *S]``
+        (``prompt_inputs``; None: no prompt)."""
         x = self.to_field(c_in, shape)  # [B, C, *S]
         if self.cascade:
             x = torch.cat([x, coarse], dim=1)  # [B, 2C, *S]
+        if self.prompt_channels:
+            if given is None:
+                given = x.new_zeros(x.shape[0], self.prompt_channels, *x.shape[2:])
+            x = torch.cat([x, given.to(x.dtype)], dim=1)  # [B, C + C + 1, *S]
         if self.cfg.positions:
             x = torch.cat([x, self.position_features(x)], dim=1)  # [B, (2)C + 2Kd, *S]
         return self.to_coeffs(self.score_net(x.to(self.param_dtype), cond).to(c_in.dtype))  # [B, C, N]
+
+    def prompt_inputs(self, field: Tensor, mask: Tensor) -> Tensor | None:
+        """The clean prompt condition ``[B, C + 1, *S]`` of a ``diffusion.prompt_condition`` model:
+        ``field [B, C, *S]`` on the prompt cells and the mask ``[B or 1, 1, *S]`` of those cells
+        (None for other models)."""
+        if not self.prompt_channels:
+            return None
+        mask = mask.to(field.dtype).expand(field.shape[0], 1, *field.shape[2:])
+        return torch.cat([field * mask, mask], dim=1)
 
     def position_features(self, like: Tensor) -> Tensor:
         """``[B, 2 K d, *S_local]``: cos and sin of k * 2 pi (i + 1/2) / n (k = 1..K = ``model.positions``)
@@ -276,11 +294,13 @@ class SGFM(nn.Module):
         pos = torch.stack(feats).unsqueeze(0).to(like.dtype)  # [1, 2Kd, *S_global]
         return dom.shard(pos).expand(like.shape[0], -1, *([-1] * len(g_shape)))  # [B, 2Kd, *S_local]
 
-    def eps_network(self, c_in: Tensor, alpha: Tensor, cond: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def eps_network(self, c_in: Tensor, alpha: Tensor, cond: Tensor, shape: tuple[int, ...],
+                    given: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(eps_hat, c0_hat)`` ``[B, C, N]`` of a joint model for noisy coefficients ``c_in`` at
-        per-coefficient noise level ``alpha`` (broadcastable; cast to the coefficients' dtype).
+        per-coefficient noise level ``alpha`` (broadcastable; cast to the coefficients' dtype),
+        ``given`` the clean prompt inputs of a ``prompt_condition`` model (``prompt_inputs``).
         A cascade model's stage goes through ``generation.cascade_estimate``."""
-        raw = self.score_coeffs(c_in, cond, shape)  # [B, C, N]
+        raw = self.score_coeffs(c_in, cond, shape, given=given)  # [B, C, N]
         return D.eps_and_c0(raw, c_in, alpha.to(raw.dtype), self.dcfg.parameterization)
 
     # ------------------------------------------------------------------ physics
@@ -348,13 +368,19 @@ class SGFM(nn.Module):
         alpha = D.per_coefficient(D.alpha_from_logsnr(logsnr), sidx).to(u0.dtype)  # [B, 1, N]
         noise = dynamics.white_noise(u0, generator, self.domain)  # [B, C, *S], iid N(0, 1)
         shift = None  # [B, C, *S] what prompt_residual subtracts from the diffused field
+        given = None  # [B] the samples given their prompt noise-free
         if dcfg.prompt_training > 0:
-            # a drawn share of the samples is given its first bc_rows slices noise-free: the model
+            # a drawn share of the samples is given its first rows slices noise-free: the model
             # learns to continue a prompt (drawn after the noise, so the unprompted stream is unchanged)
             draw = generator.uniform("prompt") if per_sample else torch.rand(B, generator=generator, device=gdev)
             given = draw.to(dev) < dcfg.prompt_training  # [B]
-            rows = min(dcfg.bc_rows, self.domain.global_extent(u0, 2))
-            noise = noise * (1 - given_prompt_mask(u0, rows, given, self.domain))
+        # the prompt length: diffusion.bc_rows, or one drawn per sample (diffusion.prompt_lengths)
+        rows = self._training_prompt_rows(u0, generator, per_sample)  # int or [B]
+        prompt_in = None  # [B, C + 1, *S] the clean prompt condition (diffusion.prompt_condition)
+        if given is not None:
+            given_cells = given_prompt_mask(u0, rows, given, self.domain)  # [B, 1, *S]
+            noise = noise * (1 - given_cells)
+            prompt_in = self.prompt_inputs(u0, given_cells)
             if dcfg.prompt_residual:
                 # the given samples diffuse the increments over their last prompt slice
                 shift = u0 - prompt_increments(u0, rows, given, domain=self.domain)
@@ -369,7 +395,7 @@ class SGFM(nn.Module):
             eps_hat, c0_hat, target = G.cascade_estimate(self, c0, c_tau, alpha, logsnr, lam, stage, shape)
         else:
             stage = target = None
-            eps_hat, c0_hat = self.eps_network(c_tau, alpha, self._conditions(logsnr, lam, None), shape)
+            eps_hat, c0_hat = self.eps_network(c_tau, alpha, self._conditions(logsnr, lam, None), shape, prompt_in)
         terms = {"diff": D.dsm_loss(eps_hat, eps, target, self.domain).mean()}  # only the stage's scale (cascade)
         u_hat = self.to_field(c0_hat, shape)  # [B, C, *S]
         if shift is not None:
@@ -385,8 +411,7 @@ class SGFM(nn.Module):
             energy = self.physics_energy(u_hat, self.forcing_noise(u0, generator), lam)  # [B]
             terms["physics"] = energy.mean() if final is None else (energy * final).sum() / final.sum().clamp(min=1)
         if dcfg.lambda_B > 0:
-            # the prompt length (diffusion.bc_rows): the frames / rows a forecast is given
-            rows = min(dcfg.bc_rows, self.domain.global_extent(u0, 2))
+            # each sample's prompt length: the frames / rows a forecast is given
             seen = u0 if final is None else self.to_field((sidx[None, :] <= stage[:, None]).unsqueeze(1) * c0, shape)
             terms["bc"] = boundary_loss(u_hat, seen, first_rows_mask(u0, rows, self.domain), self.domain).mean()
         if dcfg.lambda_ce > 0 and self.modality.readout_term is not None:
@@ -395,6 +420,27 @@ class SGFM(nn.Module):
             terms[self.modality.readout_term] = self._readout_loss(u_hat, batch, logsnr[:, -1], final)
         total = composite_loss(terms, loss_weights(dcfg))
         return total, {k: v.detach() for k, v in terms.items()}
+
+    def _training_prompt_rows(self, u0: Tensor, generator, per_sample: bool) -> int | Tensor:
+        """The prompt length of a training batch: ``diffusion.bc_rows`` (an int, at most T), or with
+        ``diffusion.prompt_lengths = [lo, hi]`` one per sample ``[B]`` drawn uniformly from it, capped
+        at T - 1 so every prompt leaves a slice to generate (clips shorter than the config assumed
+        train the lengths they have); its own stream, ``prompt_length``, drawn after the others so
+        they are unchanged."""
+        T, lengths = self.domain.global_extent(u0, 2), self.dcfg.prompt_lengths
+        if lengths is None:
+            return min(self.dcfg.bc_rows, T)
+        if T < 2:
+            raise ValueError(f"diffusion.prompt_lengths: a field of {T} t-slice leaves nothing to generate "
+                             f"after a prompt")
+        hi = min(lengths[1], T - 1)
+        lo = min(lengths[0], hi)
+        if per_sample:
+            k = generator.randint(hi - lo + 1, "prompt_length")
+        else:
+            gdev = generator.device if generator is not None else u0.device
+            k = torch.randint(0, hi - lo + 1, (u0.shape[0],), generator=generator, device=gdev)
+        return (k + lo).to(u0.device)  # [B]
 
     # ------------------------------------------------------------------ evaluation
     def clean_estimate(self, c_tau: Tensor, alpha_bar: float, shape: tuple[int, ...], lam: Tensor) -> Tensor:
@@ -463,7 +509,7 @@ class SGFM(nn.Module):
         ``bc_eta`` (Eq. 44) on every clean estimate (``generation.Denoiser``: the generated cells
         are pulled towards agreeing with the prompt through the network). ``physics_eta > 0`` adds the physics-guided
         correction ``c <- c - eta grad_c E(W^-1 c)`` (Eq. 24) after every step. A model trained with
-        ``diffusion.prompt_residual`` generates the slices after a prompt of ``bc_rows`` slices as
+        ``diffusion.prompt_residual`` generates the slices after a prompt of any P slices as
         increments over its last one and returns the states.
 
         ``round_to_vocab`` (text): every clean estimate ``u_hat`` the sampler sees is replaced by

@@ -4,7 +4,7 @@ A training step consumes the global batch of ``G`` samples at global sample indi
 ``n = step * G + j``, ``j`` in ``[0, G)`` the sample's position in the global batch (the data
 order puts them there, whatever dp, sp or DataLoader workers are: ``sgfm_dist/data/stream.py``).
 :class:`SampleDraws` gives every random number of that step (diffusion noise, noise levels
-tau, forcing noise xi, the prompt-training draw, the cascade stage) from a generator of its own
+tau, forcing noise xi, the prompt-training draw and prompt length, the cascade stage) from a generator of its own
 per sample and purpose, seeded by a hash of ``(seed, 0, n, purpose)`` (numpy's ``SeedSequence``).
 So a sample's draws do not depend on which rank holds it, in which micro-batch, nor on how
 its field is split (noise is drawn as the sample's *global* field, then ``domain.shard``-ed by
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-PURPOSES = {"tau": 1, "noise": 2, "prompt": 3, "stage": 4, "forcing": 5}
+PURPOSES = {"tau": 1, "noise": 2, "prompt": 3, "stage": 4, "forcing": 5, "prompt_length": 6}
 """The independent random streams of a sample (fixed ids: changing one changes every run's draws)."""
 
 

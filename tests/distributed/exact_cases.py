@@ -1,7 +1,8 @@
 """One training step on a dp x sp mesh vs the single-process step on the same global batch,
 through the functions ``launch/train.py`` runs (``build_training`` and ``train_step``), for
-ZeRO 0-3, text and physics fields, joint and cascade diffusion; batched into one spawned
-job per world size.
+ZeRO 0-3, text and physics fields, joint and cascade diffusion, and physics forecasting (prompt
+lengths drawn per sample, increments, the prompt as a clean input); batched into one spawned job
+per world size.
 
 ``run_job(world_size)`` runs on every rank (via ``run_distributed``): for every mesh
 ``(dp, sp)`` of that world size, every field / mode and every ZeRO stage it builds the same
@@ -35,7 +36,9 @@ STAGES = (0, 1, 2, 3)
 SEED = 1234
 # field extents per kind: text (T, L) split along t; physics (T, Y, X) split along y
 FIELDS = {"text": (32, 16), "physics": (16, 32, 16)}
-VARIANTS = ("text-joint", "text-cascade", "physics-joint", "physics-cascade")
+VARIANTS = ("text-joint", "text-cascade", "physics-joint", "physics-cascade", "physics-prompt")
+# physics-prompt: joint diffusion with forecasting on: noise-free prompts of lengths drawn per sample,
+# increments over the last given slice and the prompt as a clean network input
 # activation checkpointing (parallel.activation_checkpointing): the recomputation in backward
 # runs the halo exchanges and FFT transposes again; one field, ZeRO 0, every mesh
 CHECKPOINT_VARIANT, CHECKPOINT_MODES = "physics-joint", ("full", "selective")
@@ -63,8 +66,11 @@ def make_config(variant: str, dp: int = 1, sp: int = 1, stage: int = 0, checkpoi
     else:
         model = ModelConfig(modality="physics", channels=2, kernel_size=3, spectral_modes=(2, 4, 4), **common)
         data = DataConfig()
+    # the two samples of the global batch: one given its prompt, one not, prompt lengths 1 and 3 drawn
+    forecast = dict(prompt_training=0.75, prompt_residual=True, prompt_condition=True, prompt_lengths=(1, 7))
     return Config(model=model,
-                  diffusion=DiffusionConfig(mode=mode, lambda_R=0.1, lambda_B=0.1, lambda_ce=1.0),
+                  diffusion=DiffusionConfig(mode="joint" if mode == "prompt" else mode, lambda_R=0.1, lambda_B=0.1,
+                                            lambda_ce=1.0, **(forecast if mode == "prompt" else {})),
                   data=data,
                   optim=OptimConfig(lr=LR, warmup_steps=0, schedule="constant", eps=1.0, grad_clip=0.0),
                   train=TrainConfig(steps=1, micro_batch=GLOBAL_BATCH // dp, seed=SEED, device="cpu",

@@ -122,7 +122,7 @@ def test_deepspeed_physics_pencil_sp4_trains_checkpoints_resumes(tmp_path):
                   "spectral_modes": [2, 4, 4], "cond_dim": 16},
         "data": {"source": str(tmp_path / "ns"), "frames": 8},
         # the losses below were measured without the forecast settings ns2d_tiny.yaml now has
-        "diffusion": {"prompt_training": 0.0, "prompt_residual": False},
+        "diffusion": {"prompt_training": 0.0, "prompt_residual": False, "prompt_condition": False},
         # one process holding this global batch: mean loss 0.50 over steps 1-5, 0.36 over 16-20
         "optim": {"lr": 3.0e-2, "warmup_steps": 2},
         "train": {"steps": 20, "micro_batch": 4, "threads": 1, "ckpt_interval": 10, "eval_interval": 0},
