@@ -193,11 +193,13 @@ class Trainer:
         marker = ckpt.read_marker(tag_dir)
         stage, saved_world = self.engine.zero_optimization_stage(), ckpt.saved_world_size(tag_dir)
         other_world = stage >= 1 and saved_world is not None and saved_world != self.world
+        # DeepSpeed's loaders and its universal converter unpickle freely: refuse tampered files
+        # first (a universal form made below is made from files checked here)
+        self._check_files(tag_dir)
         if other_world:
             self.log(f"--resume: {tag_dir} holds ZeRO-{stage} partitions of {saved_world} ranks, this run has "
                      f"{self.world}: re-sharding its fp32 weights and AdamW moments (exp_avg, exp_avg_sq) through "
                      f"DeepSpeed's universal checkpoint in {reshard.universal_dir(tag_dir)}")
-            ckpt.check_files(tag_dir)  # the conversion unpickles every partition: refuse tampered files first
             self._make_universal(tag_dir)
         try:
             if other_world:
@@ -239,6 +241,18 @@ class Trainer:
                      f"{self.dp}: the same global order continues (elastic)")
         self.resumed_from = tag_dir
         self.log(f"resumed from {tag_dir} at step {self.step}")
+
+    def _check_files(self, tag_dir: str) -> None:
+        """Every rank reads its share of the checkpoint's files with ``weights_only=True``
+        (:func:`ckpt.check_files`), so each file is read once; every rank raises the first error."""
+        error = None
+        try:
+            ckpt.check_files(tag_dir, part=(self.rank, self.world))
+        except ValueError as e:
+            error = str(e)
+        errors = [e for e in runtime.all_gather_objects(error) if e is not None]
+        if errors:
+            raise ValueError(errors[0])
 
     def _make_universal(self, tag_dir: str) -> None:
         """Rank 0 converts ``tag_dir`` to DeepSpeed's universal layout (``sgfm_dist/train/reshard.py``)

@@ -9,6 +9,9 @@ re-shard in test_reshard.py). Here, through the command lines:
 * a data source that does not exist, a shard listed in the manifest but gone, a truncated shard
   (read by a DataLoader worker): ``launch/train.py --resume`` exits 1 naming ``data.source`` or
   the shard, and the run's last complete checkpoint stays as it was (bytes and ``--resume``'s pick);
+* a truncated model-states file, or one replaced by a pickle that would run code, given to
+  ``--resume`` on the world size that wrote it: exit 1 naming the file, the code never runs
+  (DeepSpeed's own loader unpickles freely: the files are checked first), nothing is written;
 * a ``--prompt`` of bytes that are not UTF-8: ``launch/sample.py`` exits 1 naming ``--prompt`` and
   the bytes, before reading the checkpoint, and an existing ``--out`` file is left as it was;
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -215,3 +219,26 @@ def test_prompt_of_invalid_bytes_exits_naming_it(tmp_path):
     with pytest.raises(ValueError, match="--prompt: not valid UTF-8"):
         SampleOptions(prompt="ab\ud800")  # a lone surrogate from Python code
     assert SampleOptions(prompt="é✓").prompt == "é✓"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "tampered"])
+def test_damaged_checkpoint_on_resume_is_refused_naming_the_file(shard_run, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(shard_run / "run", run)
+    f = run / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "pwned"
+    if damage == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        f.write_bytes(pickle.dumps(Evil()))
+    before = _tree_digest(run / "checkpoints")
+    p = _run([sys.executable, TRAIN, "--config", str(shard_run / "tiny.yaml"), "--out", str(run), "--no-eval",
+              "--resume", "--set", f"data.source={shard_run / 'shards'}", "--set", "train.steps=4"])
+    assert p.returncode == 1
+    _refused(p, str(f), "truncated or tampered")
+    assert not marker.exists(), "the tampered checkpoint's pickle ran"
+    assert _tree_digest(run / "checkpoints") == before
