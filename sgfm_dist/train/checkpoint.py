@@ -197,7 +197,10 @@ def check_files(tag_dir: str, part: tuple[int, int] = (0, 1)) -> None:
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            why = f"it would unpickle {m.group(1)}" if m else first
+            # torch's weights-only refusal is a paragraph of advice; the reason is one line of it
+            op = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+            why = (f"it would unpickle {m.group(1)}" if m else
+                   f"not plain tensors and data: {op.group(1).strip()}" if op else first)
             raise ValueError(f"{path}: a truncated or tampered checkpoint file ({why})") from None
 
 

@@ -231,12 +231,14 @@ class Trainer:
         try:
             # every dp group's stream positions: any dp that divides data.streams finds its own
             self.source.load_state_dict(merge_states(datas))
+            continued = True
         except OrderMismatch as e:  # e.g. a new global batch: a deliberate change, not a damaged file
             self.log(f"--resume: {e}. The data order RESTARTS from its beginning (samples repeat); keep "
                      f"data.seed, data.streams and the global batch to continue it")
+            continued = False
         except ValueError as e:
             raise ValueError(f"{tag_dir}: cannot continue its data order: {e}") from None
-        if len(datas) != self.dp:
+        if continued and len(datas) != self.dp:  # (after a restart the line above is all there is to say)
             self.log(f"--resume: the checkpoint's data order was read by {len(datas)} dp groups, this run has "
                      f"{self.dp}: the same global order continues (elastic)")
         self.resumed_from = tag_dir
