@@ -15,6 +15,10 @@ group's batch-source position (its data streams' positions), gathered to rank 0 
 ``sgfm_dist/ops/draws.py``), so a run resumed on the same or on another (dp, sp) with the same
 global batch (``dp x train.micro_batch x train.grad_accum``) trains on the same samples with the
 same noise as an uninterrupted one, and logs the same losses (``tests/train/test_elastic.py``).
+A ZeRO 1-3 checkpoint written by another number of ranks is re-sharded, Adam moments included,
+through DeepSpeed's universal checkpoint (``sgfm_dist/train/reshard.py``,
+``tests/train/test_reshard.py``). Every checkpoint file is read with ``weights_only=True`` before
+DeepSpeed unpickles it.
 
 Counts: ``step`` is the number of optimizer steps taken; one step is ``grad_accum``
 micro-batches per rank. Throughput counts field cells (B * T * L) and real tokens over all
