@@ -17,11 +17,12 @@ the uninterrupted one by about 5e-3 relative, far outside the tolerance. ZeRO 0 
 optimizer state in the model-states file and needs no re-sharding: ``tests/train/test_elastic.py``
 resumes it from dp 2 onto dp 1, dp 4 and sp 2 with the same losses.
 
-A checkpoint DeepSpeed cannot convert (here: a partition replaced by a file of the right format
+A second resume from the same checkpoint reuses its universal form (not converted again) and
+gets the same state and losses. A checkpoint DeepSpeed cannot convert (here: a partition replaced by a file of the right format
 without optimizer state) is a ValueError naming the checkpoint, on every rank, and leaves no
 half-written universal form behind.
 
-Slow: ten spawned jobs, 75 s on 2 quiet cores (170 s at load 6).
+Slow: eleven spawned jobs, about 1.5 min on 2 quiet cores (3-5 min at load 6-14).
 """
 from __future__ import annotations
 
@@ -132,6 +133,23 @@ def test_resume_on_another_world_carries_the_optimizer_state(runs, name):
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=RTOL), (
             f"{name} step {s}: loss {got[s]:.8g}, uninterrupted one process {ref[s]:.8g}")
+
+
+def test_a_second_resume_reuses_the_universal_form(runs, tmp_path):
+    """A resubmission that failed after the conversion (here: the resumed run's own checkpoint
+    removed) resumes again from the universal form already there, with the same result."""
+    from sgfm_dist.train import reshard
+
+    run = tmp_path / "again"
+    shutil.copytree(runs["root"] / "z2_dp1_to_dp2", run, ignore=shutil.ignore_patterns("step00000006"))
+    tag_dir = run / "checkpoints" / "step00000003"
+    assert reshard.has_universal(str(tag_dir))
+    stamp = os.path.getmtime(tag_dir / reshard.UNIVERSAL / reshard.DONE)
+    again = _run(run, (2, 1), 2, resume=True)
+    assert os.path.getmtime(tag_dir / reshard.UNIVERSAL / reshard.DONE) == stamp  # not converted again
+    assert again["losses"] == runs["z2_dp1_to_dp2"]["tail"]["losses"]
+    for pname, saved in runs["z2_dp1_to_dp2"]["tail"]["state"].items():
+        assert all(torch.equal(a, b) for a, b in zip(saved, again["state"][pname])), pname
 
 
 def test_unconvertible_checkpoint_is_an_error_naming_it(runs, tmp_path):
