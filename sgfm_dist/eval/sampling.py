@@ -155,6 +155,12 @@ def _sample(ckpt_path: str, options: SampleOptions, device: str, rank: int, worl
     if sp != world:
         raise ValueError(f"--sp: {sp} processes requested but {world} launched; sampling splits one field over "
                          f"all of them (launch {sp} processes, e.g. torchrun --nproc_per_node {sp})")
+    if options.out:
+        # before minutes of sampling, not after them; every rank, as training checks its run
+        # directory (ranks share the file system). Nothing there is touched.
+        from sgfm_dist.train.checkpoint import check_writable
+
+        check_writable(os.path.dirname(os.path.abspath(options.out)), "--out")
     tm = load_trained(ckpt_path, device)
     modality = tm.config.model.modality
     if modality not in SAMPLE_WRITERS:

@@ -13,7 +13,8 @@ re-shard in test_reshard.py). Here, through the command lines:
   ``--resume`` on the world size that wrote it: exit 1 naming the file, the code never runs
   (DeepSpeed's own loader unpickles freely: the files are checked first), nothing is written;
 * a ``--prompt`` of bytes that are not UTF-8: ``launch/sample.py`` exits 1 naming ``--prompt`` and
-  the bytes, before reading the checkpoint, and an existing ``--out`` file is left as it was;
+  the bytes, before reading the checkpoint, and an existing ``--out`` file is left as it was; an
+  ``--out`` that cannot be written is refused before the checkpoint is read, not after sampling;
 
 * an output directory that cannot be written (``train.out_dir`` below a regular file): refused
   before any process group or step, the file left as it was;
@@ -214,6 +215,14 @@ def test_prompt_of_invalid_bytes_exits_naming_it(tmp_path):
     assert p.returncode == 1
     _refused(p, "--prompt: not valid UTF-8", "b'\\xff\\xfe' at character 4")
     assert out.read_bytes() == b"keep me"
+    # an --out that cannot be written: refused before the checkpoint is read (not after sampling)
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"keep me too")
+    p = _run([sys.executable, SAMPLE, "--ckpt", str(tmp_path / "no_run"), "--prompt", "The ",
+              "--out", str(blocker / "samples.txt"), "--device", "cpu"])
+    assert p.returncode == 1
+    _refused(p, "--out", str(blocker))
+    assert blocker.read_bytes() == b"keep me too"
     from sgfm_dist.eval.sampling import SampleOptions
 
     with pytest.raises(ValueError, match="--prompt: not valid UTF-8"):
