@@ -57,7 +57,9 @@ def make_universal(tag_dir: str) -> str:
         return out
     tag = os.path.basename(os.path.normpath(tag_dir))
     tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for name in os.listdir(tag_dir):  # leftovers of conversions killed half-way (any process)
+        if name.startswith(f"{UNIVERSAL}.tmp"):
+            shutil.rmtree(os.path.join(tag_dir, name), ignore_errors=True)
     if os.path.isdir(out):  # a conversion that died after the rename but before DONE: impossible
         shutil.rmtree(out)  # by construction, yet never load it
     args = argparse.Namespace(input_folder=tag_dir, output_folder=os.path.join(tmp, tag),
