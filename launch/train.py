@@ -59,6 +59,7 @@ def main(argv=None) -> int:
 
     import yaml
 
+    from sgfm_dist.data.stream import CorruptShardError
     from sgfm_dist.parallel import runtime
     from sgfm_dist.train.engine import resolve_device
     from sgfm_dist.train.checkpoint import check_writable
@@ -93,7 +94,12 @@ def main(argv=None) -> int:
             trainer = Trainer(cfg, device, resume=args.resume, log=log)
         except ValueError as e:  # a bad checkpoint or setup: its message, not a traceback
             raise SystemExit(f"error: {e}")
-        trainer.fit()
+        try:
+            trainer.fit()
+        except (CorruptShardError, FileNotFoundError) as e:  # a damaged (data.corrupt=fail) or vanished shard:
+            # its name, not a traceback (from a DataLoader worker the message carries the
+            # worker's traceback first)
+            raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}")
         trainer.close()
         if master and not args.no_eval:
             final_evaluation(trainer, log)

@@ -31,6 +31,25 @@ from torch import Tensor
 from sgfm_dist.train.config import EvalConfig, override_eval
 
 
+def utf8_prompt(prompt: str) -> bytes:
+    """The UTF-8 bytes of a text prompt, or a ValueError naming ``--prompt`` and the offending bytes.
+
+    Python hands command-line bytes that are not UTF-8 over as lone surrogates
+    (``surrogateescape``), which ``str.encode`` refuses with a traceback-worthy
+    ``UnicodeEncodeError``; the prompt is the initial condition of a byte field, so guessing
+    an encoding would condition on bytes the user did not mean."""
+    try:
+        return prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = prompt[e.start:e.end]
+        try:
+            shown = repr(bad.encode("utf-8", "surrogateescape"))  # the bytes as given on the command line
+        except UnicodeEncodeError:
+            shown = ascii(bad)  # lone surrogates from Python code, not from a command line
+        raise ValueError(f"--prompt: not valid UTF-8 text: {shown} at character {e.start} of the prompt; give the "
+                         f"prompt as UTF-8 text") from None
+
+
 @dataclass
 class SampleOptions:
     """What to generate; the sampler settings themselves are the run's ``EvalConfig`` with
@@ -78,7 +97,7 @@ class SampleOptions:
                 raise ValueError(f"{name}: must be >= {lo}, got {getattr(self, name)}")
         if self.size is not None and (len(self.size) < 1 or min(self.size) < 1):
             raise ValueError(f"size: must be (H, W) (3-D physics: (D, H, W)) with positive extents, got {self.size}")
-        prompt_bytes = len(self.prompt.encode("utf-8"))
+        prompt_bytes = len(utf8_prompt(self.prompt))
         if self.length and prompt_bytes > self.length:
             raise ValueError(f"--prompt: {prompt_bytes} bytes is longer than the field of --length {self.length} bytes")
         override_eval(EvalConfig(), self.eval_overrides)  # names and values, against the defaults
@@ -136,6 +155,12 @@ def _sample(ckpt_path: str, options: SampleOptions, device: str, rank: int, worl
     if sp != world:
         raise ValueError(f"--sp: {sp} processes requested but {world} launched; sampling splits one field over "
                          f"all of them (launch {sp} processes, e.g. torchrun --nproc_per_node {sp})")
+    if options.out:
+        # before minutes of sampling, not after them; every rank, as training checks its run
+        # directory (ranks share the file system). Nothing there is touched.
+        from sgfm_dist.train.checkpoint import check_writable
+
+        check_writable(os.path.dirname(os.path.abspath(options.out)), "--out")
     tm = load_trained(ckpt_path, device)
     modality = tm.config.model.modality
     if modality not in SAMPLE_WRITERS:

@@ -76,7 +76,12 @@ def build_train_source(cfg: Config, dp_rank: int, dp_size: int, split: str = "tr
     source = d.source if split == "train" else (d.val_source or d.source)
     if cfg.model.modality not in SOURCES:
         raise ValueError(f"model.modality: no data source for {cfg.model.modality!r} (have {sorted(SOURCES)})")
-    return SOURCES[cfg.model.modality](cfg, source, split, _loader_options(cfg, split, num_workers, dp_rank, dp_size))
+    try:
+        return SOURCES[cfg.model.modality](cfg, source, split,
+                                           _loader_options(cfg, split, num_workers, dp_rank, dp_size))
+    except FileNotFoundError as e:  # a missing corpus or shard: name the key that points there, no traceback
+        key = "data.val_source" if split != "train" and d.val_source else "data.source"
+        raise ValueError(f"{key}={source}: {e}") from None
 
 
 def _text_field_shape(cfg: Config) -> tuple[int, ...]:

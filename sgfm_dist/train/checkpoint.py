@@ -177,22 +177,30 @@ def _deepspeed_safe_globals() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def check_files(tag_dir: str) -> None:
-    """Read every ``*.pt`` file of ``tag_dir`` with ``weights_only=True`` (plus DeepSpeed's plain
-    data classes) before anything that unpickles them freely (zero_to_fp32) runs: a truncated
-    file, or one whose pickle would construct other objects (run code), is a ValueError naming it."""
+def checkpoint_files(tag_dir: str) -> list[str]:
+    """Every ``*.pt`` file under ``tag_dir``, its universal form (``reshard.py``) included, sorted."""
+    return sorted(os.path.join(d, name) for d, _, names in os.walk(tag_dir) for name in names if name.endswith(".pt"))
+
+
+def check_files(tag_dir: str, part: tuple[int, int] = (0, 1)) -> None:
+    """Read ``*.pt`` files of ``tag_dir`` with ``weights_only=True`` (plus DeepSpeed's plain data
+    classes) before anything that unpickles them freely runs (DeepSpeed's loaders and
+    zero_to_fp32 call ``torch.load(weights_only=False)``: a tampered file would run code): a
+    truncated file, or one whose pickle would construct other objects, is a ValueError naming it.
+    ``part=(i, n)``: only every n-th file from the i-th, so n ranks share the reading."""
     allowed = _deepspeed_safe_globals()
-    for name in sorted(os.listdir(tag_dir)):
-        if not name.endswith(".pt"):
-            continue
-        path = os.path.join(tag_dir, name)
+    i, n = part
+    for path in checkpoint_files(tag_dir)[i::n]:
         try:
             with torch.serialization.safe_globals(allowed):
                 torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            why = f"it would unpickle {m.group(1)}" if m else first
+            # torch's weights-only refusal is a paragraph of advice; the reason is one line of it
+            op = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+            why = (f"it would unpickle {m.group(1)}" if m else
+                   f"not plain tensors and data: {op.group(1).strip()}" if op else first)
             raise ValueError(f"{path}: a truncated or tampered checkpoint file ({why})") from None
 
 

@@ -15,6 +15,10 @@ group's batch-source position (its data streams' positions), gathered to rank 0 
 ``sgfm_dist/ops/draws.py``), so a run resumed on the same or on another (dp, sp) with the same
 global batch (``dp x train.micro_batch x train.grad_accum``) trains on the same samples with the
 same noise as an uninterrupted one, and logs the same losses (``tests/train/test_elastic.py``).
+A ZeRO 1-3 checkpoint written by another number of ranks is re-sharded, Adam moments included,
+through DeepSpeed's universal checkpoint (``sgfm_dist/train/reshard.py``,
+``tests/train/test_reshard.py``). Every checkpoint file is read with ``weights_only=True`` before
+DeepSpeed unpickles it.
 
 Counts: ``step`` is the number of optimizer steps taken; one step is ``grad_accum``
 micro-batches per rank. Throughput counts field cells (B * T * L) and real tokens over all
@@ -45,6 +49,7 @@ from sgfm_dist.data.stream import OrderMismatch, merge_states
 from sgfm_dist.model.modalities import MODALITIES
 from sgfm_dist.parallel import runtime
 from sgfm_dist.train import checkpoint as ckpt
+from sgfm_dist.train import reshard
 from sgfm_dist.train.batches import batch_to_device, build_train_source, global_field_shape
 from sgfm_dist.train.config import Config, effective_precision
 from sgfm_dist.train.config_loader import config_to_dict
@@ -192,22 +197,17 @@ class Trainer:
         marker = ckpt.read_marker(tag_dir)
         stage, saved_world = self.engine.zero_optimization_stage(), ckpt.saved_world_size(tag_dir)
         other_world = stage >= 1 and saved_world is not None and saved_world != self.world
+        # DeepSpeed's loaders and its universal converter unpickle freely: refuse tampered files
+        # first (a universal form made below is made from files checked here)
+        self._check_files(tag_dir)
         if other_world:
-            # DeepSpeed cannot re-partition ZeRO optimizer state for another world size; it can load
-            # the fp32 weights consolidated from the old partitions (ZeRO-3: zero_to_fp32; ZeRO 1-2:
-            # the whole module in the model-states file) and rebuild its master copies from them
             self.log(f"--resume: {tag_dir} holds ZeRO-{stage} partitions of {saved_world} ranks, this run has "
-                     f"{self.world}: loading its fp32 weights, EMA, LR schedule and step counters; the optimizer "
-                     f"moments (AdamW exp_avg, exp_avg_sq) restart from zero")
-        if other_world:  # every rank unpickles every partition here: refuse tampered files first
-            ckpt.check_files(tag_dir)
+                     f"{self.world}: re-sharding its fp32 weights and AdamW moments (exp_avg, exp_avg_sq) through "
+                     f"DeepSpeed's universal checkpoint in {reshard.universal_dir(tag_dir)}")
+            self._make_universal(tag_dir)
         try:
-            if other_world and stage == 3 and saved_world < self.world:
-                load_path, client = self._load_zero3_grown(tag_dir, marker["tag"])
-            elif other_world:
-                load_path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=marker["tag"],
-                                                                load_optimizer_states=False,
-                                                                load_lr_scheduler_states=True)
+            if other_world:
+                load_path, client = reshard.load_universal(self.engine, tag_dir)
             else:
                 load_path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=marker["tag"])
         except Exception as e:  # a truncated or tampered file: name the checkpoint, not DeepSpeed's internals
@@ -235,48 +235,45 @@ class Trainer:
         try:
             # every dp group's stream positions: any dp that divides data.streams finds its own
             self.source.load_state_dict(merge_states(datas))
+            continued = True
         except OrderMismatch as e:  # e.g. a new global batch: a deliberate change, not a damaged file
             self.log(f"--resume: {e}. The data order RESTARTS from its beginning (samples repeat); keep "
                      f"data.seed, data.streams and the global batch to continue it")
+            continued = False
         except ValueError as e:
             raise ValueError(f"{tag_dir}: cannot continue its data order: {e}") from None
-        if len(datas) != self.dp:
+        if continued and len(datas) != self.dp:  # (after a restart the line above is all there is to say)
             self.log(f"--resume: the checkpoint's data order was read by {len(datas)} dp groups, this run has "
                      f"{self.dp}: the same global order continues (elastic)")
         self.resumed_from = tag_dir
         self.log(f"resumed from {tag_dir} at step {self.step}")
 
-    def _load_zero3_grown(self, tag_dir: str, tag: str) -> tuple[str, dict]:
-        """A ZeRO-3 checkpoint of fewer ranks: DeepSpeed's loader wants this rank's own model-states
-        file, which a smaller world never wrote. The same steps by hand: the consolidated fp32
-        weights (zero_to_fp32) into the gathered parameters (re-partitioned on exit), the
-        optimizer's fp32 partitions rebuilt from them, then the LR schedule and counters from
-        rank 0's model-states file."""
-        import contextlib
-        import io
+    def _check_files(self, tag_dir: str) -> None:
+        """Every rank reads its share of the checkpoint's files with ``weights_only=True``
+        (:func:`ckpt.check_files`), so each file is read once; every rank raises the first error."""
+        error = None
+        try:
+            ckpt.check_files(tag_dir, part=(self.rank, self.world))
+        except ValueError as e:
+            error = str(e)
+        errors = [e for e in runtime.all_gather_objects(error) if e is not None]
+        if errors:
+            raise ValueError(errors[0])
 
-        import deepspeed
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        engine = self.engine
-        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32's per-tensor progress
-            sd = get_fp32_state_dict_from_zero_checkpoint(self.ckpt_dir, tag=tag)
-        params = dict(engine.module.named_parameters())
-        missing = sorted(set(params) - set(sd))
-        if missing:
-            raise ValueError(f"{tag_dir}: the consolidated weights miss {missing[:5]}")
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(sd[name].to(p.dtype))
-        engine.optimizer._restore_from_bit16_weights()
-        client = ckpt.load_client_state(tag_dir)
-        if engine.lr_scheduler is not None and client.get("lr_scheduler") is not None:
-            engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
-        engine.global_steps = int(client.get("global_steps", 0))
-        engine.global_samples = int(client.get("global_samples", engine.global_steps * engine.train_batch_size()))
-        engine.skipped_steps = int(client.get("skipped_steps", 0))
-        return tag_dir, client
+    def _make_universal(self, tag_dir: str) -> None:
+        """Rank 0 converts ``tag_dir`` to DeepSpeed's universal layout (``sgfm_dist/train/reshard.py``)
+        while the others wait without a collective (a large model's conversion may outlast the
+        collective timeout); then every rank raises rank 0's error, if it had one."""
+        error = None
+        if self.is_main:
+            try:
+                reshard.make_universal(tag_dir)
+            except ValueError as e:
+                error = str(e)
+        runtime.store_barrier()
+        error = runtime.all_gather_objects(error)[0]
+        if error is not None:
+            raise ValueError(error)
 
     def save_checkpoint(self) -> str:
         """Collective: every rank calls it. Returns the tag directory (complete on return)."""

@@ -1,8 +1,10 @@
 """Checkpoints across world sizes, the plain weights file, and bad checkpoints.
 
 * ZeRO-2 (dp 2) and ZeRO-3 (dp 2) runs saved at world 2 under the real ``deepspeed`` launcher,
-  resumed at world 1 for 2 more steps (and ZeRO-3 from world 1 to 2): the resume says the
-  optimizer moments restart, the step / LR schedule continue, the EMA comes back whole;
+  resumed at world 1 for 2 more steps (and ZeRO-3 from world 1 to 2): the resume says it
+  re-shards the fp32 weights and AdamW moments through DeepSpeed's universal checkpoint, the
+  step / LR schedule continue, the EMA comes back whole (that the moments come back exactly and
+  the losses equal an uninterrupted run's: ``tests/train/test_reshard.py``);
 * ``tools/convert_checkpoint.py`` turns the ZeRO-3 checkpoint into one file whose EMA is the
   checkpoint's and whose raw weights are DeepSpeed's zero_to_fp32 consolidation, and
   ``launch/sample.py --ckpt FILE`` samples from it on one process;
@@ -98,7 +100,8 @@ def test_world2_checkpoint_resumes_at_world1(runs, stage):
     _ok(runs[f"z{stage}_save"])
     log = _ok(runs[f"z{stage}_resume"])
     assert f"holds ZeRO-{stage} partitions of 2 ranks, this run has 1" in log, log[-3000:]
-    assert "optimizer moments (AdamW exp_avg, exp_avg_sq) restart from zero" in log
+    assert "re-sharding its fp32 weights and AdamW moments (exp_avg, exp_avg_sq) through DeepSpeed's universal " \
+           "checkpoint" in log
     assert "resumed from" in log and "at step 4" in log
     m = _metrics(str(runs["root"] / f"z{stage}"))
     assert sorted(m) == [1, 2, 3, 4, 5, 6]
