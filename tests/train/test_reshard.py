@@ -20,7 +20,7 @@ resumes it from dp 2 onto dp 1, dp 4 and sp 2 with the same losses.
 A second resume from the same checkpoint reuses its universal form (not converted again) and
 gets the same state and losses. A checkpoint DeepSpeed cannot convert (here: a partition replaced by a file of the right format
 without optimizer state) is a ValueError naming the checkpoint, on every rank, and leaves no
-half-written universal form behind.
+half-written universal form behind (nor the leftovers of an earlier, killed conversion).
 
 Slow: eleven spawned jobs, about 1.5 min on 2 quiet cores (3-5 min at load 6-14).
 """
@@ -163,6 +163,7 @@ def test_unconvertible_checkpoint_is_an_error_naming_it(runs, tmp_path):
     (run / "checkpoints" / "latest").write_text("step00000003")
     shard = next(tag_dir.glob("*zero_pp_rank_1_*optim_states.pt"))
     torch.save({"not": torch.zeros(1)}, shard)  # passes the weights-only check, holds no optimizer state
+    (tag_dir / f"{reshard.UNIVERSAL}.tmp1" / "zero").mkdir(parents=True)  # an earlier conversion, killed
     with pytest.raises(ValueError) as e:
         run_distributed(_job, 1, str(run), 1, 1, STEPS, 1, True, timeout_s=300, pg_timeout_s=60)
     assert str(tag_dir) in str(e.value) and "universal-checkpoint conversion failed" in str(e.value)
