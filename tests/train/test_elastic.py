@@ -23,30 +23,14 @@ import shutil
 
 import pytest
 
+from .tiny_run_config import tiny_text_config
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 G, MICRO, STEPS, HALF = 8, 2, 24, 12
 RTOL = 1e-6
 """Losses of runs that differ only in the summation order of their gradient reductions (dp) and
 loss means, after up to 24 Adam steps (measured: at most 1e-7 relative)."""
-
-
-def _config(out_dir: str, dp: int, sp: int, stop_at: int):
-    from sgfm_dist.model.config import DiffusionConfig, ModelConfig
-    from sgfm_dist.train.config import (Config, DataConfig, LoggingConfig, OptimConfig, ParallelConfig,
-                                        TrainConfig)
-
-    model = ModelConfig(modality="text", channels=4, width=8, n_blocks=1, mlp_ratio=1, forcing_width=4,
-                        forcing_blocks=1, forcing_noise_channels=1, wavelet="haar", levels=2, kernel_size=3,
-                        spectral_modes=(2, 4), fourier_features=4, cond_dim=8)
-    return Config(model=model, diffusion=DiffusionConfig(prompt_training=0.25, lambda_R=0.1, lambda_B=0.1),
-                  data=DataConfig(rows=8, row_len=16, seed=5),
-                  optim=OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0),
-                  train=TrainConfig(steps=STEPS, stop_at=stop_at, micro_batch=MICRO, grad_accum=G // (dp * MICRO),
-                                    seed=3, device="cpu", ema_decay=0.9, out_dir=out_dir, ckpt_interval=0,
-                                    eval_interval=0),
-                  logging=LoggingConfig(log_interval=1, progress=False, tensorboard_dir=""),
-                  parallel=ParallelConfig(dp=dp, sp=sp, zero_stage=0))
 
 
 class _Recorder:
@@ -70,7 +54,8 @@ def _job(out_dir: str, dp: int, sp: int, stop_at: int, resume: bool) -> dict:
     from sgfm_dist.train.trainer import Trainer
 
     runtime.setup_distributed("cpu")
-    trainer = Trainer(_config(out_dir, dp, sp, stop_at), "cpu", resume=resume, log=lambda *a, **k: None)
+    cfg = tiny_text_config(out_dir, dp, sp, stop_at, steps=STEPS, global_batch=G, micro_batch=MICRO)
+    trainer = Trainer(cfg, "cpu", resume=resume, log=lambda *a, **k: None)
     start = trainer.step
     trainer.source = recorder = _Recorder(trainer.source)
     out = trainer.fit()
