@@ -490,6 +490,12 @@ def _full_precision(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _in_float32(level, x: Tensor, bank: _FilterBank, domain: Domain) -> Tensor:
+    """``level(x)`` (:func:`_dwt_level` / :func:`_idwt_level`) in float32 with autocast off."""
+    with torch.autocast(x.device.type, enabled=False):
+        return level(_full_precision(x), bank, domain)
+
+
 class _DWTLevel(torch.autograd.Function):
     """One forward level; its backward is the inverse level of the gradient (the transform is
     orthonormal, so the adjoint is the inverse), which stores nothing for backward."""
@@ -497,8 +503,7 @@ class _DWTLevel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, bank: _FilterBank, domain: Domain) -> Tensor:
         ctx.bank, ctx.domain = bank, domain
-        with torch.autocast(u.device.type, enabled=False):  # see _full_precision
-            return _dwt_level(_full_precision(u), bank, domain)
+        return _in_float32(_dwt_level, u, bank, domain)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -511,8 +516,7 @@ class _IDWTLevel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buf: Tensor, bank: _FilterBank, domain: Domain) -> Tensor:
         ctx.bank, ctx.domain = bank, domain
-        with torch.autocast(buf.device.type, enabled=False):  # see _full_precision
-            return _idwt_level(_full_precision(buf), bank, domain)
+        return _in_float32(_idwt_level, buf, bank, domain)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
