@@ -195,3 +195,32 @@ def test_points_predicted_over_budget_are_skipped(tmp_path, monkeypatch, capsys)
     got = ss.read_points(str(out / "points.csv"))
     assert set(got) == {"sgfm-n1024-p1-r0", "slow-n1024-p1-r0", "sgfm-n4096-p1-r0"}
     assert "slow size 4096 P=1 rep 0: skipped, predicted" in capsys.readouterr().out
+
+
+def test_generated_corpora_are_made_before_the_points(tmp_path, monkeypatch, capsys):
+    """A config whose corpus is made on first use (data.generate): each size's corpus is made
+    once before its points run, outside their --point-timeout-s, then found present."""
+    script = tmp_path / "fake_sim.py"
+    script.write_text("import json, os, sys\nout = sys.argv[sys.argv.index('--out') + 1]\nos.makedirs(out)\n"
+                      "json.dump({'argv': sys.argv[1:]}, open(os.path.join(out, 'manifest.json'), 'w'))\n")
+    seen = []
+
+    def fake_run_point(study, p, out_dir, timeout_s, keep_runs):
+        over, cells, label = study.field_overrides(p.size)
+        source = dict(o.split("=", 1) for o in over)["data.source"]
+        seen.append(json.load(open(os.path.join(source, "manifest.json")))["argv"])  # made before the point
+        p.modality, p.field, p.cells, p.mesh, p.steps, p.micro_batch = "physics", label, cells, "sp=1", 2, 1
+        p.s_per_step = p.s_per_step_min = 0.1
+        p.cells_per_s, p.tokens_per_s, p.peak_bytes, p.loss, p.wall_s, p.status = cells / 0.1, None, 1e8, 1.0, 1.0, "ok"
+        return {"step": [1], "loss": [1.0], "seconds": [0.1], "cells": [cells]}
+
+    monkeypatch.setattr(ss, "run_point", fake_run_point)
+    out = tmp_path / "study"
+    args = ["--config", "configs/ns2d_tiny.yaml", "--sizes", "8,16", "--ranks", "1", "--steps", "2", "--warmup", "1",
+            "--trajectories", "2", "--out", str(out), "--set", "data.generate=" + json.dumps(f"{{python}} {script} --out {{source}}")]
+    assert ss.main(args) == 0
+    assert [a[a.index("--grid") + 1] for a in seen] == ["8", "16"] and all("--trajectories" in a for a in seen)
+    text = capsys.readouterr().out
+    assert "corpus for 8^3: made in" in text and "corpus for 16^3: made in" in text
+    assert ss.main(args + ["--fresh"]) == 0
+    assert "corpus for 8^3: present" in capsys.readouterr().out

@@ -488,6 +488,24 @@ def launch_command(study: Study, ranks: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), train]
 
 
+def make_corpora(study: Study, sizes: list[int]) -> None:
+    """Make each size's generated corpus (``data.generate``) before its points run, so that its
+    simulation is not counted in a point's ``--point-timeout-s`` (a 256-frame 256^2 simulation can
+    take longer than the steps it feeds); what ``launch/train.py`` would do on first use."""
+    if not study.generate or study.data:
+        return
+    from sgfm_dist.data.fields import ensure_corpus
+
+    for n in sizes:
+        over, _, label = study.field_overrides(n)
+        values = dict(o.split("=", 1) for o in over)
+        t0 = time.time()
+        print(f"[scaling] corpus for {label}: {values['data.source']} ...", flush=True)
+        made = ensure_corpus(values["data.source"], json.loads(values["data.generate"]))
+        print(f"[scaling] corpus for {label}: {'made in %.0f s' % (time.time() - t0) if made else 'present'}",
+              flush=True)
+
+
 def run_point(study: Study, p: Point, out_dir: str, timeout_s: float, keep_runs: bool) -> dict | None:
     """Launch one point; fills ``p`` in place; returns its loss curve (None when it failed)."""
     over_field, cells, label = study.field_overrides(p.size)
@@ -706,6 +724,7 @@ def main(argv=None) -> int:
           f"P {ranks} ({args.mesh}), {args.steps} steps x batch {args.micro_batch}, {args.repeats} repeat(s), "
           f"{args.launcher} on {device}: {len(todo)} point(s) to run, {n_prev} already in {csv_path}", flush=True)
 
+    make_corpora(study, sorted({p.size for p in todo}))
     t_start = time.time()
     finished: list[Point] = [p for p in done.values() if p.status == "ok"]
     for i, p in enumerate(todo):
