@@ -45,6 +45,13 @@ code runs on CUDA (cuBLAS). Per axis it costs one copy of the windows
 (``(block + 2 reach) / block`` times the data) plus the GEMM; a forward level ends with one
 permuted copy into the band-major layout.
 
+On CPU, for float32/float64 fields of a plain :class:`LocalDomain`, both directions instead
+run a fused C++ stencil kernel per axis (:mod:`sgfm_dist.ops._dwt_kernel`, built on first use):
+``F`` multiply-adds per output and no window or band copies, where the GEMM does ``block + F -
+2`` plus two copies; on one thread it took the forward + inverse from 0.4-0.9x to 1.2-3.2x the
+cells/s of an ``fftn`` + ``ifftn`` pair. It agrees with the GEMM path to rounding, not bit for
+bit. ``SGFM_DWT_KERNEL=0``, a failed build, a split domain, CUDA or half precision keep the GEMM.
+
 Everything is plain differentiable torch (autograd gives the adjoint), for float32 and
 float64, CPU and CUDA, d = 1, 2, 3. Only the orthogonal wavelets of pywt (haar, dbN, symN,
 coifN, dmey) are accepted: orthonormality is what the diffusion relies on. Note that
@@ -62,6 +69,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from sgfm_dist.ops import _dwt_kernel
 from sgfm_dist.ops.domain import LOCAL, Domain, LocalDomain, check_real_field
 
 __all__ = [
@@ -295,6 +303,16 @@ def _cached_matrix(kind: str, wavelet: str, block: int, dtype: torch.dtype, devi
         return _matrices(kind, rec_lo, rec_hi, block)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_taps(kind: str, wavelet: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The CPU filter pair of a named wavelet for the fused kernel: ``(dec_lo, dec_hi)`` for
+    ``"analysis"``, ``(rec_lo, rec_hi)`` for ``"synthesis"`` (built outside inference mode,
+    as :func:`_cached_matrix`)."""
+    with torch.inference_mode(False), torch.no_grad():
+        f = orthogonal_filters(wavelet, dtype=dtype, device="cpu")
+        return (f[0], f[1]) if kind == "analysis" else (f[2], f[3])
+
+
 class _FilterBank:
     """The filters of one transform: a named wavelet (matrices cached) or explicit filter
     tensors (``dwt_level`` / ``idwt_level``; matrices built per call). Passed through the
@@ -314,6 +332,16 @@ class _FilterBank:
         with torch.no_grad():
             lo, hi = (f.detach().to(dtype=dtype, device=device) for f in self.filters[i:i + 2])
             return _matrices(kind, lo, hi, block)
+
+    def taps(self, kind: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The contiguous CPU filter pair of ``kind`` (dec for analysis, rec for synthesis) in
+        ``dtype``: the operands of the fused kernel (:mod:`sgfm_dist.ops._dwt_kernel`)."""
+        if self.wavelet is not None:
+            return _cached_taps(kind, self.wavelet, dtype)
+        i = 0 if kind == "analysis" else 2
+        with torch.no_grad():
+            return tuple(f.detach().to(dtype=dtype, device="cpu").contiguous()  # type: ignore[return-value]
+                         for f in self.filters[i:i + 2])
 
 
 def _pad_axis(x: Tensor, axis: int, width: int, domain: Domain) -> Tensor:
@@ -349,6 +377,18 @@ def _local_fast(domain: Domain) -> bool:
     into the GEMM operands instead of through ``domain.pad`` (same values, fewer copies). Any
     other domain (a split one, or a subclass that records its calls) pads through ``domain.pad``."""
     return type(domain) is LocalDomain
+
+
+def _fused_kernel(x: Tensor, domain: Domain):
+    """The fused CPU stencil kernel module (:mod:`sgfm_dist.ops._dwt_kernel`) when it applies
+    to ``x``: local domain (wrap by index, no halo exchange), CPU, float32/float64, enabled
+    (``SGFM_DWT_KERNEL`` not ``0``) and built; else None and the GEMM path runs. On one CPU
+    thread the kernel does ``F`` multiply-adds per output with no window or band copies,
+    against the GEMM's ``block + F - 2`` plus copies."""
+    if not (_local_fast(domain) and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and _dwt_kernel.enabled()):
+        return None
+    return _dwt_kernel.load()
 
 
 def _dwt_last_axis(x: Tensor, block: int, reach: int, a_top: Tensor, a_bot: Tensor) -> Tensor:
@@ -404,6 +444,16 @@ def _dwt_level(u: Tensor, bank: _FilterBank, domain: Domain) -> Tensor:
     reach = bank.reach
     x = u.contiguous()
     bands = 1
+    kernel = _fused_kernel(x, domain)
+    if kernel is not None:
+        lo, hi = bank.taps("analysis", x.dtype)
+        for k in reversed(range(d)):
+            lead = bands * batch * chan * math.prod(spatial[:k])
+            # [L, n, M] -> [2, L, n/2, M] = [b_k, L, h, M]: the next axis's layout
+            x = kernel.dwt_axis(x.view(lead, spatial[k], math.prod(spatial[k + 1:])), lo, hi)
+            bands *= 2
+            spatial[k] //= 2
+        return x.view(bands, batch, chan, *spatial)
     for k in reversed(range(d)):
         n = spatial[k]
         block = _block(n)
@@ -448,6 +498,16 @@ def _idwt_level(buf: Tensor, bank: _FilterBank, domain: Domain) -> Tensor:
     r = bank.inv_reach
     x = buf.contiguous()
     bands = 2 ** d
+    kernel = _fused_kernel(x, domain)
+    if kernel is not None:
+        lo, hi = bank.taps("synthesis", x.dtype)
+        for k in range(d):
+            bands //= 2
+            lead = bands * batch * chan * math.prod(spatial[:k])
+            # [2, L, nc, M] -> [L, 2 nc, M]
+            x = kernel.idwt_axis(x.view(2, lead, spatial[k], math.prod(spatial[k + 1:])), lo, hi)
+            spatial[k] *= 2
+        return x.view(batch, chan, *spatial)
     for k in range(d):
         nc = spatial[k]
         n = 2 * nc
