@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 import threading
 
 import torch
@@ -275,10 +276,17 @@ def load():
     with _lock:
         if "module" not in _state:
             module = None
+            name = f"sgfm_dwt_kernel_v3_{platform.machine()}"
             try:
-                from torch.utils.cpp_extension import load_inline
+                from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+                build_dir = _get_build_directory(name, verbose=False)
+                if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
+                    # a pause of ~30 s with no output would look like a hang: say what it is
+                    print(f"sgfm_dist: compiling the fused CPU DWT kernel (once per machine, ~30 s on one "
+                          f"core; cached in {build_dir})", file=sys.stderr, flush=True)
                 module = load_inline(
-                    name=f"sgfm_dwt_kernel_v3_{platform.machine()}",
+                    name=name,
                     cpp_sources=[_CPP],
                     functions=["dwt_axis", "idwt_axis"],
                     extra_cflags=["-O3", "-fno-fast-math"],
