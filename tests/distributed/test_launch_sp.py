@@ -134,7 +134,7 @@ def test_deepspeed_physics_pencil_sp4_trains_checkpoints_resumes(tmp_path):
 
 def test_split_sampling_under_launcher_equals_single_process(shards):
     """A checkpoint trained at sp = 2 under torchrun; launch/sample.py on 2 processes (mpiexec,
-    the field's t axis split) writes the very text and spread map of the 1-process run."""
+    the field's t axis split) writes the very text of the 1-process run and its spread map."""
     run_dir = str(shards / "torchrun")
     cfg = _write_config(shards, {
         "base": os.path.join(REPO, "configs", "text_tiny.yaml"), "model": TINY_TEXT,
@@ -155,8 +155,15 @@ def test_split_sampling_under_launcher_equals_single_process(shards):
     text = open(one, encoding="utf-8").read()
     assert text.count("=== sample") == 2 and "\nThe " in text
     assert open(two, encoding="utf-8").read() == text
-    with open(one.replace(".txt", "_spread.png"), "rb") as a, open(two.replace(".txt", "_spread.png"), "rb") as b:
-        assert a.read() == b.read()
+    # the spread map to a colour level: one process runs the fused CPU DWT kernel, the split
+    # field the GEMM path (ops/_dwt_kernel.py), whose sums round differently in the last bit
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    a, b = (mpimg.imread(path.replace(".txt", "_spread.png")) for path in (one, two))
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    assert diff.max() <= 3 / 255 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 def test_field_not_splitting_with_levels_fails_before_any_step(shards):
