@@ -1,7 +1,8 @@
-"""Idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``, set by ``import sgfm_dist`` unless the
-environment says otherwise): with GNU OpenMP's default spinning, a text_tiny step with 2 threads
-took 6.5 s instead of 0.12 s next to one other busy process on a 2-core box. libgomp reads the
-variable when torch loads it, so every launcher must import sgfm_dist before torch."""
+"""Idle OpenMP threads spin briefly, then sleep (``OMP_WAIT_POLICY=PASSIVE``, ``GOMP_SPINCOUNT=1000``,
+set by ``import sgfm_dist`` unless the environment gives either): with GNU OpenMP's default
+spinning, a text_tiny step with 2 threads took 6.5 s instead of 0.26 s next to one other busy
+process on a 2-core box. libgomp reads the variables when torch loads it, so every launcher must
+import sgfm_dist before torch."""
 from __future__ import annotations
 
 import os
@@ -15,17 +16,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
 
 
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_import_sets_passive_waiting_unless_given(given, expected):
-    env = _env(**({"OMP_WAIT_POLICY": given} if given else {}))
-    out = subprocess.run([sys.executable, "-c", "import os, sgfm_dist; print(os.environ['OMP_WAIT_POLICY'])"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+@pytest.mark.parametrize("given, expected", [({}, "PASSIVE 1000"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE -"),
+                                             ({"GOMP_SPINCOUNT": "INFINITY"}, "- INFINITY")])
+def test_import_sets_short_spin_then_sleep_unless_given(given, expected):
+    code = "import os, sgfm_dist; print(os.environ.get('OMP_WAIT_POLICY', '-'), os.environ.get('GOMP_SPINCOUNT', '-'))"
+    out = subprocess.run([sys.executable, "-c", code], env=_env(**given), capture_output=True, text=True,
+                         check=True).stdout.strip()
     assert out == expected
 
 
