@@ -15,8 +15,8 @@ import os as _os
 
 # GNU OpenMP (torch's CPU thread pool on Linux) keeps idle threads spinning by default. On a CPU
 # shared with anything else (another rank, a DataLoader worker, a second job) every parallel
-# region then waits for a spinner that the kernel has descheduled: a text_tiny step with 2
-# threads took 6.5 s instead of 0.26 s next to one other busy process. Idle threads that sleep
+# region then waits for a spinner that the kernel has descheduled: a text_tiny step (batch 1)
+# with 2 threads took 6.5 s next to one other busy process, 0.12 s with one thread. Idle threads that sleep
 # at once (PASSIVE) fix that (0.55 s) but cost 1.7x on an idle machine; a short spin first
 # (GOMP_SPINCOUNT=1000) keeps both: 0.29 s idle, 0.66 s contended (docs/results.md, "CPU threads
 # and OpenMP waiting"). libgomp reads these when torch loads it, so every launcher imports this
