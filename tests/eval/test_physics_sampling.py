@@ -14,7 +14,7 @@ import torch
 from sgfm_dist.eval import physics as P
 from sgfm_dist.ops import spectral
 
-from .trained_run import write_trained_run
+from .trained_run import sample, untrained_run
 
 TINY = ["model.width=8", "model.n_blocks=1", "model.mlp_ratio=1", "model.forcing_width=4", "model.wavelet=haar",
         "model.levels=1", "model.spectral_modes=[2, 4, 4]", "model.cond_dim=16", "model.fourier_features=4",
@@ -35,29 +35,10 @@ def _tiny_corpus(path: str) -> None:
 def ns_ckpt(tmp_path_factory):
     """A run directory holding one complete checkpoint of a seeded, untrained tiny 2-D physics
     model whose data is a simulated corpus of 16x16 trajectories of 4 snapshots."""
-    from sgfm_dist.model.sgfm import build_model
-    from sgfm_dist.train.config_loader import load_config
-
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ns")
     _tiny_corpus(str(root / "corpus"))
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cfg = load_config(os.path.join(repo, "configs", "ns2d_tiny.yaml"),
-                      TINY + [f"data.source={root / 'corpus'}", "data.generate=''"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.diffusion)
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output layers would generate nothing
-            p.add_(0.05 * torch.randn_like(p))
-    run = root / "run"
-    return write_trained_run(run, cfg, model)
-
-
-def _sample(ckpt, **kw):
-    from sgfm_dist.eval.sampling import SampleOptions, sample_checkpoint
-
-    overrides = kw.pop("eval_overrides", {"sample_steps": 2, "sampler": "heun", "seed": 1})
-    return sample_checkpoint(ckpt, SampleOptions(eval_overrides=overrides, **kw), "cpu", log=lambda *a: None)
+    return untrained_run(root, "ns2d_tiny.yaml", TINY + [f"data.source={root / 'corpus'}", "data.generate=''"])
 
 
 # ---- the Leray projection of samples ------------------------------------------------------------
@@ -138,7 +119,7 @@ def test_periodic_pictures_for_tensorboard(ns_ckpt):
 # ---- the sample writer ----------------------------------------------------------------------------
 
 def test_unconditional_samples_are_projected_and_written(ns_ckpt, tmp_path):
-    r = _sample(ns_ckpt, ensemble=2, out=str(tmp_path / "u"))
+    r = sample(ns_ckpt, ensemble=2, out=str(tmp_path / "u"))
     assert r.fields.shape == (1, 2, 2, 4, 16, 16) and r.truth is None and r.prompt_frames == 0 and r.step == 3
     assert r.divergence_ratio <= 1e-6 and r.fields.dtype == torch.float64
     assert float(P.divergence_ratio(r.fields.flatten(0, 1)).max()) <= 1e-6
@@ -150,12 +131,12 @@ def test_unconditional_samples_are_projected_and_written(ns_ckpt, tmp_path):
     np.testing.assert_allclose(stats["mean"], r.fields.mean(1).numpy(), atol=1e-6)
     assert stats["spread"].shape == (1, 4, 16, 16)
     # one seeded generator: the same request gives the same samples
-    torch.testing.assert_close(_sample(ns_ckpt, ensemble=2, out=str(tmp_path / "u2")).fields, r.fields)
-    assert _sample(ns_ckpt).paths[0] == os.path.join(ns_ckpt, "samples", "physics_step3_vorticity.png")
+    torch.testing.assert_close(sample(ns_ckpt, ensemble=2, out=str(tmp_path / "u2")).fields, r.fields)
+    assert sample(ns_ckpt).paths[0] == os.path.join(ns_ckpt, "samples", "physics_step3_vorticity.png")
 
 
 def test_forecast_keeps_the_given_snapshots_and_writes_mean_and_spread(ns_ckpt, tmp_path):
-    r = _sample(ns_ckpt, ensemble=3, prompt_frames=1, clips=2, out=str(tmp_path / "f"),
+    r = sample(ns_ckpt, ensemble=3, prompt_frames=1, clips=2, out=str(tmp_path / "f"),
                 eval_overrides={"sample_steps": 2, "sampler": "pc", "bc_eta": 0.5})
     assert r.fields.shape == (2, 3, 2, 4, 16, 16) and r.truth.shape == (2, 2, 4, 16, 16)
     # the prompt is pasted exactly; the projection changes the (solenoidal) data by roundoff only
@@ -170,19 +151,19 @@ def test_forecast_keeps_the_given_snapshots_and_writes_mean_and_spread(ns_ckpt, 
 
 
 def test_sampling_at_twice_the_trained_size_and_from_a_trajectory_file(ns_ckpt, tmp_path):
-    r = _sample(ns_ckpt, ensemble=1, frames=8, size=(32, 32))  # 2N in t, y and x
+    r = sample(ns_ckpt, ensemble=1, frames=8, size=(32, 32))  # 2N in t, y and x
     assert r.fields.shape == (1, 1, 2, 8, 32, 32) and r.divergence_ratio <= 1e-6
     n = 20
     y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) * 2 * math.pi / n,) * 2, indexing="ij")
     tg = torch.stack([torch.sin(x) * torch.cos(y), -torch.cos(x) * torch.sin(y)])    # [2, 20, 20]
     np.save(tmp_path / "traj.npy", tg[None].expand(3, -1, -1, -1).numpy().astype(np.float32))  # [T, C, H, W]
-    f = _sample(ns_ckpt, ensemble=2, prompt_frames=1, prompt_clip=str(tmp_path / "traj.npy"), size=(32, 32),
+    f = sample(ns_ckpt, ensemble=2, prompt_frames=1, prompt_clip=str(tmp_path / "traj.npy"), size=(32, 32),
                 out=str(tmp_path / "c"))
     assert f.fields.shape == (1, 2, 2, 4, 32, 32) and f.truth is None
     y2, x2 = torch.meshgrid(*(torch.arange(32, dtype=torch.float64) * 2 * math.pi / 32,) * 2, indexing="ij")
     want = torch.stack([torch.sin(x2) * torch.cos(y2), -torch.cos(x2) * torch.sin(y2)])
     torch.testing.assert_close(f.fields[0, :, :, 0], want[None].expand(2, -1, -1, -1).double(), atol=1e-5, rtol=0)
-    v = _sample(ns_ckpt, ensemble=1, prompt_frames=1, clips=1, size=(32, 32))       # val trajectories resampled up
+    v = sample(ns_ckpt, ensemble=1, prompt_frames=1, clips=1, size=(32, 32))       # val trajectories resampled up
     assert v.truth.shape == (1, 2, 4, 32, 32)
 
 
@@ -196,7 +177,7 @@ def test_sampling_at_twice_the_trained_size_and_from_a_trajectory_file(ns_ckpt, 
 ])
 def test_physics_sampling_errors(ns_ckpt, kw, message):
     with pytest.raises(ValueError, match=message):
-        _sample(ns_ckpt, **kw)
+        sample(ns_ckpt, **kw)
 
 
 def test_trajectory_file_of_the_wrong_layout_names_the_file(tmp_path):

@@ -14,7 +14,7 @@ from sgfm_dist.eval.video import (MSE_FLOOR, Panel, animation_frames, forecast_p
                                   psnr, ssim, ssim_map, to_pixels, window_mean, write_gif, write_mp4,
                                   write_video_files)
 
-from .trained_run import write_trained_run
+from .trained_run import sample, untrained_run
 
 C1, C2 = (0.01 * 1.0) ** 2, (0.03 * 1.0) ** 2  # SSIM's stabilizers at data range 1 (Wang et al. 2004)
 
@@ -291,32 +291,13 @@ VIDEO_TINY = ["model.channels=4", "model.width=8", "model.n_blocks=1", "model.ml
 def video_ckpt(tmp_path_factory):
     """A run directory holding one complete checkpoint of a seeded, untrained tiny video model whose
     data is a synthetic corpus of 16x16 clips."""
-    from sgfm_dist.model.sgfm import build_model
-    from sgfm_dist.train.config_loader import load_config
-
     root = tmp_path_factory.mktemp("video")
     _tiny_corpus(str(root / "corpus"))
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cfg = load_config(os.path.join(repo, "configs", "video_tiny.yaml"),
-                      VIDEO_TINY + [f"data.source={root / 'corpus'}", "data.generate=''"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.diffusion)
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output layers would generate nothing
-            p.add_(0.05 * torch.randn_like(p))
-    run = root / "run"
-    return write_trained_run(run, cfg, model)
-
-
-def _sample(ckpt, **kw):
-    from sgfm_dist.eval.sampling import SampleOptions, sample_checkpoint
-
-    overrides = kw.pop("eval_overrides", {"sample_steps": 2, "sampler": "heun", "seed": 1})
-    return sample_checkpoint(ckpt, SampleOptions(eval_overrides=overrides, **kw), "cpu", log=lambda *a: None)
+    return untrained_run(root, "video_tiny.yaml", VIDEO_TINY + [f"data.source={root / 'corpus'}", "data.generate=''"])
 
 
 def test_unconditional_video_samples_and_files(video_ckpt, tmp_path):
-    r = _sample(video_ckpt, ensemble=2, out=str(tmp_path / "u"))
+    r = sample(video_ckpt, ensemble=2, out=str(tmp_path / "u"))
     assert r.frames.shape == (1, 2, 4, 16, 16, 3) and r.frames.dtype == np.uint8 and r.truth is None
     assert r.prompt_frames == 0 and r.step == 3
     names = {os.path.basename(p) for p in r.paths}
@@ -324,13 +305,13 @@ def test_unconditional_video_samples_and_files(video_ckpt, tmp_path):
     np.testing.assert_array_equal(np.load(str(tmp_path / "u.npy")), r.frames)
     assert r.mean.shape == (1, 4, 16, 16, 3) and r.spread.shape == (1, 4, 16, 16, 3)
     # one seeded generator: the same request gives the same samples
-    np.testing.assert_array_equal(_sample(video_ckpt, ensemble=2, out=str(tmp_path / "u2")).frames, r.frames)
-    default = _sample(video_ckpt)
+    np.testing.assert_array_equal(sample(video_ckpt, ensemble=2, out=str(tmp_path / "u2")).frames, r.frames)
+    default = sample(video_ckpt)
     assert default.paths[0] == os.path.join(video_ckpt, "samples", "video_step3.gif")
 
 
 def test_forecast_keeps_the_given_frames_and_writes_mean_and_spread(video_ckpt, tmp_path):
-    r = _sample(video_ckpt, ensemble=3, prompt_frames=2, clips=2, out=str(tmp_path / "f"),
+    r = sample(video_ckpt, ensemble=3, prompt_frames=2, clips=2, out=str(tmp_path / "f"),
                 eval_overrides={"sample_steps": 2, "sampler": "pc", "bc_eta": 0.5})
     assert r.frames.shape == (2, 3, 4, 16, 16, 3) and r.truth.shape == (2, 4, 16, 16, 3)
     given = r.frames[:, :, :2].astype(int) - r.truth[:, None, :2].astype(int)
@@ -346,18 +327,18 @@ def test_forecast_keeps_the_given_frames_and_writes_mean_and_spread(video_ckpt, 
 
 
 def test_sampling_at_twice_the_trained_size_and_from_a_clip_file(video_ckpt, tmp_path):
-    r = _sample(video_ckpt, ensemble=1, frames=8, size=(32, 32))  # 2N in t, y and x
+    r = sample(video_ckpt, ensemble=1, frames=8, size=(32, 32))  # 2N in t, y and x
     assert r.frames.shape == (1, 1, 8, 32, 32, 3)
     clip = (np.random.default_rng(0).random((5, 20, 24, 3)) * 255).astype(np.uint8)
     np.save(tmp_path / "clip.npy", clip)
-    f = _sample(video_ckpt, ensemble=2, prompt_frames=2, prompt_clip=str(tmp_path / "clip.npy"), size=(32, 32),
+    f = sample(video_ckpt, ensemble=2, prompt_frames=2, prompt_clip=str(tmp_path / "clip.npy"), size=(32, 32),
                 out=str(tmp_path / "c"))
     from sgfm_dist.data.converters.video import resize_frame
 
     want = np.stack([resize_frame(clip[i], (32, 32), "crop") for i in range(2)])
     assert f.frames.shape == (1, 2, 4, 32, 32, 3) and f.truth is None
     assert np.abs(f.frames[0, :, :2].astype(int) - want[None].astype(int)).max() <= 1
-    v = _sample(video_ckpt, ensemble=1, prompt_frames=1, clips=1, size=(32, 32))  # val clips resized up
+    v = sample(video_ckpt, ensemble=1, prompt_frames=1, clips=1, size=(32, 32))  # val clips resized up
     assert v.truth.shape == (1, 4, 32, 32, 3)
 
 
@@ -370,7 +351,7 @@ def test_sampling_at_twice_the_trained_size_and_from_a_clip_file(video_ckpt, tmp
 ])
 def test_video_sampling_errors(video_ckpt, kw, message):
     with pytest.raises(ValueError, match=message):
-        _sample(video_ckpt, **kw)
+        sample(video_ckpt, **kw)
 
 
 def test_evaluate_checkpoint_runs_the_video_evaluation(video_ckpt, tmp_path):
