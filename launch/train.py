@@ -41,7 +41,7 @@ def parse_args(argv=None):
                    help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--out", default=None, help="run directory (overrides train.out_dir)")
-    p.add_argument("--no-eval", action="store_true", help="skip sampling and evaluation after training")
+    p.add_argument("--no-eval", action="store_true", help="skip sampling and evaluation after training (the last step's periodic samples too)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         except ValueError as e:  # a bad checkpoint or setup: its message, not a traceback
             raise SystemExit(f"error: {e}")
         try:
-            trainer.fit()
+            trainer.fit(final_eval=not args.no_eval)
         except (CorruptShardError, FileNotFoundError) as e:  # a damaged (data.corrupt=fail) or vanished shard:
             # its name, not a traceback (from a DataLoader worker the message carries the
             # worker's traceback first)

@@ -351,7 +351,12 @@ class Trainer:
         return self._eval_batch
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict:
+    def fit(self, final_eval: bool = True) -> dict:
+        """Train to ``train.steps``, save the last checkpoint and (``final_eval``) log the last
+        step's periodic samples and gather the EMA that the final evaluation reads.
+        ``launch/train.py --no-eval`` turns that off: for the
+        baseline transformer they are autoregressive, one forward per position, which at 64k
+        positions takes minutes (the study's transformer points timed out in it on a GPU)."""
         cfg, engine = self.cfg, self.engine
         last = cfg.train.last_step
         it = iter(self.source)
@@ -398,12 +403,14 @@ class Trainer:
                     runtime.store_barrier()  # may take longer than a collective's timeout
             if self.step > start or self.resumed_from is None:
                 final = self.save_checkpoint()
-                self.gather_ema()
-                if self.is_main:
-                    self.periodic_eval()
+                if final_eval:
+                    self.gather_ema()
+                    if self.is_main:
+                        self.periodic_eval()
             else:  # resumed at the last step: nothing trained, the checkpoint is already there
                 final = self.resumed_from
-                self.gather_ema()  # for the final evaluation
+                if final_eval:
+                    self.gather_ema()  # for the final evaluation
         except Exception as e:
             meaning = runtime.collective_failure(e)
             if meaning is None:

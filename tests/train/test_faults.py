@@ -178,9 +178,9 @@ def root(tmp_path_factory):
     return root
 
 
-def _train(root, out: str, *sets: str, resume=False, launcher=(), timeout=300, **hooks):
+def _train(root, out: str, *sets: str, resume=False, launcher=(), timeout=300, evaluate=False, **hooks):
     cmd = [*launcher] if launcher else [sys.executable]
-    cmd += [TRAIN, "--config", str(root / "tiny.yaml"), "--out", str(root / out), "--no-eval"]
+    cmd += [TRAIN, "--config", str(root / "tiny.yaml"), "--out", str(root / out)] + ([] if evaluate else ["--no-eval"])
     cmd += [a for s in sets for a in ("--set", s)] + (["--resume"] if resume else [])
     return _run(cmd, timeout=timeout, **hooks)
 
@@ -230,7 +230,7 @@ def two_ranks(root):
     assert ds, "the deepspeed launcher is not on PATH"
     res = {}
     # uninterrupted, with evaluations (step 5 and the end) longer than the collective timeout
-    res["ref"] = _train(root, "ref2", *TWO, "train.eval_interval=5", "train.collective_timeout_s=8",
+    res["ref"] = _train(root, "ref2", *TWO, "train.eval_interval=5", "train.collective_timeout_s=8", evaluate=True,
                         launcher=(ds, "--num_gpus", "2", "--master_port", str(_port())), SGFM_SLOW_EVAL="11")
     res["kill"] = _train(root, "kill2", *TWO, "train.collective_timeout_s=30",
                          launcher=(ds, "--num_gpus", "2", "--master_port", str(_port())), SGFM_KILL_AT="1:6")
@@ -251,6 +251,7 @@ def _kill_time(p: subprocess.CompletedProcess, what: str = "SIGKILLs itself at s
 def test_evaluation_longer_than_collective_timeout_does_not_kill_the_run(two_ranks, root):
     _ok(two_ranks["ref"])
     assert sorted(_metrics(str(root / "ref2"))) == list(range(1, 11))
+    assert os.path.exists(root / "ref2" / "eval.json")  # the final evaluation ran, after the slow last samples
 
 
 @pytest.mark.slow

@@ -165,3 +165,22 @@ def test_nonpositive_temperature_is_an_error_not_the_default(script):
 def test_sample_rejects_out_of_range_counts_while_parsing(flag, value):
     proc = run([sys.executable, SAMPLE, "--ckpt", "unused", flag, value])
     assert proc.returncode == 2 and f"{flag}: must be >= " in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["sgfm", "transformer"])
+def test_no_eval_skips_the_last_steps_samples(tmp_path, kind):
+    """``--no-eval`` means no sampling after training, the periodic samples of the last step
+    included: for the transformer they are autoregressive, one forward per position, and at
+    64k positions they kept the scaling study's GPU launches past their time limit. The test
+    hook makes any periodic evaluation sleep for an hour, so a run that still samples times out."""
+    from sgfm_dist.train.trainer import SLOW_EVAL_ENV
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "num_workers": 0},
+                                   "train": {**TINY["train"], "steps": 2}}))
+    env = dict(_env(), **{SLOW_EVAL_ENV: "3600"})
+    proc = subprocess.run([sys.executable, TRAIN, "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-eval",
+                           "--set", f"model.kind={kind}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
+    ok(proc)
+    assert sorted(losses(str(tmp_path / "run"))) == [1, 2]
