@@ -35,9 +35,11 @@ def _use_apex(x: Tensor, weight: Tensor) -> bool:
     return torch.is_autocast_enabled("cuda") or x.dtype == weight.dtype
 
 
-def channel_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def channel_rms_norm(x: Tensor, weight: Tensor, eps: float, scale: Tensor | None = None,
+                     shift: Tensor | None = None) -> Tensor:
     """``x / sqrt(mean_c x^2 + eps) * weight`` over the channels (dim 1) of each cell of a
-    ``[B, C, *S]`` field: apex's fused RMSNorm on CUDA when available, torch otherwise.
+    ``[B, C, *S]`` field, then, given FiLM's ``scale`` and ``shift`` ``[B, C]``,
+    ``* (1 + scale) + shift``: apex's fused RMSNorm on CUDA when available, torch otherwise.
 
     apex normalises the last dim, so the apex path moves channels last (``[B, *S, C]``, one
     copy: the kernel takes contiguous input) and returns a ``[B, C, *S]`` view of its output
@@ -52,13 +54,76 @@ def channel_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
             x, weight = x.to(dtype), weight.to(dtype)
         with torch.autocast("cuda", enabled=False):  # cast above: apex's own cast uses deprecated torch APIs
             y = _apex_rms_norm_affine(x.movedim(1, -1), weight, (x.shape[1],), eps)  # [B, *S, C]
-        return y.movedim(-1, 1)  # [B, C, *S]
-    return channel_rms_norm_torch(x, weight, eps)
+        y = y.movedim(-1, 1)  # [B, C, *S]
+        if scale is None:
+            return y
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        return y * (1 + scale.reshape(shape)) + shift.reshape(shape)
+    return channel_rms_norm_torch(x, weight, eps, scale, shift)
 
 
-def channel_rms_norm_torch(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The plain-torch :func:`channel_rms_norm` (any device and dtype). Keep these ops and their
-    order: the recorded loss traces depend on them bit for bit."""
-    rms = x.pow(2).mean(1, keepdim=True).add(eps).rsqrt()  # [B, 1, *S]
-    gain = weight.reshape(1, -1, *([1] * (x.ndim - 2)))
-    return x * rms * gain  # [B, C, *S]
+def channel_rms_norm_torch(x: Tensor, weight: Tensor, eps: float, scale: Tensor | None = None,
+                           shift: Tensor | None = None) -> Tensor:
+    """The plain-torch :func:`channel_rms_norm` (any device and dtype), FiLM included.
+
+    One autograd Function (:class:`_ChannelRMSNormFiLM`) that keeps only ``x`` for backward
+    and recomputes the per-cell ``rsqrt`` and the normalised field there: composed of
+    autograd's element-wise ops, norm and FiLM kept three full-size tensors per call (``x``,
+    ``x * rms``, ``x * rms * gain``), about a fifth of the score network's stored activations.
+    The forward runs the same ops in the same order as before (the loss traces in
+    ``tools/traces/`` rely on them); the backward is the analytic one."""
+    if (scale is None) != (shift is None):
+        raise ValueError("channel_rms_norm: FiLM needs both scale and shift, or neither")
+    return _ChannelRMSNormFiLM.apply(x, weight, scale, shift, eps)
+
+
+def _broadcast_shapes(x: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes that broadcast a gain ``[C]`` and a per-sample ``[B, C]`` over ``[B, C, *S]``."""
+    rest = (1,) * (x.ndim - 2)
+    return (1, x.shape[1]) + rest, (x.shape[0], x.shape[1]) + rest
+
+
+class _ChannelRMSNormFiLM(torch.autograd.Function):
+    """``y = x * r * g * (1 + s) + b`` with ``r = rsqrt(mean_c x^2 + eps)`` per cell, saving
+    ``x`` only (and the small ``g``, ``s``); backward recomputes ``r``.
+
+    Backward, with ``xh = x r``, ``gh = dy * (1 + s) * g`` (the gradient reaching ``xh``):
+    ``dx = r * (gh - xh * mean_c(gh * xh))`` (``dr/dx_c = -r^3 x_c / C``), ``dg = sum_{B,S}
+    dy (1 + s) xh``, ``ds = sum_S dy xh g``, ``db = sum_S dy``; twice differentiable
+    as written (a double backward differentiates these ops of the saved tensors)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
+        gain_shape, film_shape = _broadcast_shapes(x)
+        rms = x.pow(2).mean(1, keepdim=True).add(eps).rsqrt()  # [B, 1, *S]
+        y = x * rms * weight.reshape(gain_shape)  # [B, C, *S]
+        if scale is not None:
+            y = y * (1 + scale.reshape(film_shape)) + shift.reshape(film_shape)  # [B, C, *S]
+        ctx.save_for_backward(x, weight, scale)
+        ctx.eps, ctx.film_dtypes = eps, None if scale is None else (scale.dtype, shift.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, scale = ctx.saved_tensors
+        gain_shape, film_shape = _broadcast_shapes(x)
+        space = tuple(range(2, x.ndim))  # the field axes (at least one: fields are [B, C, *S])
+        # recomputed from x (not saved: a double backward then sees rms's dependence on x)
+        rms = x.pow(2).mean(1, keepdim=True).add(ctx.eps).rsqrt()  # [B, 1, *S]
+        xh = x * rms  # [B, C, *S]
+        d_scale = d_shift = None
+        if scale is not None:
+            if ctx.needs_input_grad[2]:
+                d_scale = (dy * xh).sum(space) * weight  # [B, C]
+            if ctx.needs_input_grad[3]:
+                d_shift = dy.sum(space)  # [B, C]
+            dy = dy * (1 + scale.reshape(film_shape))  # the gradient reaching x * r * g
+        d_weight = (dy * xh).sum((0,) + space) if ctx.needs_input_grad[1] else None  # [C]
+        d_xh = dy * weight.reshape(gain_shape)  # [B, C, *S]
+        d_x = rms * (d_xh - xh * (d_xh * xh).mean(1, keepdim=True))  # [B, C, *S]
+        if d_weight is not None:
+            d_weight = d_weight.to(weight.dtype)
+        if scale is not None:
+            d_scale = None if d_scale is None else d_scale.to(ctx.film_dtypes[0])
+            d_shift = None if d_shift is None else d_shift.to(ctx.film_dtypes[1])
+        return d_x.to(x.dtype), d_weight, d_scale, d_shift, None

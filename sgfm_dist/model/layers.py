@@ -112,8 +112,67 @@ class PeriodicConv(nn.Module):
             x = self.domain.pad(x, widths)  # [B, I, *(S + K - 1)]
         return _CONV[self.ndim](x, self.weight, self.bias, groups=self.groups)  # [B, O, *S]
 
+    def of_gelu(self, x: Tensor) -> Tensor:
+        """``self(F.gelu(x))`` for a pointwise (1x1) convolution, keeping only ``x`` for backward:
+        the GELU output, which the convolution would store, is recomputed there
+        (:class:`_PointwiseOfGELU`). The values and gradients are those of the composition."""
+        _check_field(x, self.in_ch, self.ndim, "x")
+        if any(k != 1 for k in self.kernel_size):
+            raise ValueError(f"of_gelu: pointwise convolutions only (kernel_size 1), got {self.kernel_size}")
+        return _PointwiseOfGELU.apply(x, self.weight, self.bias, self.groups)  # [B, O, *S]
+
     def extra_repr(self) -> str:
         return f"{self.in_ch}, {self.out_ch}, kernel_size={self.kernel_size}, ndim={self.ndim}, groups={self.groups}"
+
+
+def _fold_time(x: Tensor) -> Tensor:
+    """``[B, C, T, *S3] -> [B*T, C, *S3]``, the batch fold of :func:`_conv4d` with a 1-long time kernel."""
+    return x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], x.shape[1], *x.shape[3:])
+
+
+class _PointwiseOfGELU(torch.autograd.Function):
+    """``conv1x1(gelu(x), weight, bias)`` saving ``x`` and the weights only.
+
+    Composed by autograd, GELU keeps its input and the convolution keeps GELU's output: two
+    tensors per MLP, the output ``mlp_ratio`` times the block's width. Backward recomputes
+    ``a = gelu(x)`` and calls the kernels autograd calls (``convolution_backward`` with ``a``,
+    then ``gelu_backward``), so values and gradients are the composition's bit for bit. Under
+    autocast the convolution ran in the dtype of its output: backward casts to it likewise."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        ndim = x.ndim - 2
+        y = _CONV[ndim](F.gelu(x), weight, bias, groups=groups)  # [B, O, *S]
+        ctx.save_for_backward(x, weight)
+        ctx.groups, ctx.conv_dtype, ctx.has_bias = groups, y.dtype, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight = ctx.saved_tensors
+        dtype, groups, ndim = ctx.conv_dtype, ctx.groups, x.ndim - 2
+        a = F.gelu(x).to(dtype)  # [B, I, *S], recomputed
+        w, dy = weight.to(dtype), dy.to(dtype)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        if ndim <= 3:
+            d_a, d_w, d_b = torch.ops.aten.convolution_backward(
+                dy, a, w, [w.shape[0]] if ctx.has_bias else None, [1] * ndim, [0] * ndim, [1] * ndim, False,
+                [0] * ndim, groups, mask)
+        else:  # _conv4d: one conv3d over the time-folded batch, the bias added after
+            d_a, d_w, _ = torch.ops.aten.convolution_backward(
+                _fold_time(dy), _fold_time(a), w[:, :, 0], None, [1] * 3, [0] * 3, [1] * 3, False, [0] * 3, groups,
+                [mask[0], mask[1], False])
+            if d_a is not None:
+                d_a = d_a.reshape(x.shape[0], x.shape[2], *d_a.shape[1:]).transpose(1, 2)  # [B, I, T, *S3]
+            d_w = None if d_w is None else d_w.unsqueeze(2)
+            d_b = dy.sum((0, *range(2, dy.ndim))) if mask[2] else None
+        d_x = None
+        if d_a is not None:
+            d_x = torch.ops.aten.gelu_backward(d_a.to(x.dtype), x)  # [B, I, *S]
+        d_w = None if d_w is None else d_w.to(weight.dtype)
+        d_b = None if d_b is None else d_b.to(ctx.bias_dtype)
+        return d_x, d_w, d_b, None
 
 
 class SpectralConv(nn.Module):
@@ -220,8 +279,10 @@ class ChannelRMSNorm(nn.Module):
         self.eps = eps
         self.gain = nn.Parameter(torch.ones(channels))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return channel_rms_norm(x, self.gain, self.eps)  # [B, C, *S]; apex's fused kernel on CUDA if installed
+    def forward(self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        """The norm; with a FiLM's ``scale, shift`` (:meth:`FiLM.scale_shift`) also the FiLM
+        after it, ``* (1 + scale) + shift``, in one function that keeps only ``x`` for backward."""
+        return channel_rms_norm(x, self.gain, self.eps, scale, shift)  # [B, C, *S]; apex on CUDA if installed
 
 
 class FourierFeatures(nn.Module):
@@ -253,7 +314,12 @@ class FiLM(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def scale_shift(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """``cond [B, cond_dim]`` -> ``scale, shift`` ``[B, C]`` each."""
         scale, shift = self.proj(cond).chunk(2, dim=-1)  # [B, C] each
+        return scale, shift
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        scale, shift = self.scale_shift(cond)  # [B, C] each
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
         return x * (1 + scale.reshape(shape)) + shift.reshape(shape)  # [B, C, *S]

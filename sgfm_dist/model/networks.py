@@ -43,10 +43,12 @@ class FieldBlock(nn.Module):
         self.mlp_out = PeriodicConv(mlp_ratio * width, width, 1, ndim, domain)
 
     def forward(self, h: Tensor, cond: Tensor) -> Tensor:
-        y = self.film1(self.norm1(h), cond)  # [B, W, *S]
-        h = h + self.proj(F.gelu(self.local(y) + self.spectral(y)))  # [B, W, *S]
-        y = self.film2(self.norm2(h), cond)
-        return h + self.mlp_out(F.gelu(self.mlp_in(y)))  # [B, W, *S]
+        # norm and FiLM in one function that stores only h for backward (compat.channel_rms_norm)
+        y = self.norm1(h, *self.film1.scale_shift(cond))  # [B, W, *S]
+        # proj / mlp_out . GELU store GELU's input only (PeriodicConv.of_gelu)
+        h = h + self.proj.of_gelu(self.local(y) + self.spectral(y))  # [B, W, *S]
+        y = self.norm2(h, *self.film2.scale_shift(cond))
+        return h + self.mlp_out.of_gelu(self.mlp_in(y))  # [B, W, *S]
 
 
 class FieldNet(nn.Module):

@@ -152,7 +152,7 @@ class LocalDomain:
     def rfft(self, x: Tensor, axes: Sequence[int]) -> Tensor:
         """Forward real FFT over ``axes`` (norm='backward'), halving the last of them."""
         axes = normalize_axes(axes, x.ndim)
-        return torch.fft.rfftn(x, dim=axes)
+        return rfftn(x, axes)
 
     def irfft(self, xh: Tensor, axes: Sequence[int], shape: Sequence[int]) -> Tensor:
         """Inverse of ``rfft``; ``shape`` is the real field's *local* shape (all dims)."""
@@ -213,6 +213,34 @@ class LocalDomain:
     def gather(self, x_local: Tensor) -> Tensor:
         """The whole field from this rank's part (identity here)."""
         return x_local
+
+
+def rfftn(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """``torch.fft.rfftn(x, dim=dims)`` (norm "backward") whose autograd keeps the input's shape,
+    not the input: torch's own ``_fft_r2c`` node stores ``x`` only to read the last axis'
+    length, which kept every spectral layer's input alive until backward (a full-size field
+    per layer). The backward is autograd's ``fft_r2c_backward``, op for op."""
+    return _RFFTN.apply(x, tuple(dims))
+
+
+class _RFFTN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+        ctx.dims, ctx.last_len = dims, x.shape[dims[-1]]
+        return torch.fft.rfftn(x, dim=dims)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # the halved axis gets back its dropped half as zeros, then an unnormalised inverse
+        # complex FFT, real part (torch/csrc/autograd/FunctionsManual.cpp, fft_r2c_backward)
+        dims, last = ctx.dims, ctx.dims[-1]
+        full = grad
+        if grad.shape[last] < ctx.last_len:
+            shape = list(grad.shape)
+            shape[last] = ctx.last_len
+            full = grad.new_zeros(shape)
+            full.narrow(last, 0, grad.shape[last]).copy_(grad)
+        return torch.real(torch.ops.aten._fft_c2c(full, list(dims), 0, False)), None
 
 
 def box_lengths(lengths, n: int) -> tuple[float, ...]:

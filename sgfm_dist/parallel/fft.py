@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.profiler import record_function
 
+from ..ops.domain import rfftn
 from .collectives import LinearComm
 from .comm_stats import COMM_STATS
 from .mesh import block_offset, block_sizes
@@ -263,7 +264,7 @@ def plan_rfft(x: Tensor, plan: FFTPlan, offset: int, coords: Sequence[int], grou
         if isinstance(st, TransposeStage):
             x = transpose(x, _transpose_config(st, offset, plan.ranks, coords, groups, False))
         elif isinstance(st, RFFTStage):
-            x = torch.fft.rfftn(x, dim=[offset + i for i in st.others] + [offset + st.axis])
+            x = rfftn(x, [offset + i for i in st.others] + [offset + st.axis])  # keeps no input for backward
         else:
             x = torch.fft.fft(x, dim=offset + st.axis)
     return x

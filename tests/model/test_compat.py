@@ -54,14 +54,15 @@ def test_channel_rms_norm_uses_compat_and_keeps_todays_ops():
 def test_channel_rms_norm_module_calls_compat(monkeypatch):
     calls = []
 
-    def spy(x, weight, eps):
-        calls.append((x.shape, weight is norm.gain, eps))
-        return compat.channel_rms_norm_torch(x, weight, eps)
+    def spy(x, weight, eps, scale=None, shift=None):
+        calls.append((x.shape, weight is norm.gain, eps, scale is not None))
+        return compat.channel_rms_norm_torch(x, weight, eps, scale, shift)
 
     norm = ChannelRMSNorm(6, eps=1e-5)
     monkeypatch.setattr(layers, "channel_rms_norm", spy)
     norm(torch.randn(SHAPES[1]))
-    assert calls == [(torch.Size(SHAPES[1]), True, 1e-5)]
+    norm(torch.randn(SHAPES[1]), torch.zeros(2, 6), torch.zeros(2, 6))  # with a FiLM
+    assert calls == [(torch.Size(SHAPES[1]), True, 1e-5, False), (torch.Size(SHAPES[1]), True, 1e-5, True)]
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
@@ -82,6 +83,13 @@ def test_apex_path_layout_with_stand_in_kernel(monkeypatch, ndim):
     rx, rw = torch.autograd.grad(ref, (x, w), dy)
     torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+    # with a FiLM after the norm (the blocks' use): the apex branch applies it with torch ops
+    s, b = (torch.randn(SHAPES[ndim][:2], generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    y = compat.channel_rms_norm(x, w, 1e-6, s, b)
+    ref = compat.channel_rms_norm_torch(x, w, 1e-6, s, b)
+    torch.testing.assert_close(y, ref, rtol=1e-13, atol=1e-13)
+    for a, r in zip(torch.autograd.grad(y, (x, w, s, b), dy), torch.autograd.grad(ref, (x, w, s, b), dy)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
 
 def test_apex_is_never_used_off_cuda(monkeypatch):
