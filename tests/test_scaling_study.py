@@ -224,3 +224,24 @@ def test_generated_corpora_are_made_before_the_points(tmp_path, monkeypatch, cap
     assert "corpus for 8^3: made in" in text and "corpus for 16^3: made in" in text
     assert ss.main(args + ["--fresh"]) == 0
     assert "corpus for 8^3: present" in capsys.readouterr().out
+
+
+def test_tensor_bytes_peak_counts_tensors_alive_at_once():
+    """The CPU counterpart of torch.cuda.max_memory_allocated: allocations made inside the call,
+    the most alive at one time; a tensor that existed before the call is not counted, nor its free."""
+    from tools.benchmarks.common import tensor_bytes_peak
+
+    before = [torch.empty(1 << 20, dtype=torch.uint8)]
+
+    def fn():
+        a = torch.empty(3 << 20, dtype=torch.uint8)  # 3 MiB
+        b = torch.empty(2 << 20, dtype=torch.uint8)  # 5 MiB alive
+        del a
+        c = torch.empty(1 << 20, dtype=torch.uint8)  # 3 MiB alive
+        before.pop()  # a free of an earlier allocation: ignored
+        return b, c
+
+    assert tensor_bytes_peak(fn) == 5 << 20
+    x = torch.randn(256, 256, requires_grad=True)  # a step-like case: forward, backward
+    peak = tensor_bytes_peak(lambda: (x.exp() * 2).sum().backward())
+    assert 2 * 256 * 256 * 4 <= peak <= 4 * 256 * 256 * 4

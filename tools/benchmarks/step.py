@@ -16,7 +16,9 @@ baseline measured in the same run), and at the end the fitted cost exponent (lea
 slope of log time vs log N) of each, over all sizes and over the two largest (where fixed
 per-step costs such as the optimizer update no longer dominate). Peak memory is ``torch.cuda.max_memory_allocated`` on
 GPU; on CPU it is the rise of the process's peak resident set (VmHWM, reset per case through
-``/proc/self/clear_refs``) over the resident set before the case.
+``/proc/self/clear_refs``) over the resident set before the case, and also ``tensor_peak_bytes``:
+the first step's tensor bytes alive at once, from the profiler's allocation events, the quantity
+the GPU figure measures (the resident set adds what glibc's allocator keeps: up to 2x here).
 
 ``--compile`` adds, per size, the speed-up of ``train.compile`` (``apply_compile``: the score
 and forcing networks through ``torch.compile``): an eager and a compiled copy of the same
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools.benchmarks.common import spread, sync, time_call
+from tools.benchmarks.common import spread, sync, tensor_bytes_peak, time_call
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -179,6 +181,8 @@ def measure_case(kind: str, n: int, opts: dict) -> tuple[float, float | None, fl
 
         apply_activation_checkpointing(model, opts["checkpointing"])  # what parallelize applies
     step = _step_fn(model, batch, device)
+    if opts.get("tensor_peak"):  # CPU: the tensor bytes of the first step only (one more fresh process)
+        return float("nan"), float(tensor_bytes_peak(step)), float("nan")
     base = _peak_reset(device)
     t0 = time.perf_counter()
     step()  # first step: allocations, optimizer state (counted in the peak) and any compilation
@@ -231,13 +235,18 @@ def measure_compile_speedup(n: int, opts: dict, rounds: int = 5) -> tuple[list[f
     return times["eager"], times["compiled"], first
 
 
-def _measure(kind: str, n: int, opts: dict, pool) -> tuple[float, float | None, float]:
-    """On CPU each case runs in a fresh child of a fork server (imports preloaded, no torch op
-    run before the fork), so its peak resident set is its own and not hidden by memory the
-    allocator kept from an earlier case. On GPU in this process (the allocator's peak is exact)."""
+def _measure(kind: str, n: int, opts: dict, pool) -> tuple[float, float | None, float, float | None]:
+    """(seconds per step, peak bytes, first step's seconds, tensor peak bytes). On CPU each case
+    runs in a fresh child of a fork server (imports preloaded, no torch op run before the fork),
+    so its peak resident set is its own and not hidden by memory the allocator kept from an
+    earlier case; a second fresh child measures the first step's tensor bytes with the profiler
+    (``tensor_bytes_peak``). On GPU in this process, where the allocator's peak is the tensor peak."""
     if pool is None:
-        return measure_case(kind, n, opts)
-    return pool.apply(measure_case, (kind, n, opts))
+        t, m, first = measure_case(kind, n, opts)
+        return t, m, first, m
+    t, m, first = pool.apply(measure_case, (kind, n, opts))
+    _, tensors, _ = pool.apply(measure_case, (kind, n, dict(opts, tensor_peak=True)))
+    return t, m, first, tensors
 
 
 def _slope(ns, ts) -> float:
@@ -276,7 +285,7 @@ def run(args, rec) -> None:
     try:
         for n in sizes:
             T = n // L
-            t_s, m_s, _ = _measure("sgfm", n, opts, pool)
+            t_s, m_s, _, tp_s = _measure("sgfm", n, opts, pool)
             done["sgfm"][0].append(n), done["sgfm"][1].append(t_s)
             case = f"text N={n} ({T}x{L}) w={args.width}" + (f" ckpt={args.checkpointing}"
                                                                if args.checkpointing != "none" else "")
@@ -291,7 +300,7 @@ def run(args, rec) -> None:
                 print(f"  compiled step: speed-up {rs['median']:.3f} [{rs['min']:.3f}-{rs['max']:.3f} over "
                       f"{rs['n']} interleaved rounds]; first (compiling) step {first_c:.1f} s")
                 if args.compile_memory:
-                    _, m_c, _ = _measure("sgfm compiled", n, opts, pool)  # a fresh process: its own peak
+                    _, m_c, _, _ = _measure("sgfm compiled", n, opts, pool)  # a fresh process: its own peak
                     if m_c is not None and m_s is not None:
                         rec.add(case + " sgfm compiled", "peak_bytes", m_c, baseline="sgfm eager", baseline_value=m_s)
             predicted = None if last_attn is None else last_attn[1] * (n / last_attn[0]) ** 2
@@ -299,10 +308,12 @@ def run(args, rec) -> None:
                 rec.add(case + " sgfm", "s_per_step", t_s)
                 if m_s is not None:
                     rec.add(case + " sgfm", "peak_bytes", m_s)
+                if device == "cpu":
+                    rec.add(case + " sgfm", "tensor_peak_bytes", tp_s)
                 print(f"  attention at N={n} skipped: predicted {predicted:.0f} s/step (quadratic from "
                       f"N={last_attn[0]}) > --max-step-s {args.max_step_s}")
                 continue
-            t_a, m_a, _ = _measure("attention", n, opts, pool)
+            t_a, m_a, _, tp_a = _measure("attention", n, opts, pool)
             last_attn = (n, t_a)
             done["attention"][0].append(n), done["attention"][1].append(t_a)
             rec.add(case + " attention", "s_per_step", t_a)
@@ -310,6 +321,9 @@ def run(args, rec) -> None:
             if m_a is not None and m_s is not None:
                 rec.add(case + " attention", "peak_bytes", m_a)
                 rec.add(case + " sgfm", "peak_bytes", m_s, baseline="attention", baseline_value=m_a)
+            if device == "cpu":  # on GPU peak_bytes is already the tensor peak
+                rec.add(case + " attention", "tensor_peak_bytes", tp_a)
+                rec.add(case + " sgfm", "tensor_peak_bytes", tp_s, baseline="attention", baseline_value=tp_a)
     finally:
         if pool is not None:
             pool.close()
