@@ -26,7 +26,19 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+READOUT_CHUNK_CELLS = 4096
+"""Positions x batch per chunk of :meth:`TextField.cross_entropy`: about the most cells whose
+V-wide logits (and their gradient) exist at once in the readout loss's forward or backward."""
+READOUT_MIN_POSITIONS = 64
+"""Positions of one sample in a chunk, at least (unless the field has fewer), whatever the batch.
+Why: each chunk's logits are a GEMM of ``[positions, C] x [C, V]`` per sample, and MKL rounds a
+short one (measured with torch 2.13's MKL: up to 3 rows on one thread, 11 on two) differently
+from the same rows inside the whole field's GEMM; chunks of about half of this or more (no short
+last chunk, see ``_bounds``) keep the chunked loss bit for bit the unchunked one on CPU."""
 
 
 class TextField(nn.Module):
@@ -61,11 +73,74 @@ class TextField(nn.Module):
 
     def logits(self, u: Tensor, logsnr: Tensor) -> Tensor:
         """``[B, C, T, L]`` field estimated at noise level ``logsnr`` ``[B]`` -> ``[B, T, L, V]`` logits."""
+        return _tied_logits(u, *self._readout(u, logsnr))  # [B, T, L, V]
+
+    def cross_entropy(self, u: Tensor, logsnr: Tensor, tokens: Tensor) -> Tensor:
+        """Cross-entropy (nats, reduction none) of the tied readout of ``u [B, C, T, L]``, estimated
+        at ``logsnr [B]``, against ``tokens [B, T, L]``: ``ce [B, T, L]``, bit for bit
+        ``F.cross_entropy(self.logits(u, logsnr), tokens)`` per position.
+
+        Why chunked: the logits are V wide (V = 257 against the field's C channels), and autograd
+        of the plain form keeps the einsum output and the log-softmax output and builds the
+        logits' gradient, three ``[B, T, L, V]`` tensors, the largest activations of a text
+        training step after the network's. Here the positions go through the readout in chunks
+        of about ``READOUT_CHUNK_CELLS`` cells at most (batch x positions, but at least
+        ``READOUT_MIN_POSITIONS`` positions per sample; whole rows of T, or runs of L when one
+        row is longer), each under non-reentrant activation checkpointing: autograd
+        keeps only the chunk's inputs (a view of ``u``, the token ids, and the shared ``[V, C]``
+        vectors, ``[B]`` scale and ``[V]`` bias) and recomputes the chunk's logits in backward,
+        so one chunk's V-wide tensors exist at a time. Each logit is the same expression on the
+        same numbers as in ``logits``, so the values are identical; the gradients of the shared
+        vectors / scale / bias are sums over chunks (rounding-level order differences only).
+        Local shapes only: a split field's rank calls it on its own block."""
+        if u.ndim != 4 or tokens.shape != (u.shape[0], *u.shape[2:]):
+            raise ValueError(f"cross_entropy: expected u [B, C, T, L] and tokens [B, T, L], got "
+                             f"{tuple(u.shape)} and {tuple(tokens.shape)}")
+        tokens = tokens.long()
+        e, scale, bias = self._readout(u, logsnr)
+        b, _, t, n = u.shape
+        if b * t * n == 0:
+            return _chunk_cross_entropy(u, e, scale, bias, tokens)  # [B, T, L], empty
+        per_sample = max(READOUT_CHUNK_CELLS // b, READOUT_MIN_POSITIONS)  # positions of one sample per chunk
+        rows = _bounds(t, max(1, per_sample // n))  # chunks of whole rows of T ...
+        runs = _bounds(n, per_sample) if n > per_sample else [(0, n)]  # ... or of runs of L in one row
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (u, e, scale, bias))
+        out = []
+        for t0, t1 in rows:  # one row each when the runs of L are cut
+            row = []
+            for x0, x1 in runs:
+                args = (u[:, :, t0:t1, x0:x1], e, scale, bias, tokens[:, t0:t1, x0:x1])  # views of u / tokens
+                row.append(checkpoint(_chunk_cross_entropy, *args, use_reentrant=False) if grad
+                           else _chunk_cross_entropy(*args))  # [B, t1 - t0, x1 - x0]
+            out.append(row[0] if len(row) == 1 else torch.cat(row, dim=2))  # [B, t1 - t0, L]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)  # [B, T, L]
+
+    def _readout(self, u: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The readout's parameters at ``logsnr [B]`` in ``u``'s dtype: vectors ``[V, C]``,
+        scale ``s(lambda) / sqrt(C)`` ``[B, 1, 1, 1]`` and bias ``[V]``."""
         e = self.vectors().to(u.dtype)  # [V, C]
         lam = (logsnr.reshape(-1, 1) / 10.0).to(self.bias.dtype)
         log_s = self.log_scale(lam).to(u.dtype).reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
         scale = log_s.exp() / math.sqrt(self.channels)
-        return torch.einsum("bc...,vc->b...v", u, e) * scale + self.bias.to(u.dtype)  # [B, T, L, V]
+        return e, scale, self.bias.to(u.dtype)
+
+
+def _bounds(size: int, most: int) -> list[tuple[int, int]]:
+    """``[0, size)`` cut into the fewest near-equal pieces of at most ``most``: each is then at
+    least ``most // 2`` long (no short last piece) unless ``size`` itself is shorter."""
+    k = -(-size // most)
+    return [(size * i // k, size * (i + 1) // k) for i in range(k)]
+
+
+def _tied_logits(u: Tensor, e: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """``<u, e_b> * scale + bias_b``: ``[B, C, *S]`` -> ``[B, *S, V]`` logits."""
+    return torch.einsum("bc...,vc->b...v", u, e) * scale + bias  # [B, *S, V]
+
+
+def _chunk_cross_entropy(u: Tensor, e: Tensor, scale: Tensor, bias: Tensor, tokens: Tensor) -> Tensor:
+    """One chunk of ``TextField.cross_entropy``: ``u [B, C, t, l]``, ``tokens [B, t, l]`` -> ``ce [B, t, l]``."""
+    logits = _tied_logits(u, e, scale, bias)  # [B, t, l, V]
+    return F.cross_entropy(logits.flatten(0, -2), tokens.reshape(-1), reduction="none").view_as(tokens)
 
 
 class VideoLift(nn.Module):

@@ -22,7 +22,6 @@ them (and its domain and dtypes).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.series import field_to_series
@@ -134,8 +133,8 @@ class TextModality(Modality):
         tokens = batch["tokens"].long()  # [B, T, L]
         mask = batch.get("pad_mask")
         mask = (tokens != self.cfg.pad_id) if mask is None else mask.bool()
-        logits = model.text.logits(u_hat, logsnr)  # [B, T, L, V]
-        ce = F.cross_entropy(logits.flatten(0, -2), tokens.reshape(-1), reduction="none").view_as(tokens)
+        # chunked, the V-wide logits recomputed in backward: the full [B, T, L, V] is never kept
+        ce = model.text.cross_entropy(u_hat, logsnr, tokens)  # [B, T, L]
         m = mask.to(ce.dtype)
         if weight is not None:
             m = m * weight.reshape(-1, 1, 1).to(ce.dtype)
