@@ -4,8 +4,10 @@ apex is not on PyPI (it is built from source against a CUDA toolkit), so nothing
 require it. What uses it: :func:`channel_rms_norm`, the per-cell RMS norm over channels of
 :class:`~sgfm_dist.model.layers.ChannelRMSNorm` (every ``FieldBlock`` of the score and
 forcing networks, and their final norm), runs apex's fused RMSNorm kernel when apex's CUDA
-extension imports and the field is on CUDA; otherwise the plain-torch computation, whose ops
-and their order are fixed (the loss traces in ``tools/traces/`` are checked bit for bit).
+extension imports and the field is on CUDA; otherwise the plain-torch computation, whose
+forward ops and their order are fixed (the loss traces in ``tools/traces/`` are checked bit for
+bit). Both take the FiLM that follows the norm in every block (``scale``, ``shift``); the torch
+path is one autograd Function that keeps only its input for backward.
 """
 from __future__ import annotations
 
