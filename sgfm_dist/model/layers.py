@@ -105,21 +105,21 @@ class PeriodicConv(nn.Module):
             bound = 1.0 / math.sqrt((in_ch // groups) * math.prod(ks))
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gelu_input: bool = False) -> Tensor:
+        """The convolution of ``x``; with ``gelu_input`` of ``F.gelu(x)``, for a pointwise (1x1)
+        convolution only, keeping just ``x`` for backward: the GELU output, which the
+        convolution would store, is recomputed there (:class:`_PointwiseOfGELU`; values and
+        gradients those of the composition). A flag of ``forward``, not a method of its own, so
+        the module's hooks (ZeRO-3 gathering its weight, FSDP, profilers) run as for any call."""
         _check_field(x, self.in_ch, self.ndim, "x")
+        if gelu_input:
+            if any(k != 1 for k in self.kernel_size):
+                raise ValueError(f"gelu_input: pointwise convolutions only (kernel_size 1), got {self.kernel_size}")
+            return _PointwiseOfGELU.apply(x, self.weight, self.bias, self.groups)  # [B, O, *S]
         widths = [(k // 2, k // 2) for k in self.kernel_size]
         if any(w != (0, 0) for w in widths):
             x = self.domain.pad(x, widths)  # [B, I, *(S + K - 1)]
         return _CONV[self.ndim](x, self.weight, self.bias, groups=self.groups)  # [B, O, *S]
-
-    def of_gelu(self, x: Tensor) -> Tensor:
-        """``self(F.gelu(x))`` for a pointwise (1x1) convolution, keeping only ``x`` for backward:
-        the GELU output, which the convolution would store, is recomputed there
-        (:class:`_PointwiseOfGELU`). The values and gradients are those of the composition."""
-        _check_field(x, self.in_ch, self.ndim, "x")
-        if any(k != 1 for k in self.kernel_size):
-            raise ValueError(f"of_gelu: pointwise convolutions only (kernel_size 1), got {self.kernel_size}")
-        return _PointwiseOfGELU.apply(x, self.weight, self.bias, self.groups)  # [B, O, *S]
 
     def extra_repr(self) -> str:
         return f"{self.in_ch}, {self.out_ch}, kernel_size={self.kernel_size}, ndim={self.ndim}, groups={self.groups}"

@@ -45,10 +45,10 @@ class FieldBlock(nn.Module):
     def forward(self, h: Tensor, cond: Tensor) -> Tensor:
         # norm and FiLM in one function that stores only h for backward (compat.channel_rms_norm)
         y = self.norm1(h, *self.film1.scale_shift(cond))  # [B, W, *S]
-        # proj / mlp_out . GELU store GELU's input only (PeriodicConv.of_gelu)
-        h = h + self.proj.of_gelu(self.local(y) + self.spectral(y))  # [B, W, *S]
+        # proj / mlp_out of a GELU store the GELU's input only (PeriodicConv gelu_input)
+        h = h + self.proj(self.local(y) + self.spectral(y), gelu_input=True)  # [B, W, *S]
         y = self.norm2(h, *self.film2.scale_shift(cond))
-        return h + self.mlp_out.of_gelu(self.mlp_in(y))  # [B, W, *S]
+        return h + self.mlp_out(self.mlp_in(y), gelu_input=True)  # [B, W, *S]
 
 
 class FieldNet(nn.Module):

@@ -4,7 +4,7 @@ gradcheck) and what they keep for backward (counted with ``saved_tensors_hooks``
 
 * ``compat.channel_rms_norm_torch`` with FiLM: ``x * rsqrt(mean_c x^2 + eps) * g * (1 + s) + b``,
   keeping ``x`` (composed: ``x * r`` and ``x * r * g`` as well);
-* ``PeriodicConv.of_gelu``: a pointwise convolution of ``gelu(x)``, keeping ``x`` (composed: the
+* ``PeriodicConv(x, gelu_input=True)``: a pointwise convolution of ``gelu(x)``, keeping ``x`` (composed: the
   GELU output too), gradients bit for bit (it calls the kernels autograd calls);
 * ``ops.domain.rfftn``: ``torch.fft.rfftn`` whose backward keeps the input's shape, not the input;
 * a whole ``FieldBlock``: the stored activations per block, a budget the three above set.
@@ -132,11 +132,11 @@ def test_film_module_and_scale_shift_agree():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("ndim", [1, 2, 3, 4])
-def test_of_gelu_equals_the_composition_bit_for_bit(ndim, groups, dtype):
+def test_gelu_input_equals_the_composition_bit_for_bit(ndim, groups, dtype):
     torch.manual_seed(ndim)
     conv = PeriodicConv(6, 4, 1, ndim, groups=groups).to(dtype)
     x = torch.randn(FIELDS[ndim], dtype=dtype, requires_grad=True)
-    y, ref = conv.of_gelu(x), conv(F.gelu(x))
+    y, ref = conv(x, gelu_input=True), conv(F.gelu(x))
     assert torch.equal(y, ref)
     dy = torch.randn_like(y)
     leaves = (x, conv.weight, conv.bias)
@@ -145,23 +145,31 @@ def test_of_gelu_equals_the_composition_bit_for_bit(ndim, groups, dtype):
 
 
 @pytest.mark.parametrize("ndim", [1, 3, 4])
-def test_of_gelu_gradcheck_and_no_bias(ndim):
+def test_gelu_input_gradcheck_and_no_bias(ndim):
     torch.manual_seed(0)
     for bias in (True, False):
         conv = PeriodicConv(6, 4, 1, ndim, bias=bias).double()
         x = torch.randn(FIELDS[ndim], dtype=torch.float64, requires_grad=True)
         params = (conv.weight,) + ((conv.bias,) if bias else ())
-        assert torch.autograd.gradcheck(lambda x, *p: conv.of_gelu(x), (x, *params))
+        assert torch.autograd.gradcheck(lambda x, *p: conv(x, gelu_input=True), (x, *params))
 
 
-def test_of_gelu_keeps_its_input_only_and_refuses_wider_kernels():
+def test_gelu_input_keeps_its_input_only_and_refuses_wider_kernels():
     conv = PeriodicConv(8, 16, 1, 2)
     x = torch.randn(2, 8, 12, 10, requires_grad=True)
     field = x.numel() * x.element_size()
-    assert saved_bytes(conv.of_gelu, x, parameters=tuple(conv.parameters())) == field
+    assert saved_bytes(lambda t: conv(t, gelu_input=True), x, parameters=tuple(conv.parameters())) == field
     assert saved_bytes(lambda t: conv(F.gelu(t)), x, parameters=tuple(conv.parameters())) == 2 * field
     with pytest.raises(ValueError, match="pointwise"):
-        PeriodicConv(8, 8, 3, 2).of_gelu(x)
+        PeriodicConv(8, 8, 3, 2)(x, gelu_input=True)
+
+
+def test_gelu_input_runs_the_modules_hooks():
+    """Through ``__call__``: ZeRO-3 gathers a module's weight in its forward pre-hook."""
+    conv, calls = PeriodicConv(8, 16, 1, 2), []
+    conv.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    conv(torch.randn(1, 8, 4, 4), gelu_input=True)
+    assert calls == [{"gelu_input": True}]
 
 
 # ----------------------------------------------------------------------------- rfftn

@@ -62,12 +62,11 @@ NAME_PATTERNS = [("conv", "convolutions"), ("Convolution", "convolutions"), ("ff
 PY_FUNCTIONS = [("sgfm_dist.ops.domain", "LocalDomain.pad", "halo / comm"),
                 ("sgfm_dist.parallel.domain", "SplitDomain.pad", "halo / comm"),
                 ("sgfm_dist.model.layers", "SpectralConv.forward", "FFT / projection"),
-                ("sgfm_dist.model.layers", "PeriodicConv.forward", "convolutions"),
-                ("sgfm_dist.model.layers", "PeriodicConv.of_gelu", "convolutions")]
+                ("sgfm_dist.model.layers", "PeriodicConv.forward", "convolutions")]
 """(module, qualified name, group) of Python functions whose frames (``with_stack``) name a group:
 the periodic wrap a one-rank halo is, the spectral mixing layer (rfft, mode weights, irfft) and
-the periodic convolution (local and 1x1; ``of_gelu``, the 1x1 after a GELU, includes that GELU
-and its recomputation in backward: one autograd Function)."""
+the periodic convolution (local and 1x1; a 1x1 with ``gelu_input`` includes that GELU and its
+recomputation in backward: one autograd Function)."""
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
