@@ -89,7 +89,7 @@ class _ChannelRMSNormFiLM(torch.autograd.Function):
     """``y = x * r * g * (1 + s) + b`` with ``r = rsqrt(mean_c x^2 + eps)`` per cell, saving
     ``x`` only (and the small ``g``, ``s``); backward recomputes ``r``.
 
-    Backward, with ``xh = x r``, ``gh = dy * (1 + s) * g`` (the gradient reaching ``xh``):
+    Backward, with ``xh = x r`` and ``gh = dy * (1 + s) * g`` (the gradient reaching ``xh``):
     ``dx = r * (gh - xh * mean_c(gh * xh))`` (``dr/dx_c = -r^3 x_c / C``), ``dg = sum_{B,S}
     dy (1 + s) xh``, ``ds = sum_S dy xh g``, ``db = sum_S dy``; twice differentiable
     as written (a double backward differentiates these ops of the saved tensors)."""
@@ -118,6 +118,7 @@ class _ChannelRMSNormFiLM(torch.autograd.Function):
         dy_xh = dy * xh  # [B, C, *S]
         per_channel = dy_xh.sum(space)  # [B, C]: sum_S dy xh
         film = weight.reshape(1, -1) if scale is None else (1 + scale) * weight  # [B or 1, C] = (1 + s) g
+        film_b = film.reshape(gain_shape if scale is None else film_shape)  # broadcasting over [B, C, *S]
         d_scale = d_shift = None
         if scale is not None:
             if ctx.needs_input_grad[2]:
@@ -128,7 +129,6 @@ class _ChannelRMSNormFiLM(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             d_weight = (per_channel if scale is None else per_channel * (1 + scale)).sum(0).to(weight.dtype)  # [C]
         # d_xh = dy (1 + s) g; dx = r (d_xh - xh mean_c(d_xh xh)), mean_c(d_xh xh) = mean_c((1 + s) g dy xh)
-        proj = (dy_xh * film.reshape(film_shape if scale is not None else gain_shape)).mean(1, keepdim=True)  # [B, 1, *S]
-        d_x = torch.addcmul(dy * film.reshape(film_shape if scale is not None else gain_shape), xh, proj, value=-1)
-        d_x = d_x.mul_(rms)  # [B, C, *S]
+        proj = (dy_xh * film_b).mean(1, keepdim=True)  # [B, 1, *S]
+        d_x = torch.addcmul(dy * film_b, xh, proj, value=-1).mul_(rms)  # [B, C, *S]
         return d_x.to(x.dtype), d_weight, d_scale, d_shift, None
