@@ -142,9 +142,16 @@ class _PointwiseOfGELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         ndim = x.ndim - 2
-        y = _CONV[ndim](F.gelu(x), weight, bias, groups=groups)  # [B, O, *S]
+        if ndim <= 3:
+            y = _CONV[ndim](F.gelu(x), weight, bias, groups=groups)  # [B, O, *S]
+            conv_dtype = y.dtype
+        else:  # _conv4d's own steps, so the dtype the convolution ran in is seen before the bias add
+            y = _conv4d(F.gelu(x), weight, None, groups=groups)  # [B, O, T, *S3]
+            conv_dtype = y.dtype
+            if bias is not None:
+                y = y + bias.reshape(1, -1, 1, 1, 1, 1)
         ctx.save_for_backward(x, weight)
-        ctx.groups, ctx.conv_dtype, ctx.has_bias = groups, y.dtype, bias is not None
+        ctx.groups, ctx.conv_dtype, ctx.has_bias = groups, conv_dtype, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -153,16 +160,16 @@ class _PointwiseOfGELU(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dtype, groups, ndim = ctx.conv_dtype, ctx.groups, x.ndim - 2
         a = F.gelu(x).to(dtype)  # [B, I, *S], recomputed
-        w, dy = weight.to(dtype), dy.to(dtype)
+        w, dy_conv = weight.to(dtype), dy.to(dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         if ndim <= 3:
             d_a, d_w, d_b = torch.ops.aten.convolution_backward(
-                dy, a, w, [w.shape[0]] if ctx.has_bias else None, [1] * ndim, [0] * ndim, [1] * ndim, False,
+                dy_conv, a, w, [w.shape[0]] if ctx.has_bias else None, [1] * ndim, [0] * ndim, [1] * ndim, False,
                 [0] * ndim, groups, mask)
-        else:  # _conv4d: one conv3d over the time-folded batch, the bias added after
+        else:  # _conv4d: one conv3d over the time-folded batch, the bias added after (in dy's dtype)
             d_a, d_w, _ = torch.ops.aten.convolution_backward(
-                _fold_time(dy), _fold_time(a), w[:, :, 0], None, [1] * 3, [0] * 3, [1] * 3, False, [0] * 3, groups,
-                [mask[0], mask[1], False])
+                _fold_time(dy_conv), _fold_time(a), w[:, :, 0], None, [1] * 3, [0] * 3, [1] * 3, False, [0] * 3,
+                groups, [mask[0], mask[1], False])
             if d_a is not None:
                 d_a = d_a.reshape(x.shape[0], x.shape[2], *d_a.shape[1:]).transpose(1, 2)  # [B, I, T, *S3]
             d_w = None if d_w is None else d_w.unsqueeze(2)

@@ -164,6 +164,24 @@ def test_gelu_input_keeps_its_input_only_and_refuses_wider_kernels():
         PeriodicConv(8, 8, 3, 2)(x, gelu_input=True)
 
 
+@pytest.mark.parametrize("ndim", [2, 4])
+def test_gelu_input_under_cpu_bf16_autocast_follows_the_composition(ndim):
+    """Under autocast the convolution runs in bf16 (the 4-D one before its fp32 bias add):
+    the same forward as the composition, gradients in each input's dtype to bf16 precision."""
+    torch.manual_seed(1)
+    conv = PeriodicConv(6, 4, 1, ndim)
+    x = torch.randn(FIELDS[ndim], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = conv(x, gelu_input=True), conv(F.gelu(x))
+    assert y.dtype == ref.dtype and torch.equal(y, ref)
+    dy = torch.randn(y.shape, dtype=y.dtype)
+    leaves = (x, conv.weight, conv.bias)
+    got, want = torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, leaves, dy)
+    assert [g.dtype for g in got] == [t.dtype for t in leaves]
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2)
+
+
 def test_gelu_input_runs_the_modules_hooks():
     """Through ``__call__``: ZeRO-3 gathers a module's weight in its forward pre-hook."""
     conv, calls = PeriodicConv(8, 16, 1, 2), []
