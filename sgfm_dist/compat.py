@@ -57,10 +57,7 @@ def channel_rms_norm(x: Tensor, weight: Tensor, eps: float, scale: Tensor | None
         with torch.autocast("cuda", enabled=False):  # cast above: apex's own cast uses deprecated torch APIs
             y = _apex_rms_norm_affine(x.movedim(1, -1), weight, (x.shape[1],), eps)  # [B, *S, C]
         y = y.movedim(-1, 1)  # [B, C, *S]
-        if scale is None:
-            return y
-        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
-        return y * (1 + scale.reshape(shape)) + shift.reshape(shape)
+        return y if scale is None else _film(y, scale, shift)
     return channel_rms_norm_torch(x, weight, eps, scale, shift)
 
 
@@ -77,6 +74,12 @@ def channel_rms_norm_torch(x: Tensor, weight: Tensor, eps: float, scale: Tensor 
     if (scale is None) != (shift is None):
         raise ValueError("channel_rms_norm: FiLM needs both scale and shift, or neither")
     return _ChannelRMSNormFiLM.apply(x, weight, scale, shift, eps)
+
+
+def _film(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """FiLM after the norm: ``y * (1 + scale) + shift``, ``scale, shift [B, C]`` over ``y [B, C, *S]``."""
+    film_shape = _broadcast_shapes(y)[1]
+    return y * (1 + scale.reshape(film_shape)) + shift.reshape(film_shape)  # [B, C, *S]
 
 
 def _broadcast_shapes(x: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -96,11 +99,10 @@ class _ChannelRMSNormFiLM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
-        gain_shape, film_shape = _broadcast_shapes(x)
         rms = x.pow(2).mean(1, keepdim=True).add(eps).rsqrt()  # [B, 1, *S]
-        y = x * rms * weight.reshape(gain_shape)  # [B, C, *S]
+        y = x * rms * weight.reshape(_broadcast_shapes(x)[0])  # [B, C, *S]
         if scale is not None:
-            y = y * (1 + scale.reshape(film_shape)) + shift.reshape(film_shape)  # [B, C, *S]
+            y = _film(y, scale, shift)  # [B, C, *S]
         ctx.save_for_backward(x, weight, scale)
         ctx.eps, ctx.film_dtypes = eps, None if scale is None else (scale.dtype, shift.dtype)
         return y

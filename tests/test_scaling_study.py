@@ -229,7 +229,7 @@ def test_generated_corpora_are_made_before_the_points(tmp_path, monkeypatch, cap
 def test_tensor_bytes_peak_counts_tensors_alive_at_once():
     """The CPU counterpart of torch.cuda.max_memory_allocated: allocations made inside the call,
     the most alive at one time; a tensor that existed before the call is not counted, nor its free."""
-    from tools.benchmarks.common import tensor_bytes_peak
+    from tools.benchmarks.profile import tensor_bytes_peak
 
     before = [torch.empty(1 << 20, dtype=torch.uint8)]
 

@@ -354,9 +354,9 @@ class Trainer:
     def fit(self, final_eval: bool = True) -> dict:
         """Train to ``train.steps``, save the last checkpoint and (``final_eval``) log the last
         step's periodic samples and gather the EMA that the final evaluation reads.
-        ``launch/train.py --no-eval`` turns that off: for the
-        baseline transformer they are autoregressive, one forward per position, which at 64k
-        positions takes minutes (the study's transformer points timed out in it on a GPU)."""
+        ``launch/train.py --no-eval`` turns that off: the baseline transformer's samples are
+        autoregressive, one forward per position, which at 64k positions takes minutes (the
+        study's transformer points timed out in it on a GPU)."""
         cfg, engine = self.cfg, self.engine
         last = cfg.train.last_step
         it = iter(self.source)

@@ -54,35 +54,6 @@ def time_call(fn: Callable[[], object], device="cpu", warmup: int = 2, repeat: i
     return times[len(times) // 2]
 
 
-def tensor_bytes_peak(fn: Callable[[], object]) -> int:
-    """The most bytes of tensors allocated during ``fn()`` alive at one time, from the torch
-    profiler's allocation events: on CPU the counterpart of ``torch.cuda.max_memory_allocated``
-    after ``reset_peak_memory_stats`` (tensor bytes, whatever the allocator caches or the
-    process's resident set keeps). Tensors allocated before ``fn`` are not counted, nor their frees."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if str(e.tag).rsplit(".", 1)[-1] == "Allocation":
-            a = e.typed[1]
-            events.append((e.start_time_ns, int(a.ptr), int(a.alloc_size)))
-        stack.extend(e.children)
-    live: dict[int, int] = {}
-    total = peak = 0
-    for _t, ptr, size in sorted(events):
-        if size > 0:
-            live[ptr] = size
-            total += size
-            peak = max(peak, total)
-        elif ptr in live:
-            total -= live.pop(ptr)
-    return peak
-
-
 def loglog_slope(xs, ys) -> float | None:
     """Least-squares slope of log(y) against log(x) (a cost exponent); None with fewer than two
     distinct positive points."""

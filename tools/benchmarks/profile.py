@@ -140,6 +140,19 @@ def _torch_op_children(e) -> list:
     return out
 
 
+def tensor_bytes_peak(fn) -> int:
+    """The most bytes of tensors allocated during ``fn()`` alive at one time, from the torch
+    profiler's allocation events (:meth:`Attribution.memory_at_peak`): on CPU the counterpart
+    of ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensor bytes,
+    whatever the allocator caches or the process's resident set keeps). Tensors allocated
+    before ``fn`` are not counted, nor their frees."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return Attribution(prof.profiler.kineto_results.experimental_event_tree()).memory_at_peak(top=0)[0]
+
+
 class Attribution:
     """Assigns every operator and allocation of the profiler's event tree
     (``kineto_results.experimental_event_tree()``) to a group (module docstring).

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools.benchmarks.common import spread, sync, tensor_bytes_peak, time_call
+from tools.benchmarks.common import spread, sync, time_call
+from tools.benchmarks.profile import tensor_bytes_peak
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
